@@ -1,0 +1,2 @@
+"""Programs that put usage into the pipeline: the demo traffic (and, later, gateway, simulator,
+replay)."""

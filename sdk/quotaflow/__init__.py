@@ -1,0 +1,56 @@
+"""quotaflow: streaming quota enforcement for LLM usage across service fleets.
+
+The public surface lives here; modules are implementation detail and may move.
+"""
+
+from quotaflow._exceptions import (
+    ClientStateError,
+    ConfigError,
+    QuotaExceeded,
+    QuotaflowError,
+    RecordError,
+)
+from quotaflow.cache import QuotaCache
+from quotaflow.client import ClientState, QuotaClient
+from quotaflow.decision import Decision
+from quotaflow.emitter import KafkaTransport, Transport, TransportFull, UsageEmitter
+from quotaflow.keys import key_id
+from quotaflow.partitioner import murmur2, partition_for
+from quotaflow.policies import Binding, LimitSpec, Limits, Policy, PolicySet, load_policies
+from quotaflow.record import UsageRecord, parse_usage_value, usage_record_json_schema
+from quotaflow.settings import QuotaflowSettings, load_settings
+from quotaflow.state import QuotaState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Binding",
+    "ClientState",
+    "ClientStateError",
+    "ConfigError",
+    "Decision",
+    "KafkaTransport",
+    "LimitSpec",
+    "Limits",
+    "Policy",
+    "PolicySet",
+    "QuotaCache",
+    "QuotaClient",
+    "QuotaExceeded",
+    "QuotaState",
+    "QuotaflowError",
+    "QuotaflowSettings",
+    "RecordError",
+    "Transport",
+    "TransportFull",
+    "UsageEmitter",
+    "UsageRecord",
+    "__version__",
+    "key_id",
+    "load_policies",
+    "load_settings",
+    "murmur2",
+    "parse_usage_value",
+    "partition_for",
+    "usage_record_json_schema",
+]

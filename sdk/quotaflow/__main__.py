@@ -1,0 +1,5 @@
+import sys
+
+from quotaflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,216 @@
+"""The decision cache: followed quota states plus this process's own usage, answered from memory.
+
+``check`` is the request path: no I/O, no allocation beyond the result. It combines, for each
+limit that binds the call,
+
+    used = (the stream's count in the current window, if the state is for this window)
+         + (this process's usage the stream has not yet acknowledged)
+
+and denies when ``used + requested > limit``. Acknowledgement comes from the state's ``sources``
+map: the event time of this instance's newest record the stream has counted.
+
+When the stream has not been heard from for longer than a policy's ``max_staleness``, that
+policy's fail mode decides: ``open`` admits, ``closed`` denies, ``local`` enforces
+``limit / expected_instances`` against this process's own usage only.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from types import MappingProxyType
+
+from quotaflow.decision import Decision, Reason
+from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
+from quotaflow.state import QuotaState
+from quotaflow.windows import window_end
+
+Clock = Callable[[], float]
+
+# A pending entry: (event ts, model, requests, prompt_tokens, completion_tokens)
+_Pending = tuple[float, str, int, int, int]
+
+_EMPTY: MappingProxyType[str, int] = MappingProxyType({})
+
+
+def _amount(dimension: str, req: int, pt: int, ct: int) -> int:
+    if dimension == "requests":
+        return req
+    if dimension == "prompt_tokens":
+        return pt
+    if dimension == "completion_tokens":
+        return ct
+    return pt + ct
+
+
+class QuotaCache:
+    """Thread-safe store of quota states and local usage; answers checks without I/O."""
+
+    def __init__(
+        self, policies: PolicySet, source: str, *, clock: Clock = time.time, pending_ttl: float = 120
+    ) -> None:
+        self.policies = policies
+        self.source = source
+        self.clock = clock
+        self.pending_ttl = pending_ttl
+        self._states: dict[str, QuotaState] = {}
+        self._pending: dict[str, list[_Pending]] = {}
+        # Own usage per (key, scope, window size): [window_start, req, prompt, completion].
+        # It survives acknowledgement, for the ``local`` fail mode.
+        self._own: dict[tuple[str, str, int], list[int]] = {}
+        self._lock = threading.Lock()
+        #: Local clock time the stream was last heard from (a state or a heartbeat).
+        self.last_heard: float | None = None
+        self.started_at = clock()
+
+    # -- writes: the follower thread and record() -------------------------------------------
+
+    def apply_state(self, state: QuotaState, *, live: bool = True) -> bool:
+        """Install a newer state and drop the local usage it acknowledges; False if older.
+
+        ``live`` states come from the stream now and prove the worker is alive; a snapshot read
+        at start-up does not.
+        """
+        if live:
+            self.mark_heard()
+        current = self._states.get(state.key)
+        if current is not None and current.published_at > state.published_at:
+            return False
+        self._states[state.key] = state
+        acked = state.sources.get(self.source)
+        if acked is not None:
+            with self._lock:
+                pending = self._pending.get(state.key)
+                if pending:
+                    kept = [p for p in pending if p[0] > acked]
+                    if kept:
+                        self._pending[state.key] = kept
+                    else:
+                        del self._pending[state.key]
+        return True
+
+    def mark_heard(self) -> None:
+        self.last_heard = self.clock()
+
+    def add_usage(
+        self, key: str, model: str, ts: float, requests: int, prompt: int, completion: int
+    ) -> None:
+        """Count this process's own usage until the stream acknowledges it."""
+        bindings = self.policies.resolve(key, model)
+        with self._lock:
+            self._pending.setdefault(key, []).append((ts, model, requests, prompt, completion))
+            for binding in bindings:
+                for spec in binding.policy.specs:
+                    slot = (key, binding.scope, spec.window)
+                    start = int(ts // spec.window) * spec.window
+                    own = self._own.get(slot)
+                    if own is None or own[0] < start:
+                        self._own[slot] = [start, requests, prompt, completion]
+                    elif own[0] == start:
+                        own[1] += requests
+                        own[2] += prompt
+                        own[3] += completion
+
+    def expire(self) -> None:
+        """Forget local usage older than ``pending_ttl`` that no state ever acknowledged."""
+        cutoff = self.clock() - self.pending_ttl
+        with self._lock:
+            for key in list(self._pending):
+                kept = [p for p in self._pending[key] if p[0] > cutoff]
+                if kept:
+                    self._pending[key] = kept
+                else:
+                    del self._pending[key]
+            now = self.clock()
+            for slot in [s for s, own in self._own.items() if own[0] + s[2] <= now]:
+                del self._own[slot]
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def state(self, key: str) -> QuotaState | None:
+        return self._states.get(key)
+
+    def pending_count(self, key: str) -> int:
+        return len(self._pending.get(key, ()))
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def check(
+        self,
+        key: str,
+        model: str | None = None,
+        *,
+        requests: int = 1,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> Decision:
+        """Decide from memory whether a call of this size may proceed now."""
+        now = self.clock()
+        bindings = self.policies.resolve(key, model)
+        if not bindings:
+            return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, None)
+        age = None if self.last_heard is None else now - self.last_heard
+        silent_for = age if age is not None else now - self.started_at
+        state = self._states.get(key)
+        pending = self._pending.get(key, ())
+        remaining: dict[str, int] = {}
+        deny: tuple[LimitSpec, Binding, float] | None = None
+        stale_reason: Reason | None = None
+        for binding in bindings:
+            policy = binding.policy
+            stale = silent_for > policy.max_staleness
+            if stale:
+                if policy.fail_mode == "open":
+                    stale_reason = stale_reason or "stale_open"
+                    continue
+                if policy.fail_mode == "closed":
+                    return Decision(
+                        False, key, model, "stale_closed", "stale", policy.name, _EMPTY,
+                        policy.max_staleness, None, age,
+                    )
+                stale_reason = "stale_local"
+            windows = state.scopes.get(binding.scope) if state is not None else None
+            for spec in policy.specs:
+                reset_at = window_end(now, spec.window)
+                start = reset_at - spec.window
+                if stale:
+                    used, ceiling = self._own_used(key, binding.scope, spec, start)
+                    ceiling = spec.limit // policy.expected_instances
+                else:
+                    used = 0
+                    ceiling = spec.limit
+                    if windows is not None:
+                        w = windows.get(spec.window)
+                        if w is not None and w[0] == start:
+                            used = _amount(spec.dimension, w[1], w[2], w[3])
+                    for ts, p_model, req, pt, ct in pending:
+                        if ts >= start and (binding.scope == KEY_SCOPE or p_model == binding.scope):
+                            used += _amount(spec.dimension, req, pt, ct)
+                want = _amount(spec.dimension, requests, prompt_tokens, completion_tokens)
+                left = ceiling - used - want
+                name = spec.name if binding.scope == KEY_SCOPE else f"{binding.scope}/{spec.name}"
+                remaining[name] = max(left, 0)
+                if (left < 0 or (want == 0 and ceiling - used <= 0)) and (
+                    deny is None or reset_at > deny[2]
+                ):
+                    deny = (spec, binding, reset_at)
+        view = MappingProxyType(remaining)
+        if deny is not None:
+            spec, binding, reset_at = deny
+            name = spec.name if binding.scope == KEY_SCOPE else f"{binding.scope}/{spec.name}"
+            return Decision(
+                False, key, model, "limit", name, binding.policy.name, view,
+                reset_at - now, reset_at, age,
+            )
+        return Decision(
+            True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
+            0.0, None, age,
+        )
+
+    def _own_used(self, key: str, scope: str, spec: LimitSpec, start: int) -> tuple[int, int]:
+        own = self._own.get((key, scope, spec.window))
+        if own is None or own[0] != start:
+            return 0, spec.limit
+        return _amount(spec.dimension, own[1], own[2], own[3]), spec.limit

@@ -1,0 +1,226 @@
+"""QuotaClient: the SDK surface a service embeds.
+
+    with QuotaClient() as quota:
+        decision = quota.check("team-alpha", model="gpt-4o", tokens=1200)
+        if decision.allowed:
+            response = call_llm(...)
+            quota.record("team-alpha", "gpt-4o", prompt_tokens=..., completion_tokens=...)
+
+``check`` and ``record`` never do I/O and never block, so they are safe to call directly from
+asyncio code. Only opening and closing touch the network: use ``async with QuotaClient()`` (or
+``await client.aclose()``) in async services, which runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from quotaflow._exceptions import ClientStateError, RecordError
+from quotaflow.cache import Clock, QuotaCache
+from quotaflow.decision import Decision
+from quotaflow.emitter import KafkaTransport, Transport, UsageEmitter
+from quotaflow.follower import DecisionsFollower
+from quotaflow.policies import PolicySet, load_policies
+from quotaflow.record import Status, UsageRecord, describe_validation_error
+from quotaflow.settings import QuotaflowSettings, load_settings
+
+
+class ClientState(enum.Enum):
+    UNOPENED = "unopened"
+    OPENED = "opened"
+    CLOSED = "closed"
+
+
+class QuotaClient:
+    """Answers quota checks from memory and emits usage records without blocking."""
+
+    def __init__(
+        self,
+        settings: QuotaflowSettings | None = None,
+        *,
+        policies: PolicySet | None = None,
+        clock: Clock = time.time,
+        transport: Transport | None = None,
+        follow: bool = True,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.policies = policies or load_policies(self.settings.policies_file)
+        client = self.settings.client
+        self.source = client.source
+        self.clock = clock
+        self.cache = QuotaCache(
+            self.policies, self.source, clock=clock, pending_ttl=client.pending_ttl
+        )
+        kafka_conf = self.settings.kafka.confluent_config()
+        self._transport = transport
+        self._kafka_conf = kafka_conf
+        self.emitter: UsageEmitter | None = None
+        self.follower: DecisionsFollower | None = None
+        if follow:
+            self.follower = DecisionsFollower(
+                self.cache,
+                kafka_conf,
+                self.settings.topics.decisions,
+                redis_url=self.settings.redis.url,
+                redis_kwargs=self.settings.redis.client_kwargs(),
+                states_hash=self.settings.redis.states_hash,
+                warm_start=client.warm_start,
+            )
+        self.state = ClientState.UNOPENED
+        self._last_ts = 0.0
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def open(self) -> QuotaClient:
+        """Start the emitter and follower threads. Called by ``with`` and on first use."""
+        if self.state is ClientState.CLOSED:
+            raise ClientStateError("QuotaClient is closed; create a new one")
+        if self.state is ClientState.OPENED:
+            return self
+        c = self.settings.client
+        self.emitter = UsageEmitter(
+            self._transport or KafkaTransport(self._kafka_conf),
+            self.settings.topics.usage,
+            max_batch=c.max_batch,
+            flush_interval=c.flush_interval,
+            max_buffered=c.max_buffered,
+        )
+        self.emitter.start()
+        if self.follower is not None:
+            self.follower.start()
+        self.state = ClientState.OPENED
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> bool:
+        """Block until the follower has warm-started and is consuming; False on timeout."""
+        if self.follower is None:
+            return True
+        return self.follower.ready.wait(timeout)
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Flush buffered usage and stop; returns messages still undelivered (0 is success)."""
+        if self.state is not ClientState.OPENED:
+            self.state = ClientState.CLOSED
+            return 0
+        self.state = ClientState.CLOSED
+        if self.follower is not None:
+            self.follower.stop()
+        assert self.emitter is not None
+        return self.emitter.close(timeout)
+
+    async def aclose(self, timeout: float = 10.0) -> int:
+        """``close()`` off the event loop."""
+        return await asyncio.to_thread(self.close, timeout)
+
+    def __enter__(self) -> QuotaClient:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> QuotaClient:
+        return await asyncio.to_thread(self.open)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # -- request path -------------------------------------------------------------------------
+
+    def check(
+        self,
+        key: str,
+        model: str | None = None,
+        *,
+        tokens: int = 0,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        requests: int = 1,
+    ) -> Decision:
+        """May a call of this size proceed now? No I/O; microseconds.
+
+        ``tokens`` is the call's expected total. Give ``prompt_tokens`` and ``completion_tokens``
+        instead when prompt or completion limits apply; with only ``tokens``, all of it counts as
+        prompt (the conservative reading for prompt limits).
+        """
+        if prompt_tokens is None and completion_tokens is None:
+            prompt, completion = tokens, 0
+        else:
+            prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        return self.cache.check(
+            key, model, requests=requests, prompt_tokens=prompt, completion_tokens=completion
+        )
+
+    def record(
+        self,
+        key: str,
+        model: str,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        requests: int = 1,
+        estimated: bool = False,
+        status: Status = "ok",
+        id: str | None = None,
+        ts: float | None = None,
+        attrs: Mapping[str, str] | None = None,
+    ) -> UsageRecord:
+        """Count one call locally at once and queue its usage record; never blocks.
+
+        Raises :class:`RecordError` naming the field if the record breaks the v1 contract.
+        """
+        if self.state is not ClientState.OPENED:
+            self.open()
+        if ts is None:
+            # Monotonic per instance: the stream acknowledges our usage by our newest timestamp.
+            ts = max(self.clock(), self._last_ts + 1e-6)
+            self._last_ts = ts
+        try:
+            record = UsageRecord(
+                id=id or uuid.uuid4().hex,
+                ts=ts,
+                key=key,
+                model=model,
+                requests=requests,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                estimated=estimated,
+                status=status,
+                source=self.source,
+                attrs=dict(attrs) if attrs else {},
+            )
+        except Exception as exc:
+            from pydantic import ValidationError
+
+            if isinstance(exc, ValidationError):
+                raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
+            raise
+        self.cache.add_usage(key, model, ts, requests, prompt_tokens, completion_tokens)
+        assert self.emitter is not None
+        self.emitter.emit(record)
+        return record
+
+    # -- introspection ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        emitter = self.emitter
+        follower = self.follower
+        return {
+            "state": self.state.value,
+            "source": self.source,
+            "keys_cached": len(self.cache),
+            "records_buffered": emitter.buffered if emitter else 0,
+            "records_sent": emitter.sent_records if emitter else 0,
+            "messages_sent": emitter.sent_messages if emitter else 0,
+            "records_overflowed": emitter.overflowed if emitter else 0,
+            "states_applied": follower.states_applied if follower else 0,
+            "warm_started_keys": follower.warm_started_keys if follower else 0,
+            "follower_error": follower.error if follower else None,
+        }

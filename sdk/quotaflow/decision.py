@@ -1,0 +1,35 @@
+"""The immutable answer of :meth:`QuotaClient.check`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Reason = Literal["ok", "limit", "no_policy", "stale_open", "stale_closed", "stale_local"]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether a call may proceed, and the budget around it.
+
+    ``remaining`` maps each limit to what is left after this call would be admitted (names like
+    ``tokens_per_minute``; model-scoped limits read ``gpt-4o/tokens_per_minute``). On a denial,
+    ``limit`` names the ceiling that denied, ``retry_after`` is the wait in seconds and
+    ``reset_at`` the epoch second when that limit's window resets. ``state_age`` is how old the
+    stream's view behind this answer is (seconds), or ``None`` if no worker has been heard yet.
+    """
+
+    allowed: bool
+    key: str
+    model: str | None
+    reason: Reason
+    limit: str | None
+    policy: str | None
+    remaining: Mapping[str, int]
+    retry_after: float
+    reset_at: float | None
+    state_age: float | None
+
+    def __bool__(self) -> bool:
+        return self.allowed

@@ -1,0 +1,196 @@
+"""Usage emitter: ``emit()`` returns at once; a background thread packs and sends.
+
+Records are grouped by destination partition (Kafka's murmur2 of the counter key) and sent as
+one message per partition per flush, at most ``max_batch`` records each, every
+``flush_interval`` seconds or sooner when a batch fills. The send goes through a one-method
+:class:`Transport` so tests can swap Kafka for memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from quotaflow.partitioner import partition_for
+from quotaflow.record import UsageRecord, encode_records
+
+log = logging.getLogger(__name__)
+
+
+class TransportFull(Exception):
+    """The transport cannot take more right now; retry later."""
+
+
+class Transport(Protocol):
+    def send(self, topic: str, partition: int | None, key: bytes, value: bytes) -> None:
+        """Queue one message; raise :class:`TransportFull` when the local queue is full."""
+
+    def partitions(self, topic: str) -> int | None:
+        """Partition count of ``topic``, or None while unknown."""
+
+    def flush(self, timeout: float) -> int:
+        """Deliver what is queued; return how many messages are still undelivered."""
+
+    def close(self) -> None: ...
+
+
+class KafkaTransport:
+    """confluent-kafka producer with Kafka's default (murmur2) partitioner and idempotence."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        from confluent_kafka import Producer
+
+        conf = {
+            "linger.ms": 5,
+            "enable.idempotence": True,
+            # librdkafka defaults to crc32; Kafka's Java client and aiokafka use murmur2.
+            "partitioner": "murmur2_random",
+            "queue.buffering.max.messages": 100_000,
+            **config,
+        }
+        self._producer = Producer(conf, logger=logging.getLogger("quotaflow.kafka"))
+        self._partitions: dict[str, int] = {}
+        self.delivered = 0
+        self.failed = 0
+
+    def _on_delivery(self, err: Any, msg: Any) -> None:
+        if err is None:
+            self.delivered += 1
+        else:
+            self.failed += 1
+            log.error("usage message not delivered: %s", err)
+
+    def send(self, topic: str, partition: int | None, key: bytes, value: bytes) -> None:
+        try:
+            if partition is None:
+                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+            else:
+                self._producer.produce(
+                    topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery
+                )
+        except BufferError as exc:
+            raise TransportFull(str(exc)) from None
+        self._producer.poll(0)
+
+    def partitions(self, topic: str) -> int | None:
+        count = self._partitions.get(topic)
+        if count is None:
+            try:
+                md = self._producer.list_topics(topic, timeout=2.0)
+            except Exception as exc:  # broker away: stay unknown, group by key meanwhile
+                log.debug("metadata for %s unavailable: %s", topic, exc)
+                return None
+            meta = md.topics.get(topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                return None
+            count = self._partitions[topic] = len(meta.partitions)
+        return count
+
+    def flush(self, timeout: float) -> int:
+        return int(self._producer.flush(timeout))
+
+    def close(self) -> None:
+        self._producer.flush(0)
+
+
+class UsageEmitter:
+    """Non-blocking, batching, ordered sender of usage records."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        topic: str,
+        *,
+        max_batch: int = 500,
+        flush_interval: float = 0.02,
+        max_buffered: int = 1_000_000,
+        on_overflow: Callable[[UsageRecord], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.topic = topic
+        self.max_batch = max_batch
+        self.flush_interval = flush_interval
+        self.max_buffered = max_buffered
+        self._on_overflow = on_overflow
+        self._buffer: deque[UsageRecord] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sent_records = 0
+        self.sent_messages = 0
+        self.overflowed = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="quotaflow-emitter", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: UsageRecord) -> None:
+        """Queue a record; never blocks."""
+        if len(self._buffer) >= self.max_buffered:
+            self.overflowed += 1
+            if self._on_overflow is not None:
+                self._on_overflow(record)
+            return
+        self._buffer.append(record)
+        if len(self._buffer) >= self.max_batch:
+            self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        if not self._buffer:
+            return
+        batch: list[UsageRecord] = []
+        while self._buffer:
+            batch.append(self._buffer.popleft())
+        partitions = self.transport.partitions(self.topic)
+        groups: dict[Any, list[UsageRecord]] = {}
+        for record in batch:
+            key = record.key.encode()
+            group = partition_for(key, partitions) if partitions else record.key
+            groups.setdefault(group, []).append(record)
+        unsent: list[UsageRecord] = []
+        for group, records in groups.items():
+            partition = group if isinstance(group, int) else None
+            for i in range(0, len(records), self.max_batch):
+                chunk = records[i : i + self.max_batch]
+                if unsent:
+                    unsent.extend(chunk)
+                    continue
+                try:
+                    self.transport.send(
+                        self.topic, partition, chunk[0].key.encode(), encode_records(chunk)
+                    )
+                except TransportFull:
+                    unsent.extend(chunk)
+                    continue
+                self.sent_records += len(chunk)
+                self.sent_messages += 1
+        if unsent:
+            # Back to the front, in order; give the transport a moment to drain.
+            self._buffer.extendleft(reversed(unsent))
+            time.sleep(0.005)
+
+    def close(self, timeout: float = 10.0) -> int:
+        """Send everything buffered and wait for delivery; returns undelivered message count."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._drain()
+        left = self.transport.flush(timeout)
+        self.transport.close()
+        return left

@@ -1,0 +1,240 @@
+"""Policies: which limits apply to a counter key (and model), and what to do when state is stale.
+
+A policy file is YAML::
+
+    version: 1
+    policies:
+      - name: team-alpha
+        keys: ["team-alpha"]            # exact ids or globs ("free-*")
+        limits: {requests_per_minute: 600, tokens_per_minute: 90000}
+        fail_mode: local                # open | closed | local
+      - name: gpt4o-per-model
+        keys: ["team-*"]
+        models: ["gpt-4o*"]             # counted per key+model
+        limits: {tokens_per_minute: 30000}
+      - name: default
+        default: true
+        limits: {requests_per_minute: 60}
+
+For a call, at most one key-wide policy (no ``models``) and at most one model policy apply; each
+is chosen by precedence: an exact key beats a glob, globs in file order, ``default`` last.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quotaflow._exceptions import ConfigError
+from quotaflow.record import describe_validation_error
+from quotaflow.windows import WINDOW_SECONDS
+
+FailMode = Literal["open", "closed", "local"]
+Dimension = Literal["requests", "prompt_tokens", "completion_tokens", "tokens"]
+DIMENSIONS: tuple[Dimension, ...] = ("requests", "prompt_tokens", "completion_tokens", "tokens")
+
+#: The scope of key-wide counters (all models together).
+KEY_SCOPE = ""
+
+
+class Limits(BaseModel):
+    """Per-window ceilings; any subset may be set. ``tokens`` means prompt + completion."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests_per_minute: int | None = None
+    requests_per_hour: int | None = None
+    requests_per_day: int | None = None
+    prompt_tokens_per_minute: int | None = None
+    prompt_tokens_per_hour: int | None = None
+    prompt_tokens_per_day: int | None = None
+    completion_tokens_per_minute: int | None = None
+    completion_tokens_per_hour: int | None = None
+    completion_tokens_per_day: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_hour: int | None = None
+    tokens_per_day: int | None = None
+
+    @field_validator("*")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be > 0")
+        return value
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> Limits:
+        if not any(v is not None for v in self.model_dump().values()):
+            raise ValueError("set at least one limit, e.g. requests_per_minute")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """One ceiling: ``name`` like ``tokens_per_minute``, its dimension and window length."""
+
+    name: str
+    dimension: Dimension
+    window: int
+    limit: int
+
+
+class Policy(BaseModel):
+    """A named set of limits, the keys (and optionally models) it covers, and its fail mode."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    keys: list[str] = Field(default_factory=list)
+    default: bool = False
+    models: list[str] | None = None
+    limits: Limits
+    fail_mode: FailMode = "open"
+    max_staleness: float = Field(default=5.0, gt=0, description="Seconds before state is stale.")
+    expected_instances: int = Field(
+        default=1, ge=1, description="Instances sharing the key; the local fail mode divides by it."
+    )
+
+    @model_validator(mode="after")
+    def _has_target(self) -> Policy:
+        if self.default and self.keys:
+            raise ValueError("a default policy matches every key; remove 'keys' or 'default'")
+        if not self.default and not self.keys:
+            raise ValueError("set 'keys' (ids or globs) or 'default: true'")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty; omit it to cover every model")
+        return self
+
+    @property
+    def specs(self) -> tuple[LimitSpec, ...]:
+        """The limits that are set, in a stable order."""
+        return _specs_of(self.limits)
+
+    def matches_model(self, model: str) -> bool:
+        return self.models is None or any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+
+def _specs_of(limits: Limits) -> tuple[LimitSpec, ...]:
+    specs = []
+    for dimension in DIMENSIONS:
+        for window_name, seconds in WINDOW_SECONDS.items():
+            name = f"{dimension}_per_{window_name}"
+            value = getattr(limits, name)
+            if value is not None:
+                specs.append(LimitSpec(name, dimension, seconds, value))
+    return tuple(specs)
+
+
+class PolicyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: Literal[1] = 1
+    policies: list[Policy]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PolicyFile:
+        seen: set[str] = set()
+        for p in self.policies:
+            if p.name in seen:
+                raise ValueError(f"policy name {p.name!r} is used twice")
+            seen.add(p.name)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """A policy applied to a call: ``scope`` is ``""`` for key-wide counters, else the model."""
+
+    scope: str
+    policy: Policy
+
+
+class PolicySet:
+    """Resolves which policies bind a (key, model) pair; results are memoised per pair."""
+
+    _CACHE_MAX = 200_000
+
+    def __init__(self, policies: Iterable[Policy], source: str = "<memory>") -> None:
+        self.policies: tuple[Policy, ...] = tuple(policies)
+        self.source = source
+        self._by_name = {p.name: p for p in self.policies}
+        self._cache: dict[tuple[str, str | None], tuple[Binding, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.policies)
+
+    def get(self, name: str) -> Policy | None:
+        return self._by_name.get(name)
+
+    def resolve(self, key: str, model: str | None = None) -> tuple[Binding, ...]:
+        """The bindings for a call: the key-wide policy, then the model policy (either optional)."""
+        cache_key = (key, model)
+        found = self._cache.get(cache_key)
+        if found is not None:
+            return found
+        bindings: list[Binding] = []
+        key_wide = self._pick(key, None)
+        if key_wide is not None:
+            bindings.append(Binding(KEY_SCOPE, key_wide))
+        if model is not None:
+            per_model = self._pick(key, model)
+            if per_model is not None:
+                bindings.append(Binding(model, per_model))
+        result = tuple(bindings)
+        if len(self._cache) >= self._CACHE_MAX:
+            self._cache.clear()  # bounded memory; a miss only costs a re-resolve
+        self._cache[cache_key] = result
+        return result
+
+    def _pick(self, key: str, model: str | None) -> Policy | None:
+        def in_class(p: Policy) -> bool:
+            if model is None:
+                return p.models is None
+            return p.models is not None and p.matches_model(model)
+
+        candidates = [p for p in self.policies if in_class(p)]
+        for p in candidates:
+            if key in p.keys:
+                return p
+        for p in candidates:
+            if any(fnmatch.fnmatchcase(key, pattern) for pattern in p.keys):
+                return p
+        for p in candidates:
+            if p.default:
+                return p
+        return None
+
+
+def parse_policies(doc: Any, source: str = "<memory>") -> PolicySet:
+    """Validate a policy document (already parsed YAML/JSON); errors name source, path, field."""
+    try:
+        parsed = PolicyFile.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {describe_validation_error(exc)}") from None
+    return PolicySet(parsed.policies, source=source)
+
+
+def load_policies(path: str | Path) -> PolicySet:
+    """Load and validate a YAML policy file; any problem raises :class:`ConfigError`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: policy file not found (set QUOTAFLOW_POLICIES_FILE)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read policy file: {exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'policies' list")
+    return parse_policies(doc, source=str(path))

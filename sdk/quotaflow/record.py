@@ -1,0 +1,146 @@
+"""Usage record v1: one LLM call's consumption, the unit of the audit trail.
+
+A message on the usage topic holds one record (a JSON object) or several (a JSON array) whose
+counter keys all hash to the message's partition. :func:`parse_usage_value` turns such a message
+into valid records plus a rejection for each invalid part, so one bad record never costs the
+valid ones beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+SCHEMA_VERSION = 1
+
+#: Largest message value the worker accepts before parsing (bytes). Larger ones go to the DLQ.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# Raw provider secrets look like these; a counter key must be an id, never a credential.
+_SECRET_LIKE = re.compile(r"^(sk-|sk_|rk-|Bearer\s)", re.IGNORECASE)
+
+_MAX_TOKENS = 10**9
+_MAX_REQUESTS = 10**6
+
+Status = Literal["ok", "error", "cancelled", "denied"]
+Label = Annotated[str, Field(max_length=128)]
+
+
+class UsageRecord(BaseModel):
+    """One LLM call's usage (schema v1). Immutable; unknown fields are rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="quotaflow usage record v1",
+        json_schema_extra={"$id": "https://quotaflow.dev/schema/usage-record.v1.json"},
+    )
+
+    id: str = Field(min_length=1, max_length=128, description="Unique per LLM call; dedup key.")
+    ts: float = Field(gt=0, description="Event time, epoch seconds (UTC).")
+    key: str = Field(
+        min_length=1, max_length=256, description="Counter key: an id, never a raw API secret."
+    )
+    model: str = Field(min_length=1, max_length=128)
+    requests: int = Field(default=1, ge=0, le=_MAX_REQUESTS)
+    prompt_tokens: int = Field(default=0, ge=0, le=_MAX_TOKENS)
+    completion_tokens: int = Field(default=0, ge=0, le=_MAX_TOKENS)
+    estimated: bool = Field(
+        default=False, description="Tokens were counted locally, not reported by the provider."
+    )
+    status: Status = "ok"
+    source: str = Field(min_length=1, max_length=128, description="Emitting instance id.")
+    attrs: dict[str, Label] = Field(default_factory=dict, max_length=16)
+
+    @field_validator("ts")
+    @classmethod
+    def _finite_ts(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number of epoch seconds")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _not_a_secret(cls, value: str) -> str:
+        if _SECRET_LIKE.match(value):
+            raise ValueError(
+                "looks like a raw API secret; use an id (quotaflow.key_id() derives one)"
+            )
+        return value
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+_record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A part of a usage message that is not a valid record, with the reason it was refused."""
+
+    raw: bytes
+    reason: str
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the field path: ``[2].prompt_tokens: must be >= 0``."""
+    parts = []
+    for item in err.errors(include_url=False):
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"])
+        path = (prefix + loc).lstrip(".") or "record"
+        parts.append(f"{path}: {item['msg']}")
+    return "; ".join(parts)
+
+
+def parse_usage_value(value: bytes | None) -> tuple[list[UsageRecord], list[Rejected]]:
+    """Split a usage message into valid records and rejections (never raises)."""
+    if value is None:
+        return [], [Rejected(b"", "empty message (null value)")]
+    if len(value) > MAX_MESSAGE_BYTES:
+        return [], [Rejected(value, f"message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}")]
+    try:
+        doc = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        return [], [Rejected(value, f"not JSON: {exc}")]
+    if isinstance(doc, dict):
+        return _validate_one(doc, value, "")
+    if isinstance(doc, list):
+        if not doc:
+            return [], [Rejected(value, "empty array: no records")]
+        records: list[UsageRecord] = []
+        rejected: list[Rejected] = []
+        for index, item in enumerate(doc):
+            raw = json.dumps(item, separators=(",", ":")).encode()
+            ok, bad = _validate_one(item, raw, f"[{index}]")
+            records.extend(ok)
+            rejected.extend(bad)
+        return records, rejected
+    return [], [Rejected(value, f"expected a JSON object or array, got {type(doc).__name__}")]
+
+
+def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[UsageRecord], list[Rejected]]:
+    if not isinstance(doc, dict):
+        return [], [Rejected(raw, f"{prefix or 'record'}: expected an object")]
+    try:
+        return [_record_adapter.validate_python(doc)], []
+    except ValidationError as exc:
+        return [], [Rejected(raw, describe_validation_error(exc, prefix))]
+
+
+def encode_records(records: list[UsageRecord]) -> bytes:
+    """Encode records as one message value: an object for one record, an array for several."""
+    if len(records) == 1:
+        return records[0].model_dump_json().encode()
+    return b"[" + b",".join(r.model_dump_json().encode() for r in records) + b"]"
+
+
+def usage_record_json_schema() -> dict[str, Any]:
+    """The JSON Schema of :class:`UsageRecord`, as checked in under ``config/schema/``."""
+    return UsageRecord.model_json_schema()

@@ -1,0 +1,198 @@
+"""One typed settings tree for every quotaflow component.
+
+Values come, highest priority first, from constructor arguments, ``QUOTAFLOW_*`` environment
+variables (nested with ``__``: ``QUOTAFLOW_KAFKA__BOOTSTRAP_SERVERS``), a ``.env`` file, and last
+the endpoints recorded by ``quotaflow dev up`` so that local commands find the embedded stack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from quotaflow._exceptions import ConfigError
+from quotaflow.record import describe_validation_error
+
+DEV_STATE_ENV = "QUOTAFLOW_DEV_STATE"
+DEFAULT_DEV_STATE = Path(".quotaflow") / "dev.json"
+
+
+def dev_state_path() -> Path:
+    """Where ``quotaflow dev up`` records what runs where."""
+    return Path(os.environ.get(DEV_STATE_ENV, str(DEFAULT_DEV_STATE)))
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    #: Extra librdkafka properties passed through unchanged (``{"socket.timeout.ms": "5000"}``).
+    client_options: dict[str, str] = Field(default_factory=dict)
+
+    def confluent_config(self) -> dict[str, Any]:
+        """Properties for confluent-kafka clients (producer, consumer, admin)."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_cafile:
+            conf["ssl.ca.location"] = str(self.ssl_cafile)
+        if self.ssl_certfile:
+            conf["ssl.certificate.location"] = str(self.ssl_certfile)
+        if self.ssl_keyfile:
+            conf["ssl.key.location"] = str(self.ssl_keyfile)
+        conf.update(self.client_options)
+        return conf
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    password: SecretStr | None = None
+    ssl_ca_certs: Path | None = None
+    #: Prefix of every Redis key quotaflow writes.
+    key_prefix: str = "quotaflow"
+    socket_timeout: float = 2.0
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``redis.Redis.from_url(self.url, **kwargs)``."""
+        kwargs: dict[str, Any] = {
+            "socket_timeout": self.socket_timeout,
+            "socket_connect_timeout": self.socket_timeout,
+        }
+        if self.password is not None:
+            kwargs["password"] = self.password.get_secret_value()
+        if self.ssl_ca_certs is not None:
+            kwargs["ssl_ca_certs"] = str(self.ssl_ca_certs)
+        return kwargs
+
+    @property
+    def states_hash(self) -> str:
+        """The hash that holds the latest quota state of every key (the snapshot)."""
+        return f"{self.key_prefix}:states"
+
+
+class TopicSettings(BaseModel):
+    usage: str = "quotaflow.usage"
+    decisions: str = "quotaflow.decisions"
+    dlq: str = "quotaflow.usage.dlq"
+    partitions: int = Field(default=8, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+    #: The audit trail is kept long; -1 keeps it forever.
+    usage_retention_ms: int = 90 * 24 * 3600 * 1000
+
+
+class WorkerSettings(BaseModel):
+    app_id: str = "quotaflow"
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=6066, ge=0, le=65535)
+    data_dir: Path = Path(".quotaflow") / "worker"
+    #: Event-time seconds a window keeps accepting late records after it ends.
+    grace_seconds: float = Field(default=10.0, ge=0)
+    #: Seconds between heartbeats on the decisions topic (followers measure staleness by them).
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+    #: An active key's state is re-published at least this often, even without new usage.
+    refresh_interval: float = Field(default=5.0, gt=0)
+    #: Seconds between Redis snapshot flushes.
+    snapshot_interval: float = Field(default=0.25, gt=0)
+    #: Keys with no usage for this long stop being refreshed.
+    active_horizon: float = Field(default=120.0, gt=0)
+    #: Records whose event time is further ahead of the worker's clock go to the DLQ.
+    max_future_skew: float = Field(default=300.0, gt=0)
+
+
+def _default_source() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ClientSettings(BaseModel):
+    #: Identifies this instance in usage records (``source``); defaults to host-pid.
+    source: str = Field(default_factory=_default_source)
+    flush_interval: float = Field(default=0.02, gt=0, description="Seconds between flushes.")
+    max_batch: int = Field(default=500, ge=1, description="Records per message at most.")
+    max_buffered: int = Field(default=1_000_000, ge=1, description="Records held in memory.")
+    #: Local usage not acknowledged by a state is forgotten after this many seconds.
+    pending_ttl: float = Field(default=120.0, gt=0)
+    warm_start: bool = True
+
+
+class QuotaflowSettings(BaseSettings):
+    """The whole configuration; build with :func:`load_settings` for readable errors."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="QUOTAFLOW_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    client: ClientSettings = Field(default_factory=ClientSettings)
+    policies_file: Path = Path("config") / "policies.yaml"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            DevStackSource(settings_cls),
+            file_secret_settings,
+        )
+
+
+class DevStackSource(PydanticBaseSettingsSource):
+    """Endpoints of a running ``quotaflow dev up`` stack, below the environment in priority."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # pragma: no cover - __call__ does the work
+
+    def __call__(self) -> dict[str, Any]:
+        path = dev_state_path()
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {
+            "kafka": {"bootstrap_servers": state.get("kafka_bootstrap")},
+            "redis": {"url": state.get("redis_url")},
+        } if state.get("kafka_bootstrap") and state.get("redis_url") else {}
+
+
+def load_settings(**overrides: Any) -> QuotaflowSettings:
+    """Build settings; an invalid value raises :class:`ConfigError` naming the variable."""
+    try:
+        return QuotaflowSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"settings (QUOTAFLOW_*): {describe_validation_error(exc)}") from None

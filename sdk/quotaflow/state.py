@@ -1,0 +1,155 @@
+"""Quota state: what the stream publishes per counter key, and what SDKs follow.
+
+One JSON document per key on the compacted decisions topic (and in the Redis snapshot)::
+
+    {"v": 1, "key": "team-alpha", "published_at": 1700000000.12, "watermark": 1699999999.8,
+     "scopes": {"": {"policy": "team-alpha", "windows": {"60": [start, req, prompt, completion]}}},
+     "limits": [{"scope": "", "name": "requests_per_minute", "limit": 600, "used": 12,
+                 "remaining": 588, "reset_at": 1700000040}],
+     "throttled": false, "denied_by": null, "retry_after": 0.0,
+     "sources": {"svc-a-17": 1699999999.8}, "instances": 1,
+     "totals": {"records": 812, "requests": 812, "prompt_tokens": 91000, "completion_tokens": 30100}}
+
+``scopes`` holds raw window counters (``""`` is key-wide, otherwise a model) so each SDK can apply
+its own policies and clock; ``limits`` is the worker's own evaluation, for readers without policies
+(gateway headers, dashboards). ``sources`` maps each emitting instance to the event time of its
+newest record that the state includes: an SDK drops its own pending usage up to that point.
+A heartbeat (``{"v": 1, "heartbeat": true, ...}``) under :data:`HEARTBEAT_KEY` tells followers
+that the worker is alive when no key changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+STATE_VERSION = 1
+HEARTBEAT_KEY = "__quotaflow_heartbeat__"
+
+#: ``(window_start, requests, prompt_tokens, completion_tokens)``
+WindowCounts = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    scope: str
+    name: str
+    limit: int
+    used: int
+    remaining: int
+    reset_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scope": self.scope,
+            "name": self.name,
+            "limit": self.limit,
+            "used": self.used,
+            "remaining": self.remaining,
+            "reset_at": self.reset_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    records: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """The latest quota state of one counter key."""
+
+    key: str
+    published_at: float
+    watermark: float
+    scopes: dict[str, dict[int, WindowCounts]]
+    scope_policies: dict[str, str]
+    limits: tuple[LimitStatus, ...] = ()
+    throttled: bool = False
+    denied_by: str | None = None
+    retry_after: float = 0.0
+    sources: dict[str, float] = field(default_factory=dict)
+    instances: int = 0
+    totals: Totals = Totals()
+
+    def to_json(self) -> bytes:
+        doc = {
+            "v": STATE_VERSION,
+            "key": self.key,
+            "published_at": self.published_at,
+            "watermark": self.watermark,
+            "scopes": {
+                scope: {
+                    "policy": self.scope_policies.get(scope),
+                    "windows": {str(size): list(w) for size, w in windows.items()},
+                }
+                for scope, windows in self.scopes.items()
+            },
+            "limits": [lim.to_dict() for lim in self.limits],
+            "throttled": self.throttled,
+            "denied_by": self.denied_by,
+            "retry_after": self.retry_after,
+            "sources": self.sources,
+            "instances": self.instances,
+            "totals": {
+                "records": self.totals.records,
+                "requests": self.totals.requests,
+                "prompt_tokens": self.totals.prompt_tokens,
+                "completion_tokens": self.totals.completion_tokens,
+            },
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> QuotaState:
+        """Parse a published state; raises ``ValueError`` (or ``KeyError``) on a malformed one."""
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION or "key" not in doc:
+            raise ValueError("not a quotaflow v1 quota state")
+        scopes: dict[str, dict[int, WindowCounts]] = {}
+        policies: dict[str, str] = {}
+        for scope, body in doc.get("scopes", {}).items():
+            scopes[scope] = {
+                int(size): (int(w[0]), int(w[1]), int(w[2]), int(w[3]))
+                for size, w in body.get("windows", {}).items()
+            }
+            if body.get("policy"):
+                policies[scope] = body["policy"]
+        totals = doc.get("totals") or {}
+        return cls(
+            key=doc["key"],
+            published_at=float(doc["published_at"]),
+            watermark=float(doc.get("watermark", 0.0)),
+            scopes=scopes,
+            scope_policies=policies,
+            limits=tuple(LimitStatus(**lim) for lim in doc.get("limits", [])),
+            throttled=bool(doc.get("throttled", False)),
+            denied_by=doc.get("denied_by"),
+            retry_after=float(doc.get("retry_after", 0.0)),
+            sources={str(k): float(v) for k, v in doc.get("sources", {}).items()},
+            instances=int(doc.get("instances", 0)),
+            totals=Totals(
+                records=int(totals.get("records", 0)),
+                requests=int(totals.get("requests", 0)),
+                prompt_tokens=int(totals.get("prompt_tokens", 0)),
+                completion_tokens=int(totals.get("completion_tokens", 0)),
+            ),
+        )
+
+
+def heartbeat_json(published_at: float, worker: str) -> bytes:
+    return json.dumps(
+        {"v": STATE_VERSION, "heartbeat": True, "published_at": published_at, "worker": worker}
+    ).encode()
+
+
+def is_heartbeat(raw: bytes) -> bool:
+    return raw.startswith(b'{"v": 1, "heartbeat": true')

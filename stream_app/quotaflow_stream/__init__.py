@@ -1,0 +1,1 @@
+"""quotaflow's stream processor: a Faust app that aggregates usage and publishes quota states."""

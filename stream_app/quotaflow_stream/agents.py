@@ -1,0 +1,197 @@
+"""The worker's moving parts on a Faust app: the usage agent, the refresh timer, the snapshot
+timer and the stats page.
+
+Per usage message the agent parses every record (bad ones to the DLQ with a reason), folds each
+key's records into its table entry with one write, and publishes the key's new state. Records
+whose key does not hash to the message's partition are forwarded to the right one, so each key's
+counters live on exactly one partition (and one worker) however a producer routed them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import faust
+from quotaflow.partitioner import partition_for
+from quotaflow.policies import PolicySet
+from quotaflow.record import Rejected, UsageRecord, encode_records, parse_usage_value
+from quotaflow.settings import QuotaflowSettings
+from quotaflow.state import HEARTBEAT_KEY, heartbeat_json
+
+from quotaflow_stream.aggregate import add_records
+from quotaflow_stream.evaluate import evaluate, scopes_for
+from quotaflow_stream.snapshot import SnapshotWriter
+
+log = logging.getLogger(__name__)
+
+DLQ_REASON_HEADER = "quotaflow-dlq-reason"
+DLQ_ORIGIN_HEADER = "quotaflow-dlq-origin"
+
+
+class Counters:
+    """What the worker has done, for ``/api/stats`` and the demo's summary."""
+
+    def __init__(self) -> None:
+        self.messages = 0
+        self.records = 0
+        self.dlq = 0
+        self.late = 0
+        self.forwarded = 0
+        self.states_published = 0
+        self.heartbeats = 0
+        self.started_at = time.time()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class UsagePipeline:
+    """Registers the agent, timers and pages of the quota pipeline on ``app``."""
+
+    def __init__(
+        self,
+        app: faust.App,
+        settings: QuotaflowSettings,
+        policies: PolicySet,
+        snapshot: SnapshotWriter,
+        *,
+        usage_partitions: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.policies = policies
+        self.snapshot = snapshot
+        self.clock = clock
+        self.partitions = usage_partitions
+        self.counters = Counters()
+        self._scopes_for = scopes_for(policies)
+        # key -> [last usage (worker clock), last publication]
+        self._active: dict[str, list[float]] = {}
+        t = settings.topics
+        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+               "value_serializer": "raw"}
+        self.usage_topic = app.topic(t.usage, partitions=usage_partitions, **raw)
+        self.decisions_topic = app.topic(t.decisions, partitions=usage_partitions, **raw)
+        self.dlq_topic = app.topic(t.dlq, **raw)
+        self.table = app.Table("aggregates", default=None, partitions=usage_partitions)
+        app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
+        app.timer(settings.worker.heartbeat_interval)(self._refresh)
+        app.timer(settings.worker.snapshot_interval)(self._flush_snapshot)
+        app.page("/api/stats")(self._stats_page)
+        app.page("/api/keys/{key}")(self._key_page)
+
+    # -- the agent ---------------------------------------------------------------------------
+
+    async def _aggregate(self, stream: Any) -> None:
+        async for event in stream.events():
+            try:
+                await self.process_message(event.message, event.value)
+            except Exception:  # never let one message stop the worker
+                log.exception("unexpected error on usage message; sent to the DLQ")
+                await self._dead_letter(event.message, Rejected(event.value or b"", "internal"))
+
+    async def process_message(self, message: Any, value: bytes | None) -> None:
+        c = self.counters
+        c.messages += 1
+        records, rejected = parse_usage_value(value)
+        for bad in rejected:
+            await self._dead_letter(message, bad)
+        now = self.clock()
+        skew = self.settings.worker.max_future_skew
+        by_key: dict[str, list[UsageRecord]] = defaultdict(list)
+        misrouted: dict[int, list[UsageRecord]] = defaultdict(list)
+        for record in records:
+            if record.ts > now + skew:
+                raw = record.model_dump_json().encode()
+                reason = f"ts: {record.ts} is more than {skew:g}s ahead of the worker clock"
+                await self._dead_letter(message, Rejected(raw, reason))
+                continue
+            home = partition_for(record.key.encode(), self.partitions)
+            if home != message.partition:
+                misrouted[home].append(record)
+            else:
+                by_key[record.key].append(record)
+        for home, recs in misrouted.items():
+            await self.usage_topic.send(
+                key=recs[0].key.encode(), value=encode_records(recs), partition=home
+            )
+            c.forwarded += len(recs)
+        grace = self.settings.worker.grace_seconds
+        for key, recs in by_key.items():
+            entry, late = add_records(self.table.get(key), recs, self._scopes_for, grace)
+            self.table[key] = entry
+            c.records += len(recs)
+            c.late += late
+            self._active[key] = [now, now]
+            await self._publish(key, entry, now)
+
+    async def _publish(self, key: str, entry: dict[str, Any], now: float) -> None:
+        state = evaluate(key, entry, self.policies, now)
+        payload = state.to_json()
+        await self.decisions_topic.send(key=key.encode(), value=payload)
+        self.snapshot.put(key, payload)
+        self.counters.states_published += 1
+
+    async def _dead_letter(self, message: Any, rejected: Rejected) -> None:
+        origin = f"{message.topic}/{message.partition}/{message.offset}"
+        log.warning("usage rejected to DLQ (%s): %s", origin, rejected.reason)
+        await self.dlq_topic.send(
+            key=message.key,
+            value=rejected.raw,
+            headers={
+                DLQ_REASON_HEADER: rejected.reason.encode(),
+                DLQ_ORIGIN_HEADER: origin.encode(),
+            },
+        )
+        self.counters.dlq += 1
+
+    # -- timers ------------------------------------------------------------------------------
+
+    async def _refresh(self) -> None:
+        """Re-publish active keys now and then (windows roll over without new usage), and send
+        a heartbeat so followers can tell a quiet worker from a dead one."""
+        now = self.clock()
+        w = self.settings.worker
+        horizon = now - w.active_horizon
+        for key, times in list(self._active.items()):
+            entry = self.table.get(key) if times[0] >= horizon else None
+            if entry is None:
+                del self._active[key]
+                continue
+            if now - times[1] >= w.refresh_interval:
+                times[1] = now
+                await self._publish(key, entry, now)
+        for partition in range(self.partitions):
+            await self.decisions_topic.send(
+                key=HEARTBEAT_KEY.encode(),
+                value=heartbeat_json(now, self.settings.worker.app_id),
+                partition=partition,
+            )
+        self.counters.heartbeats += 1
+
+    async def _flush_snapshot(self) -> None:
+        await self.snapshot.flush()
+
+    # -- pages -------------------------------------------------------------------------------
+
+    async def _stats_page(self, web: Any, request: Any) -> Any:
+        stats = self.counters.as_dict()
+        stats.update(
+            snapshot_written=self.snapshot.written,
+            snapshot_pending=self.snapshot.pending,
+            snapshot_healthy=self.snapshot.healthy,
+            active_keys=len(self._active),
+        )
+        return web.json(stats)
+
+    async def _key_page(self, web: Any, request: Any, key: str) -> Any:
+        entry = self.table.get(key)
+        if entry is None:
+            return web.json({"error": f"no usage for key {key!r} on this worker"}, status=404)
+        state = evaluate(key, entry, self.policies, self.clock())
+        return web.bytes(state.to_json(), content_type="application/json")

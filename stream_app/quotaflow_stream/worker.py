@@ -1,0 +1,46 @@
+"""Run one stream worker: create topics, build the app, attach the pipeline, start Faust."""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+import redis.asyncio as aioredis
+
+from quotaflow.policies import load_policies
+from quotaflow.settings import QuotaflowSettings
+
+from quotaflow_stream.agents import UsagePipeline
+from quotaflow_stream.app import build_app
+from quotaflow_stream.snapshot import SnapshotWriter
+from quotaflow_stream.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+def create_pipeline(settings: QuotaflowSettings) -> UsagePipeline:
+    """Everything a worker runs, ready for ``faust.Worker``. Config errors raise here."""
+    policies = load_policies(settings.policies_file)
+    counts = ensure_topics(settings)
+    app = build_app(settings)
+    redis_client = aioredis.Redis.from_url(settings.redis.url, **settings.redis.client_kwargs())
+    snapshot = SnapshotWriter(redis_client, settings.redis.states_hash)
+    return UsagePipeline(
+        app, settings, policies, snapshot, usage_partitions=counts[settings.topics.usage]
+    )
+
+
+def run_worker(settings: QuotaflowSettings, loglevel: str = "info") -> None:
+    """Block running a worker until SIGINT/SIGTERM."""
+    pipeline = create_pipeline(settings)
+    settings.worker.data_dir.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "quotaflow worker %s: usage=%s decisions=%s web=http://%s:%d",
+        settings.worker.app_id,
+        settings.topics.usage,
+        settings.topics.decisions,
+        settings.worker.web_host,
+        settings.worker.web_port,
+    )
+    worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
