@@ -90,9 +90,13 @@ class DecisionsFollower:
             self.ready.set()
             last_expire = time.monotonic()
             while not self._stop.is_set():
-                for msg in consumer.consume(num_messages=1000, timeout=0.05):
-                    if msg.error() is None:
-                        self._apply(msg.key(), msg.value())
+                # consume() waits for a full batch or its timeout, so block in poll() for the
+                # first message (returns at once) and only then drain what else is ready.
+                first = consumer.poll(0.1)
+                if first is not None:
+                    for msg in [first, *consumer.consume(num_messages=1000, timeout=0)]:
+                        if msg.error() is None:
+                            self._apply(msg.key(), msg.value())
                 if time.monotonic() - last_expire > 1.0:
                     self.cache.expire()
                     last_expire = time.monotonic()

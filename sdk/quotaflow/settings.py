@@ -118,6 +118,8 @@ class WorkerSettings(BaseModel):
     snapshot_interval: float = Field(default=0.25, gt=0)
     #: Keys with no usage for this long stop being refreshed.
     active_horizon: float = Field(default=120.0, gt=0)
+    #: Longest a fetch waits at the broker for new usage; bounds decision latency when idle.
+    fetch_max_wait_ms: int = Field(default=20, ge=1, le=5000)
     #: Records whose event time is further ahead of the worker's clock go to the DLQ.
     max_future_skew: float = Field(default=300.0, gt=0)
 
@@ -153,6 +155,29 @@ class QuotaflowSettings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
     policies_file: Path = Path("config") / "policies.yaml"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``QUOTAFLOW_*`` variables, to configure a child process alike."""
+        env: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, BaseModel):
+                for name in type(value).model_fields:
+                    walk(f"{prefix}__{name.upper()}", getattr(value, name))
+            elif value is None:
+                return
+            elif isinstance(value, SecretStr):
+                env[prefix] = value.get_secret_value()
+            elif isinstance(value, dict):
+                env[prefix] = json.dumps(value)
+            else:
+                env[prefix] = str(value)
+
+        for name in type(self).model_fields:
+            walk(f"QUOTAFLOW_{name.upper()}", getattr(self, name))
+        # An instance id names one process; a child must pick its own.
+        env.pop("QUOTAFLOW_CLIENT__SOURCE", None)
+        return env
 
     @classmethod
     def settings_customise_sources(

@@ -82,8 +82,17 @@ class UsagePipeline:
         app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
         app.timer(settings.worker.heartbeat_interval)(self._refresh)
         app.timer(settings.worker.snapshot_interval)(self._flush_snapshot)
-        app.page("/api/stats")(self._stats_page)
-        app.page("/api/keys/{key}")(self._key_page)
+        # Faust views want plain functions ``(web, request, **params)``, not bound methods.
+        pipeline = self
+
+        async def stats_page(web: Any, request: Any) -> Any:
+            return await pipeline._stats_page(web, request)
+
+        async def key_page(web: Any, request: Any, key: str) -> Any:
+            return await pipeline._key_page(web, request, key)
+
+        app.page("/api/stats")(stats_page)
+        app.page("/api/keys/{key}")(key_page)
 
     # -- the agent ---------------------------------------------------------------------------
 

@@ -9,10 +9,13 @@ import faust
 
 from quotaflow.settings import QuotaflowSettings
 
+from quotaflow_stream import transport
+
 
 def broker_url(settings: QuotaflowSettings) -> str:
     hosts = [h.strip() for h in settings.kafka.bootstrap_servers.split(",") if h.strip()]
-    return ";".join(f"kafka://{h}" for h in hosts)
+    # Our transport: Faust's aiokafka driver with a short fetch wait (see transport.py).
+    return ";".join(f"quotaflow-kafka://{h}" for h in hosts)
 
 
 def broker_credentials(settings: QuotaflowSettings) -> Any:
@@ -37,6 +40,7 @@ def broker_credentials(settings: QuotaflowSettings) -> Any:
 
 def build_app(settings: QuotaflowSettings) -> faust.App:
     w = settings.worker
+    transport.FETCH_MAX_WAIT_MS = w.fetch_max_wait_ms
     return faust.App(
         w.app_id,
         broker=broker_url(settings),

@@ -1,0 +1,34 @@
+"""Faust's aiokafka transport with a configurable fetch wait.
+
+Faust hard-codes ``fetch_max_wait_ms=1500`` for its worker consumer. A broker that holds a fetch
+until that wait expires whenever no data was ready at request time (Tansu does) then delays
+every usage message by ~0.75 s on average, which is the whole propagation budget of a quota
+decision. This transport lowers the wait; it is registered as the ``quotaflow-kafka://`` scheme
+through the ``faust.transports`` entry point.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from faust.transport.drivers import aiokafka as driver
+
+#: Set from ``settings.worker.fetch_max_wait_ms`` before the worker starts.
+FETCH_MAX_WAIT_MS = 20
+
+
+class _ConsumerThread(driver.AIOKafkaConsumerThread):
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        # Read by aiokafka when the consumer starts and builds its fetcher.
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        return consumer
+
+
+class Consumer(driver.Consumer):
+    def _new_consumer_thread(self) -> driver.AIOKafkaConsumerThread:
+        return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class Transport(driver.Transport):
+    Consumer: ClassVar[Any] = Consumer
