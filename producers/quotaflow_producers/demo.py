@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from quotaflow.client import QuotaClient
 from quotaflow.policies import load_policies
 from quotaflow.settings import QuotaflowSettings, dev_state_path, load_settings
 from quotaflow.state import QuotaState
+from quotaflow_producers.traffic import DEFAULT_PROFILES, KeyTally, TrafficInstance
 from quotaflow_stream.devstack import (
     DevStack,
     free_port,
@@ -32,7 +34,6 @@ from quotaflow_stream.devstack import (
 from quotaflow_stream.launcher import WorkerProcess
 from quotaflow_stream.topics import ensure_topics
 
-from quotaflow_producers.traffic import DEFAULT_PROFILES, KeyTally, TrafficInstance
 
 def demo_settings(stack: DevStack, run_dir: Path, run_id: str) -> QuotaflowSettings:
     settings = load_settings()
@@ -48,12 +49,14 @@ def demo_settings(stack: DevStack, run_dir: Path, run_id: str) -> QuotaflowSetti
     settings.worker.data_dir = run_dir / "worker"
     return settings
 
+
 def _sum_tallies(instances: list[TrafficInstance]) -> dict[str, KeyTally]:
     out: dict[str, KeyTally] = {}
     for inst in instances:
         for key, tally in inst.report.tallies.items():
             out.setdefault(key, KeyTally()).add(tally)
     return out
+
 
 def _aggregated(state: QuotaState | None) -> dict[str, int]:
     t = state.totals if state else None
@@ -64,6 +67,7 @@ def _aggregated(state: QuotaState | None) -> dict[str, int]:
         "completion_tokens": t.completion_tokens if t else 0,
     }
 
+
 def _matches(sent: KeyTally, agg: dict[str, int]) -> bool:
     return (
         sent.records == agg["records"]
@@ -71,6 +75,7 @@ def _matches(sent: KeyTally, agg: dict[str, int]) -> bool:
         and sent.prompt_tokens == agg["prompt_tokens"]
         and sent.completion_tokens == agg["completion_tokens"]
     )
+
 
 def _live_table(observer: QuotaClient, tallies: dict[str, KeyTally], elapsed: float) -> Any:
     from rich.table import Table
@@ -101,9 +106,16 @@ def _live_table(observer: QuotaClient, tallies: dict[str, KeyTally], elapsed: fl
         policy = state.scope_policies.get("", "-") if state else "-"
         t = tallies[key]
         table.add_row(
-            key, policy, cell("requests_per_minute"), tokens, throttle, str(t.records), str(t.denied)
+            key,
+            policy,
+            cell("requests_per_minute"),
+            tokens,
+            throttle,
+            str(t.records),
+            str(t.denied),
         )
     return table
+
 
 def run_demo(
     duration: float | None, instances: int, rate: float, as_json: bool, seed: int | None = None
@@ -130,7 +142,10 @@ def run_demo(
         observer.wait_ready(30)
         fleet = [
             TrafficInstance(
-                settings, policies, f"demo-{run_id}-{i}", rate,
+                settings,
+                policies,
+                f"demo-{run_id}-{i}",
+                rate,
                 seed=None if seed is None else seed + i,
             )
             for i in range(instances)
@@ -148,7 +163,9 @@ def run_demo(
             inst.close()
         sent = _sum_tallies(fleet)
         matched = _wait_for_totals(observer, sent, timeout=30.0)
-        summary = _summary(settings, worker, observer, fleet, sent, matched, time.monotonic() - started)
+        summary = _summary(
+            settings, worker, observer, fleet, sent, matched, time.monotonic() - started
+        )
     finally:
         for inst in fleet:
             if inst.client.state.value == "opened":
@@ -162,6 +179,7 @@ def run_demo(
     else:
         _print_summary(summary)
     return 0 if matched else 1
+
 
 def _run_until(
     duration: float | None,
@@ -187,6 +205,7 @@ def _run_until(
     except KeyboardInterrupt:
         pass
 
+
 def _wait_for_totals(observer: QuotaClient, sent: dict[str, KeyTally], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while True:
@@ -195,6 +214,7 @@ def _wait_for_totals(observer: QuotaClient, sent: dict[str, KeyTally], timeout: 
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
+
 
 def _summary(
     settings: QuotaflowSettings,
@@ -206,7 +226,7 @@ def _summary(
     elapsed: float,
 ) -> dict[str, Any]:
     stats = worker.stats() or {}
-    keys = {}
+    keys: dict[str, dict[str, Any]] = {}
     for key, tally in sorted(sent.items()):
         state = observer.cache.state(key)
         keys[key] = {
@@ -224,9 +244,11 @@ def _summary(
         "denials": sum(t.denied for t in sent.values()),
         "dlq": stats.get("dlq"),
         "undelivered": sum(i.report.undelivered for i in fleet),
+        "decisions_by_reason": dict(sum((i.report.reasons for i in fleet), Counter())),
         "totals_match": matched,
         "keys": keys,
     }
+
 
 def _print_summary(summary: dict[str, Any]) -> None:
     from rich.console import Console
@@ -238,9 +260,12 @@ def _print_summary(summary: dict[str, Any]) -> None:
     for key, k in summary["keys"].items():
         s, a = k["sent"], k["aggregated"]
         table.add_row(
-            key, str(s["records"]), str(a["records"]),
+            key,
+            str(s["records"]),
+            str(a["records"]),
             str(s["prompt_tokens"] + s["completion_tokens"]),
-            str(a["prompt_tokens"] + a["completion_tokens"]), str(s["denied"]),
+            str(a["prompt_tokens"] + a["completion_tokens"]),
+            str(s["denied"]),
         )
     console = Console()
     console.print(table)
@@ -249,5 +274,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"records sent {summary['records_sent']}, aggregated {summary['records_aggregated']}, "
         f"states published {summary['states_published']}, denials {summary['denials']}: {verdict}"
     )
+
 
 DEFAULT_KEYS = [p.key for p in DEFAULT_PROFILES]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from quotaflow.client import QuotaClient
@@ -56,6 +56,8 @@ class KeyTally:
 class InstanceReport:
     source: str
     tallies: dict[str, KeyTally] = field(default_factory=lambda: defaultdict(KeyTally))
+    #: How many decisions gave each reason (``ok``, ``limit``, ``stale_open``...).
+    reasons: Counter[str] = field(default_factory=Counter)
     undelivered: int = 0
 
 
@@ -106,6 +108,7 @@ class TrafficInstance(threading.Thread):
             decision = self.client.check(
                 profile.key, model, prompt_tokens=prompt, completion_tokens=completion
             )
+            self.report.reasons[decision.reason] += 1
             if decision.allowed:
                 self.client.record(
                     profile.key, model, prompt_tokens=prompt, completion_tokens=completion

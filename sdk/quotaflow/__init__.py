@@ -16,7 +16,7 @@ from quotaflow.decision import Decision
 from quotaflow.emitter import KafkaTransport, Transport, TransportFull, UsageEmitter
 from quotaflow.keys import key_id
 from quotaflow.partitioner import murmur2, partition_for
-from quotaflow.policies import Binding, LimitSpec, Limits, Policy, PolicySet, load_policies
+from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, load_policies
 from quotaflow.record import UsageRecord, parse_usage_value, usage_record_json_schema
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.state import QuotaState

@@ -44,11 +44,20 @@ def _amount(dimension: str, req: int, pt: int, ct: int) -> int:
     return pt + ct
 
 
+def _limit_name(scope: str, spec: LimitSpec) -> str:
+    return spec.name if scope == KEY_SCOPE else f"{scope}/{spec.name}"
+
+
 class QuotaCache:
     """Thread-safe store of quota states and local usage; answers checks without I/O."""
 
     def __init__(
-        self, policies: PolicySet, source: str, *, clock: Clock = time.time, pending_ttl: float = 120
+        self,
+        policies: PolicySet,
+        source: str,
+        *,
+        clock: Clock = time.time,
+        pending_ttl: float = 120,
     ) -> None:
         self.policies = policies
         self.source = source
@@ -167,8 +176,16 @@ class QuotaCache:
                     continue
                 if policy.fail_mode == "closed":
                     return Decision(
-                        False, key, model, "stale_closed", "stale", policy.name, _EMPTY,
-                        policy.max_staleness, None, age,
+                        False,
+                        key,
+                        model,
+                        "stale_closed",
+                        "stale",
+                        policy.name,
+                        _EMPTY,
+                        policy.max_staleness,
+                        None,
+                        age,
                     )
                 stale_reason = "stale_local"
             windows = state.scopes.get(binding.scope) if state is not None else None
@@ -190,23 +207,37 @@ class QuotaCache:
                             used += _amount(spec.dimension, req, pt, ct)
                 want = _amount(spec.dimension, requests, prompt_tokens, completion_tokens)
                 left = ceiling - used - want
-                name = spec.name if binding.scope == KEY_SCOPE else f"{binding.scope}/{spec.name}"
-                remaining[name] = max(left, 0)
+                remaining[_limit_name(binding.scope, spec)] = max(left, 0)
                 if (left < 0 or (want == 0 and ceiling - used <= 0)) and (
                     deny is None or reset_at > deny[2]
                 ):
                     deny = (spec, binding, reset_at)
         view = MappingProxyType(remaining)
         if deny is not None:
-            spec, binding, reset_at = deny
-            name = spec.name if binding.scope == KEY_SCOPE else f"{binding.scope}/{spec.name}"
+            d_spec, d_binding, d_reset = deny
             return Decision(
-                False, key, model, "limit", name, binding.policy.name, view,
-                reset_at - now, reset_at, age,
+                False,
+                key,
+                model,
+                "limit",
+                _limit_name(d_binding.scope, d_spec),
+                d_binding.policy.name,
+                view,
+                d_reset - now,
+                d_reset,
+                age,
             )
         return Decision(
-            True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
-            0.0, None, age,
+            True,
+            key,
+            model,
+            stale_reason or "ok",
+            None,
+            bindings[0].policy.name,
+            view,
+            0.0,
+            None,
+            age,
         )
 
     def _own_used(self, key: str, scope: str, spec: LimitSpec, start: int) -> tuple[int, int]:

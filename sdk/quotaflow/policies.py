@@ -226,9 +226,7 @@ def load_policies(path: str | Path) -> PolicySet:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path}: policy file not found (set QUOTAFLOW_POLICIES_FILE)"
-        ) from None
+        raise ConfigError(f"{path}: policy file not found (set QUOTAFLOW_POLICIES_FILE)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read policy file: {exc}") from None
     try:

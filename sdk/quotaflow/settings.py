@@ -209,10 +209,14 @@ class DevStackSource(PydanticBaseSettingsSource):
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             return {}
-        return {
-            "kafka": {"bootstrap_servers": state.get("kafka_bootstrap")},
-            "redis": {"url": state.get("redis_url")},
-        } if state.get("kafka_bootstrap") and state.get("redis_url") else {}
+        return (
+            {
+                "kafka": {"bootstrap_servers": state.get("kafka_bootstrap")},
+                "redis": {"url": state.get("redis_url")},
+            }
+            if state.get("kafka_bootstrap") and state.get("redis_url")
+            else {}
+        )
 
 
 def load_settings(**overrides: Any) -> QuotaflowSettings:

@@ -8,7 +8,8 @@ One JSON document per key on the compacted decisions topic (and in the Redis sna
                  "remaining": 588, "reset_at": 1700000040}],
      "throttled": false, "denied_by": null, "retry_after": 0.0,
      "sources": {"svc-a-17": 1699999999.8}, "instances": 1,
-     "totals": {"records": 812, "requests": 812, "prompt_tokens": 91000, "completion_tokens": 30100}}
+     "totals": {"records": 812, "requests": 812, "prompt_tokens": 91000,
+                "completion_tokens": 30100}}
 
 ``scopes`` holds raw window counters (``""`` is key-wide, otherwise a model) so each SDK can apply
 its own policies and clock; ``limits`` is the worker's own evaluation, for readers without policies

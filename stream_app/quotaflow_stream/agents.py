@@ -16,12 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
+
 from quotaflow.partitioner import partition_for
 from quotaflow.policies import PolicySet
 from quotaflow.record import Rejected, UsageRecord, encode_records, parse_usage_value
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import HEARTBEAT_KEY, heartbeat_json
-
 from quotaflow_stream.aggregate import add_records
 from quotaflow_stream.evaluate import evaluate, scopes_for
 from quotaflow_stream.snapshot import SnapshotWriter
@@ -73,11 +73,9 @@ class UsagePipeline:
         # key -> [last usage (worker clock), last publication]
         self._active: dict[str, list[float]] = {}
         t = settings.topics
-        raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
-               "value_serializer": "raw"}
-        self.usage_topic = app.topic(t.usage, partitions=usage_partitions, **raw)
-        self.decisions_topic = app.topic(t.decisions, partitions=usage_partitions, **raw)
-        self.dlq_topic = app.topic(t.dlq, **raw)
+        self.usage_topic = self._raw_topic(t.usage, usage_partitions)
+        self.decisions_topic = self._raw_topic(t.decisions, usage_partitions)
+        self.dlq_topic = self._raw_topic(t.dlq, None)
         self.table = app.Table("aggregates", default=None, partitions=usage_partitions)
         app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
         app.timer(settings.worker.heartbeat_interval)(self._refresh)
@@ -159,6 +157,29 @@ class UsagePipeline:
         )
         self.counters.dlq += 1
 
+    def _raw_topic(self, name: str, partitions: int | None) -> Any:
+        # Bytes in, bytes out: parsing is ours, so a bad message reaches the DLQ instead of
+        # failing inside Faust's deserializer.
+        return self.app.topic(
+            name,
+            partitions=partitions,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Partitions assigned and tables recovered: usage sent now is processed promptly."""
+        app = self.app
+        try:
+            assigned = bool(app.consumer.assignment())
+            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        except Exception:  # not started yet
+            return False
+        return assigned and recovered and not app.rebalancing
+
     # -- timers ------------------------------------------------------------------------------
 
     async def _refresh(self) -> None:
@@ -191,6 +212,7 @@ class UsagePipeline:
     async def _stats_page(self, web: Any, request: Any) -> Any:
         stats = self.counters.as_dict()
         stats.update(
+            ready=self.ready,
             snapshot_written=self.snapshot.written,
             snapshot_pending=self.snapshot.pending,
             snapshot_healthy=self.snapshot.healthy,

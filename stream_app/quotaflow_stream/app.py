@@ -8,7 +8,6 @@ from typing import Any
 import faust
 
 from quotaflow.settings import QuotaflowSettings
-
 from quotaflow_stream import transport
 
 

@@ -6,7 +6,6 @@ from collections.abc import Iterable
 
 from quotaflow.policies import KEY_SCOPE, PolicySet
 from quotaflow.state import LimitStatus, QuotaState, Totals, WindowCounts
-
 from quotaflow_stream.aggregate import WINDOW_SIZES, Entry, ScopesFor, current_bucket
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).

@@ -52,12 +52,14 @@ class WorkerProcess:
             return None
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the web API answers; raise with the log's tail if the worker died."""
+        """Wait until the worker has its partitions and has recovered its tables; raise with the
+        log's tail if it died or took too long."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self.stats(timeout=0.5) is not None:
+            stats = self.stats(timeout=0.5)
+            if stats is not None and stats.get("ready"):
                 return
             time.sleep(0.2)
         raise TimeoutError(f"worker not ready after {timeout:g}s:\n{self.log_tail()}")

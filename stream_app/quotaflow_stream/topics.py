@@ -24,12 +24,16 @@ def topic_specs(settings: QuotaflowSettings) -> list[TopicSpec]:
     t = settings.topics
     return [
         TopicSpec(
-            t.usage, t.partitions, t.replication_factor,
+            t.usage,
+            t.partitions,
+            t.replication_factor,
             {"retention.ms": str(t.usage_retention_ms), "cleanup.policy": "delete"},
         ),
         TopicSpec(t.decisions, t.partitions, t.replication_factor, {"cleanup.policy": "compact"}),
         TopicSpec(
-            t.dlq, t.partitions, t.replication_factor,
+            t.dlq,
+            t.partitions,
+            t.replication_factor,
             {"retention.ms": str(t.usage_retention_ms), "cleanup.policy": "delete"},
         ),
     ]
@@ -55,7 +59,10 @@ def ensure_topics(settings: QuotaflowSettings, timeout: float = 30.0) -> dict[st
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(
-            [NewTopic(s.name, s.partitions, s.replication_factor, config=s.config) for s in missing],
+            [
+                NewTopic(s.name, s.partitions, s.replication_factor, config=s.config)
+                for s in missing
+            ],
             operation_timeout=timeout,
         )
         for name, fut in futures.items():

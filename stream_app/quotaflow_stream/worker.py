@@ -9,7 +9,6 @@ import redis.asyncio as aioredis
 
 from quotaflow.policies import load_policies
 from quotaflow.settings import QuotaflowSettings
-
 from quotaflow_stream.agents import UsagePipeline
 from quotaflow_stream.app import build_app
 from quotaflow_stream.snapshot import SnapshotWriter
