@@ -185,12 +185,19 @@ class UsageEmitter:
             time.sleep(0.005)
 
     def close(self, timeout: float = 10.0) -> int:
-        """Send everything buffered and wait for delivery; returns undelivered message count."""
+        """Send everything buffered and wait for delivery.
+
+        Returns what is still undelivered at the deadline: messages in the transport plus
+        records never handed to it (0 is success).
+        """
+        deadline = time.monotonic() + timeout
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._drain()
-        left = self.transport.flush(timeout)
+        # A full transport puts records back; keep handing them over until the deadline.
+        while self._buffer and time.monotonic() < deadline:
+            self._drain()
+        left = self.transport.flush(max(deadline - time.monotonic(), 0.0)) + len(self._buffer)
         self.transport.close()
         return left

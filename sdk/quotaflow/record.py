@@ -95,7 +95,9 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
     for item in err.errors(include_url=False):
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in item["loc"])
         path = (prefix + loc).lstrip(".") or "record"
-        parts.append(f"{path}: {item['msg']}")
+        # Our own validators' messages read better without pydantic's "Value error, " prefix.
+        msg = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{path}: {msg}")
     return "; ".join(parts)
 
 

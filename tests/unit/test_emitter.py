@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+import threading
+
+from quotaflow.emitter import TransportFull, UsageEmitter
+from quotaflow.partitioner import partition_for
+from quotaflow.record import UsageRecord, parse_usage_value
+
+
+class MemoryTransport:
+    """In-memory stand-in for the Kafka transport: records what was sent."""
+
+    def __init__(self, partitions: int | None = 4, refuse: int = 0) -> None:
+        self.sent: list[tuple[str, int | None, bytes, bytes]] = []
+        self._partitions = partitions
+        self.refuse = refuse  # refuse this many sends with TransportFull first
+        self.flushed = False
+        self.lock = threading.Lock()
+
+    def send(self, topic: str, partition: int | None, key: bytes, value: bytes) -> None:
+        with self.lock:
+            if self.refuse:
+                self.refuse -= 1
+                raise TransportFull("queue full")
+            self.sent.append((topic, partition, key, value))
+
+    def partitions(self, topic: str) -> int | None:
+        return self._partitions
+
+    def flush(self, timeout: float) -> int:
+        self.flushed = True
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def record(i: int, key: str) -> UsageRecord:
+    return UsageRecord(id=f"r{i}", ts=1_700_000_000 + i, key=key, model="m", source="s")
+
+
+def sent_records(t: MemoryTransport) -> list[UsageRecord]:
+    out: list[UsageRecord] = []
+    for _, _, _, value in t.sent:
+        out.extend(parse_usage_value(value)[0])
+    return out
+
+
+def test_records_are_packed_per_partition_in_order() -> None:
+    t = MemoryTransport(partitions=4)
+    e = UsageEmitter(t, "usage", max_batch=500, flush_interval=60)
+    keys = [f"key-{i % 10}" for i in range(100)]
+    for i, key in enumerate(keys):
+        e.emit(record(i, key))
+    assert e.close() == 0 and t.flushed
+    # one message per partition that has records
+    partitions = [p for _, p, _, _ in t.sent]
+    assert sorted(partitions) == sorted({partition_for(k.encode(), 4) for k in keys})
+    for _, partition, _, value in t.sent:
+        recs = parse_usage_value(value)[0]
+        assert {partition_for(r.key.encode(), 4) for r in recs} == {partition}
+        ids = [int(r.id[1:]) for r in recs]
+        assert ids == sorted(ids), "per-partition order is kept"
+    assert sorted(r.id for r in sent_records(t)) == sorted(f"r{i}" for i in range(100))
+
+
+def test_batches_are_bounded_by_max_batch() -> None:
+    t = MemoryTransport(partitions=1)
+    e = UsageEmitter(t, "usage", max_batch=7, flush_interval=60)
+    for i in range(20):
+        e.emit(record(i, "k"))
+    e.close()
+    sizes = [len(json.loads(v)) if v.startswith(b"[") else 1 for _, _, _, v in t.sent]
+    assert sizes == [7, 7, 6]
+    assert [r.id for r in sent_records(t)] == [f"r{i}" for i in range(20)]
+
+
+def test_unknown_partition_count_groups_by_key() -> None:
+    t = MemoryTransport(partitions=None)
+    e = UsageEmitter(t, "usage", flush_interval=60)
+    for i in range(6):
+        e.emit(record(i, f"k{i % 2}"))
+    e.close()
+    assert {(p, k) for _, p, k, _ in t.sent} == {(None, b"k0"), (None, b"k1")}
+
+
+def test_a_full_transport_loses_nothing_and_keeps_order() -> None:
+    t = MemoryTransport(partitions=1, refuse=3)
+    e = UsageEmitter(t, "usage", max_batch=2, flush_interval=0.001)
+    e.start()
+    for i in range(10):
+        e.emit(record(i, "k"))
+    e.close(timeout=5)
+    assert [r.id for r in sent_records(t)] == [f"r{i}" for i in range(10)]
+
+
+def test_overflow_beyond_the_memory_bound_is_counted_and_handed_over() -> None:
+    spilled: list[UsageRecord] = []
+    t = MemoryTransport()
+    e = UsageEmitter(t, "usage", max_buffered=3, flush_interval=60, on_overflow=spilled.append)
+    for i in range(5):
+        e.emit(record(i, "k"))
+    assert e.overflowed == 2 and [r.id for r in spilled] == ["r3", "r4"]
+    e.close()

@@ -1,0 +1,104 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from quotaflow.record import (
+    MAX_MESSAGE_BYTES,
+    UsageRecord,
+    encode_records,
+    parse_usage_value,
+)
+
+
+def rec(**over: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "id": "r1",
+        "ts": 1_700_000_000.5,
+        "key": "team-alpha",
+        "model": "gpt-4o",
+        "prompt_tokens": 100,
+        "completion_tokens": 20,
+        "source": "svc-1",
+    }
+    doc.update(over)
+    return doc
+
+
+def test_defaults_and_total() -> None:
+    r = UsageRecord.model_validate(rec())
+    assert r.requests == 1 and r.status == "ok" and r.estimated is False
+    assert r.total_tokens == 120
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("prompt_tokens", -1, "prompt_tokens"),
+        ("completion_tokens", 10**12, "completion_tokens"),
+        ("ts", float("nan"), "ts"),
+        ("key", "sk-live-abcdef", "raw API secret"),
+        ("key", "", "key"),
+        ("status", "maybe", "status"),
+        ("requests", "many", "requests"),
+    ],
+)
+def test_invalid_fields_are_named(field: str, value: object, fragment: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        UsageRecord.model_validate(rec(**{field: value}))
+    assert fragment in str(err.value)
+
+
+def test_unknown_fields_are_rejected() -> None:
+    with pytest.raises(ValidationError):
+        UsageRecord.model_validate(rec(api_key="oops"))
+
+
+def test_records_are_immutable() -> None:
+    r = UsageRecord.model_validate(rec())
+    with pytest.raises(ValidationError):
+        r.prompt_tokens = 5  # type: ignore[misc]
+
+
+def test_parse_single_object() -> None:
+    records, rejected = parse_usage_value(json.dumps(rec()).encode())
+    assert [r.id for r in records] == ["r1"] and rejected == []
+
+
+def test_parse_array_keeps_valid_records_beside_a_bad_one() -> None:
+    value = json.dumps([rec(id="a"), rec(id="b", prompt_tokens=-5), rec(id="c")]).encode()
+    records, rejected = parse_usage_value(value)
+    assert [r.id for r in records] == ["a", "c"]
+    assert len(rejected) == 1
+    assert rejected[0].reason.startswith("[1].prompt_tokens:")
+    assert json.loads(rejected[0].raw)["id"] == "b"
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        (b"\xff\xfe garbage", "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"42", "expected a JSON object or array"),
+        (b"[]", "empty array"),
+        (b"[1]", "expected an object"),
+        (None, "null value"),
+    ],
+)
+def test_parse_rejects_with_reason(value: bytes | None, fragment: str) -> None:
+    records, rejected = parse_usage_value(value)
+    assert records == []
+    assert len(rejected) == 1 and fragment in rejected[0].reason
+
+
+def test_parse_rejects_oversized_message_without_parsing() -> None:
+    value = b"[" + b" " * MAX_MESSAGE_BYTES + b"]"
+    records, rejected = parse_usage_value(value)
+    assert records == [] and "exceeds" in rejected[0].reason
+
+
+def test_encode_round_trips() -> None:
+    many = [UsageRecord.model_validate(rec(id=str(i))) for i in range(3)]
+    assert parse_usage_value(encode_records(many))[0] == many
+    assert parse_usage_value(encode_records(many[:1]))[0] == many[:1]
+    assert encode_records(many[:1]).startswith(b"{")
