@@ -56,7 +56,13 @@ def test_model_policy_binds_alongside_the_key_policy() -> None:
 
 def test_specs_list_each_set_limit_with_its_window() -> None:
     ps = parse_policies(
-        doc({"name": "p", "default": True, "limits": {"tokens_per_day": 5, "requests_per_minute": 1}})
+        doc(
+            {
+                "name": "p",
+                "default": True,
+                "limits": {"tokens_per_day": 5, "requests_per_minute": 1},
+            }
+        )
     )
     specs = ps.policies[0].specs
     assert [(s.name, s.dimension, s.window, s.limit) for s in specs] == [

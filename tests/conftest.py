@@ -1,0 +1,68 @@
+"""Shared fixtures. The embedded broker (Tansu) and Redis (Valkey) start once per session on free
+loopback ports; every test that needs a pipeline gets topics, an app id and a Redis prefix of its
+own, so tests never see each other's data. A backend that cannot start fails the tests that need
+it: nothing here skips."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from quotaflow.settings import QuotaflowSettings, load_settings
+from quotaflow_stream.devstack import DevStack, free_port, start_stack, stop_stack
+
+ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
+    s = start_stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    stop_stack(s)
+
+
+def pipeline_settings(
+    stack: DevStack, workdir: Path, policies_file: Path | None = None, partitions: int = 4
+) -> QuotaflowSettings:
+    """Settings for an isolated pipeline on the shared stack."""
+    run = uuid.uuid4().hex[:8]
+    return load_settings(
+        kafka={"bootstrap_servers": stack.kafka_bootstrap},
+        redis={"url": stack.redis_url, "key_prefix": f"qf-test-{run}"},
+        topics={
+            "usage": f"t-{run}.usage",
+            "decisions": f"t-{run}.decisions",
+            "dlq": f"t-{run}.dlq",
+            "partitions": partitions,
+        },
+        worker={
+            "app_id": f"qf-test-{run}",
+            "web_port": free_port(),
+            "data_dir": str(workdir / f"worker-{run}"),
+            "heartbeat_interval": 0.5,
+        },
+        client={"flush_interval": 0.01},
+        policies_file=str(policies_file or ROOT / "config" / "policies.yaml"),
+    )
+
+
+def wait_for(
+    probe: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail with ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(
+        f"timed out after {timeout:g}s waiting for {what or probe} (last={last!r})"
+    )

@@ -1,0 +1,117 @@
+"""The whole loop: several SDK clients spend a small budget; the worker publishes the throttle;
+every client then denies with the right retry_after; after the window resets they allow again.
+
+Clients run on an injected clock that starts at real time (so the worker's windows line up) and
+is moved past the reset instead of sleeping through it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from quotaflow import QuotaClient
+from quotaflow.settings import QuotaflowSettings
+from quotaflow.windows import HOUR, window_end
+from quotaflow_stream.devstack import DevStack
+from quotaflow_stream.launcher import WorkerProcess
+from quotaflow_stream.topics import ensure_topics
+from tests.conftest import pipeline_settings, wait_for
+
+pytestmark = pytest.mark.e2e
+
+LIMIT = 1000  # tokens per hour for e2e-* keys
+
+
+class ShiftedClock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.fixture(scope="module")
+def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
+    workdir = tmp_path_factory.mktemp("e2e")
+    policies = workdir / "policies.yaml"
+    policies.write_text(
+        f"""
+version: 1
+policies:
+  - name: e2e-small
+    keys: ["e2e-*"]
+    limits: {{tokens_per_hour: {LIMIT}}}
+    fail_mode: open
+    max_staleness: 30
+"""
+    )
+    return pipeline_settings(stack, workdir, policies_file=policies)
+
+
+@pytest.fixture(scope="module")
+def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
+    ensure_topics(settings)
+    w = WorkerProcess(settings, Path(settings.worker.data_dir).parent / "worker.log").start()
+    w.wait_ready(90)
+    yield w
+    w.stop()
+
+
+def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    if window_end(time.time(), HOUR) - time.time() < 30:  # keep the run inside one hour window
+        time.sleep(window_end(time.time(), HOUR) - time.time() + 1)
+    clocks = [ShiftedClock() for _ in range(3)]
+    clients = []
+    for i, clock in enumerate(clocks):
+        cfg = settings.model_copy(deep=True)
+        cfg.client.source = f"e2e-instance-{i}"
+        clients.append(QuotaClient(cfg, clock=clock).open())
+    try:
+        for c in clients:
+            assert c.wait_ready(30)
+        key = "e2e-team"
+        # Instances 0 and 1 spend 950 of 1000 tokens between them; instance 2 spends nothing.
+        for i in range(19):
+            c = clients[i % 2]
+            assert c.check(key, "gpt-4o-mini", tokens=50).allowed
+            c.record(key, "gpt-4o-mini", prompt_tokens=40, completion_tokens=10)
+        # Instance 2 has spent nothing itself; it learns the fleet's usage from the stream.
+        wait_for(
+            lambda: (s := clients[2].cache.state(key)) and s.totals.tokens == 950,
+            what="instance 2 to see the fleet's 950 tokens",
+        )
+        assert clients[2].check(key, "gpt-4o-mini", tokens=50).allowed
+        assert not clients[2].check(key, "gpt-4o-mini", tokens=51).allowed
+        # One more call takes the key to its limit; every instance must deny within 2 s.
+        clients[2].record(key, "gpt-4o-mini", prompt_tokens=50)
+        started = time.monotonic()
+
+        def all_deny() -> bool:
+            return all(not c.check(key, "gpt-4o-mini", tokens=1).allowed for c in clients)
+
+        wait_for(all_deny, timeout=2.0, interval=0.005, what="every instance to deny")
+        converged_ms = (time.monotonic() - started) * 1000
+        reset = window_end(time.time(), HOUR)
+        for c in clients:
+            d = c.check(key, "gpt-4o-mini", tokens=1)
+            assert d.limit == "tokens_per_hour" and d.policy == "e2e-small"
+            assert d.reset_at == reset
+            assert d.retry_after == pytest.approx(reset - time.time(), abs=1.0)
+            assert d.remaining["tokens_per_hour"] == 0
+        state = clients[0].cache.state(key)
+        assert state is not None and state.throttled and state.denied_by == "tokens_per_hour"
+        assert state.instances == 3
+        print(f"fleet converged on the throttle in {converged_ms:.0f} ms")
+        # Past the reset every instance allows again, from its own clock and the old state.
+        for clock in clocks:
+            clock.offset = reset - time.time() + 1
+        for c in clients:
+            assert c.check(key, "gpt-4o-mini", tokens=50).allowed
+    finally:
+        for c in clients:
+            c.close()

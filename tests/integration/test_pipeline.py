@@ -1,0 +1,233 @@
+"""The worker against the real broker and Redis: aggregation, DLQ, routing, snapshot, recovery."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from quotaflow import QuotaClient
+from quotaflow.partitioner import partition_for
+from quotaflow.settings import QuotaflowSettings
+from quotaflow.state import QuotaState
+from quotaflow_stream.devstack import DevStack
+from quotaflow_stream.launcher import WorkerProcess
+from tests.conftest import pipeline_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
+    return pipeline_settings(stack, tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
+    from quotaflow_stream.topics import ensure_topics
+
+    ensure_topics(settings)
+    w = WorkerProcess(settings, settings.worker.data_dir.parent / "worker.log").start()
+    w.wait_ready(90)
+    yield w
+    w.stop()
+
+
+def record_doc(i: int, key: str, **over: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "id": f"raw-{key}-{i}",
+        "ts": time.time(),
+        "key": key,
+        "model": "gpt-4o-mini",
+        "prompt_tokens": 10,
+        "completion_tokens": 1,
+        "source": "raw-producer",
+    }
+    doc.update(over)
+    return doc
+
+
+def producer(settings: QuotaflowSettings) -> Producer:
+    return Producer({**settings.kafka.confluent_config(), "partitioner": "murmur2_random"})
+
+
+def snapshot_state(settings: QuotaflowSettings, key: str) -> QuotaState | None:
+    client = redis.Redis.from_url(settings.redis.url)
+    try:
+        raw = client.hget(settings.redis.states_hash, key)
+    finally:
+        client.close()
+    return QuotaState.from_json(raw) if raw else None
+
+
+def test_sdk_usage_is_aggregated_exactly_and_snapshotted(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    keys = [f"acct-{i}" for i in range(5)]
+    sent = {k: [0, 0, 0] for k in keys}
+    with QuotaClient(settings) as client:
+        assert client.wait_ready(30)
+        for i in range(60):
+            key = keys[i % 5]
+            client.record(key, "gpt-4o-mini", prompt_tokens=i, completion_tokens=2 * i)
+            sent[key][0] += 1
+            sent[key][1] += i
+            sent[key][2] += 2 * i
+
+        def all_counted() -> bool:
+            for key, (n, pt, ct) in sent.items():
+                st = client.cache.state(key)
+                if st is None or (st.totals.records, st.totals.prompt_tokens) != (n, pt):
+                    return False
+                assert st.totals.completion_tokens == ct
+            return True
+
+        wait_for(all_counted, what="the stream to count every record")
+    for key, (n, pt, _) in sent.items():
+        snap = wait_for(lambda key=key: snapshot_state(settings, key), what="Redis snapshot")
+        assert (snap.totals.records, snap.totals.prompt_tokens) == (n, pt)
+        assert snap.scope_policies[""] == "default"
+
+
+def test_malformed_messages_go_to_the_dlq_and_valid_ones_survive(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    p = producer(settings)
+    usage = settings.topics.usage
+    key = "dlq-mixed"
+    good = [record_doc(1, key), record_doc(2, key)]
+    bad_in_array = record_doc(3, key, prompt_tokens=-7)
+    p.produce(usage, key=key.encode(), value=json.dumps([good[0], bad_in_array, good[1]]))
+    p.produce(usage, key=b"\xff\xfe-not-utf8", value=b"\x00\x01 random bytes")
+    p.produce(usage, key=key.encode(), value=json.dumps({"id": "x", "ts": "yesterday"}))
+    p.produce(usage, key=key.encode(), value=json.dumps(record_doc(4, key, ts=time.time() + 86400)))
+    p.produce(usage, key=key.encode(), value=b'{"truncated": ')
+    assert p.flush(10) == 0
+
+    consumer = Consumer(
+        {**settings.kafka.confluent_config(), "group.id": "dlq-reader", "enable.auto.commit": False}
+    )
+    consumer.assign(
+        [TopicPartition(settings.topics.dlq, p_, 0) for p_ in range(settings.topics.partitions)]
+    )
+    dead: list[tuple[bytes | None, str, bytes]] = []
+
+    def five_dead() -> bool:
+        for msg in consumer.consume(100, timeout=0.2):
+            if msg.error() is None:
+                reason = dict(msg.headers() or [])["quotaflow-dlq-reason"].decode()
+                dead.append((msg.key(), reason, msg.value()))
+        return len(dead) >= 5
+
+    wait_for(five_dead, what="five dead letters")
+    consumer.close()
+    reasons = sorted(r for _, r, _ in dead)
+    assert any(r.startswith("[1].prompt_tokens:") for r in reasons), reasons
+    assert any("not JSON" in r for r in reasons), reasons
+    assert any("ts:" in r and "ahead of the worker clock" in r for r in reasons), reasons
+    assert any("ts: Input should be a valid number" in r for r in reasons), reasons
+    assert (b"\xff\xfe-not-utf8") in [k for k, _, _ in dead], "original key is kept"
+    bad_value = next(v for _, r, v in dead if r.startswith("[1]."))
+    assert json.loads(bad_value)["id"] == bad_in_array["id"]
+
+    with QuotaClient(settings) as client:
+        st = wait_for(lambda: client.cache.state(key), what="state of the valid records")
+        assert st.totals.records == 2
+    stats = worker.stats()
+    assert stats is not None and stats["dlq"] >= 5
+    assert worker.proc is not None and worker.proc.poll() is None, "worker kept running"
+
+
+def test_misrouted_records_are_forwarded_and_counted_once(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    key = "wrongly-routed"
+    parts = settings.topics.partitions
+    home = partition_for(key.encode(), parts)
+    wrong = (home + 1) % parts
+    p = producer(settings)
+    p.produce(settings.topics.usage, key=key.encode(), value=json.dumps(record_doc(1, key)),
+              partition=wrong)  # fmt: skip
+    assert p.flush(10) == 0
+    with QuotaClient(settings) as client:
+        st = wait_for(lambda: client.cache.state(key), what="forwarded record's state")
+        assert st.totals.records == 1
+        time.sleep(1.0)  # a double count would show up within a refresh
+        assert client.cache.state(key).totals.records == 1  # type: ignore[union-attr]
+    assert (worker.stats() or {})["forwarded"] >= 1
+
+
+def test_librdkafka_murmur2_partitioner_agrees_with_ours(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    p = producer(settings)
+    seen: dict[str, int] = {}
+
+    def on_delivery(err: object, msg: object) -> None:
+        assert err is None
+        seen[msg.key().decode()] = msg.partition()  # type: ignore[attr-defined]
+
+    for i in range(200):
+        p.produce(
+            settings.topics.dlq, key=f"route-{i}".encode(), value=b"x", on_delivery=on_delivery
+        )
+    assert p.flush(10) == 0
+    parts = settings.topics.partitions
+    assert {k: partition_for(k.encode(), parts) for k in seen} == seen
+
+
+def test_a_new_client_warm_starts_from_the_snapshot(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    with QuotaClient(settings) as first:
+        first.wait_ready(30)
+        first.record("warm-key", "gpt-4o-mini", prompt_tokens=5)
+    wait_for(lambda: snapshot_state(settings, "warm-key"), what="snapshot of warm-key")
+    with QuotaClient(settings) as fresh:
+        assert fresh.wait_ready(30)
+        assert fresh.stats()["warm_started_keys"] >= 1
+        assert fresh.cache.state("warm-key") is not None
+
+
+def test_without_redis_a_client_reads_the_compacted_topic(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    with QuotaClient(settings) as first:
+        first.wait_ready(30)
+        first.record("topic-key", "gpt-4o-mini", prompt_tokens=5)
+        wait_for(lambda: first.cache.state("topic-key"), what="state of topic-key")
+    no_redis = settings.model_copy(deep=True)
+    no_redis.redis.url = "redis://127.0.0.1:1/0"  # nothing listens there
+    with QuotaClient(no_redis) as fresh:
+        assert fresh.wait_ready(30)
+        assert fresh.stats()["warm_started_keys"] == 0
+        st = wait_for(lambda: fresh.cache.state("topic-key"), what="state read from the topic")
+        assert st.totals.records == 1
+
+
+def test_restarted_worker_recovers_its_table(
+    settings: QuotaflowSettings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    with QuotaClient(settings) as client:
+        client.wait_ready(30)
+        for _ in range(3):
+            client.record("durable", "gpt-4o-mini", prompt_tokens=7)
+        wait_for(
+            lambda: (s := client.cache.state("durable")) and s.totals.records == 3,
+            what="three records counted",
+        )
+    assert worker.stop() == 0, worker.log_tail()
+    worker.start().wait_ready(90)
+    with QuotaClient(settings) as client:
+        client.wait_ready(30)
+        client.record("durable", "gpt-4o-mini", prompt_tokens=7)
+        st = wait_for(
+            lambda: (s := client.cache.state("durable")) and s.totals.records >= 4 and s,
+            what="the fourth record on top of the recovered three",
+        )
+        assert st.totals.records == 4 and st.totals.prompt_tokens == 28
