@@ -73,3 +73,12 @@ def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     again = load_settings()
     assert again.topics.usage == "u.x" and again.topics.partitions == 3
     assert again.client.source != "" and "QUOTAFLOW_CLIENT__SOURCE" not in s.to_env()
+
+
+def test_example_env_file_is_valid() -> None:
+    from quotaflow.settings import QuotaflowSettings
+
+    example = Path(__file__).resolve().parents[2] / "config" / "quotaflow.env.example"
+    s = QuotaflowSettings(_env_file=str(example))  # type: ignore[call-arg]
+    assert s.topics.partitions == 8 and s.kafka.security_protocol == "PLAINTEXT"
+    assert s.worker.fetch_max_wait_ms == 20
