@@ -24,6 +24,9 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # Raw provider secrets look like these; a counter key must be an id, never a credential.
 _SECRET_LIKE = re.compile(r"^(sk-|sk_|rk-|Bearer\s)", re.IGNORECASE)
 
+#: What a secret-looking counter key is replaced with in dead letters.
+REDACTED = "[redacted: looked like an API secret]"
+
 _MAX_TOKENS = 10**9
 _MAX_REQUESTS = 10**6
 
@@ -133,6 +136,10 @@ def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[UsageRecord],
     try:
         return [_record_adapter.validate_python(doc)], []
     except ValidationError as exc:
+        key = doc.get("key")
+        if isinstance(key, str) and _SECRET_LIKE.match(key):
+            # Do not spread a leaked credential further: the dead letter keeps a redacted copy.
+            raw = json.dumps({**doc, "key": REDACTED}, separators=(",", ":")).encode()
         return [], [Rejected(raw, describe_validation_error(exc, prefix))]
 
 

@@ -150,7 +150,3 @@ def heartbeat_json(published_at: float, worker: str) -> bytes:
     return json.dumps(
         {"v": STATE_VERSION, "heartbeat": True, "published_at": published_at, "worker": worker}
     ).encode()
-
-
-def is_heartbeat(raw: bytes) -> bool:
-    return raw.startswith(b'{"v": 1, "heartbeat": true')

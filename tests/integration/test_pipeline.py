@@ -107,6 +107,8 @@ def test_malformed_messages_go_to_the_dlq_and_valid_ones_survive(
     p.produce(usage, key=key.encode(), value=json.dumps({"id": "x", "ts": "yesterday"}))
     p.produce(usage, key=key.encode(), value=json.dumps(record_doc(4, key, ts=time.time() + 86400)))
     p.produce(usage, key=key.encode(), value=b'{"truncated": ')
+    secret = "sk-live-" + "s" * 32
+    p.produce(usage, key=key.encode(), value=json.dumps(record_doc(5, secret, id="leaky")))
     assert p.flush(10) == 0
 
     consumer = Consumer(
@@ -117,14 +119,14 @@ def test_malformed_messages_go_to_the_dlq_and_valid_ones_survive(
     )
     dead: list[tuple[bytes | None, str, bytes]] = []
 
-    def five_dead() -> bool:
+    def six_dead() -> bool:
         for msg in consumer.consume(100, timeout=0.2):
             if msg.error() is None:
                 reason = dict(msg.headers() or [])["quotaflow-dlq-reason"].decode()
                 dead.append((msg.key(), reason, msg.value()))
-        return len(dead) >= 5
+        return len(dead) >= 6
 
-    wait_for(five_dead, what="five dead letters")
+    wait_for(six_dead, what="six dead letters")
     consumer.close()
     reasons = sorted(r for _, r, _ in dead)
     assert any(r.startswith("[1].prompt_tokens:") for r in reasons), reasons
@@ -132,6 +134,8 @@ def test_malformed_messages_go_to_the_dlq_and_valid_ones_survive(
     assert any("ts:" in r and "ahead of the worker clock" in r for r in reasons), reasons
     assert any("ts: Input should be a valid number" in r for r in reasons), reasons
     assert (b"\xff\xfe-not-utf8") in [k for k, _, _ in dead], "original key is kept"
+    assert any("raw API secret" in r for r in reasons), reasons
+    assert all(secret.encode() not in v for _, _, v in dead), "a leaked secret is redacted"
     bad_value = next(v for _, r, v in dead if r.startswith("[1]."))
     assert json.loads(bad_value)["id"] == bad_in_array["id"]
 
@@ -139,7 +143,7 @@ def test_malformed_messages_go_to_the_dlq_and_valid_ones_survive(
         st = wait_for(lambda: client.cache.state(key), what="state of the valid records")
         assert st.totals.records == 2
     stats = worker.stats()
-    assert stats is not None and stats["dlq"] >= 5
+    assert stats is not None and stats["dlq"] >= 6
     assert worker.proc is not None and worker.proc.poll() is None, "worker kept running"
 
 

@@ -102,3 +102,11 @@ def test_encode_round_trips() -> None:
     assert parse_usage_value(encode_records(many))[0] == many
     assert parse_usage_value(encode_records(many[:1]))[0] == many[:1]
     assert encode_records(many[:1]).startswith(b"{")
+
+
+def test_a_secret_looking_key_is_redacted_in_the_rejection() -> None:
+    secret = "sk-proj-" + "x" * 40
+    records, rejected = parse_usage_value(json.dumps(rec(key=secret)).encode())
+    assert records == [] and "raw API secret" in rejected[0].reason
+    assert secret.encode() not in rejected[0].raw
+    assert json.loads(rejected[0].raw)["id"] == "r1", "the rest of the record is kept"
