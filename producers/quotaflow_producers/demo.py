@@ -98,11 +98,7 @@ def _live_table(observer: QuotaClient, tallies: dict[str, KeyTally], elapsed: fl
         tokens = cell("tokens_per_minute")
         if tokens == "-":
             tokens = cell("prompt_tokens_per_minute")
-        throttle = (
-            f"[red]{state.denied_by} {state.retry_after:.0f}s[/red]"
-            if state and state.throttled
-            else "[green]open[/green]"
-        )
+        throttle = _throttle_cell(state)
         policy = state.scope_policies.get("", "-") if state else "-"
         t = tallies[key]
         table.add_row(
@@ -115,6 +111,19 @@ def _live_table(observer: QuotaClient, tallies: dict[str, KeyTally], elapsed: fl
             str(t.denied),
         )
     return table
+
+
+def _throttle_cell(state: QuotaState | None) -> str:
+    """Throttled (with the wait), near a limit (denying the larger calls), or open."""
+    if state is None:
+        return "-"
+    if state.throttled:
+        return f"[red]{state.denied_by} {state.retry_after:.0f}s[/red]"
+    fullest = max(state.limits, key=lambda lim: lim.used / lim.limit, default=None)
+    if fullest is not None and fullest.used >= 0.9 * fullest.limit:
+        name = fullest.name if not fullest.scope else f"{fullest.scope}/{fullest.name}"
+        return f"[yellow]near {name} {100 * fullest.used // fullest.limit}%[/yellow]"
+    return "[green]open[/green]"
 
 
 def run_demo(
@@ -268,6 +277,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
             str(s["denied"]),
         )
     console = Console()
+    console.print()
     console.print(table)
     verdict = "[green]match[/green]" if summary["totals_match"] else "[red]MISMATCH[/red]"
     console.print(

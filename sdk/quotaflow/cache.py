@@ -193,7 +193,7 @@ class QuotaCache:
                 reset_at = window_end(now, spec.window)
                 start = reset_at - spec.window
                 if stale:
-                    used, ceiling = self._own_used(key, binding.scope, spec, start)
+                    used = self._own_used(key, binding.scope, spec, start)
                     ceiling = spec.limit // policy.expected_instances
                 else:
                     used = 0
@@ -240,8 +240,9 @@ class QuotaCache:
             age,
         )
 
-    def _own_used(self, key: str, scope: str, spec: LimitSpec, start: int) -> tuple[int, int]:
+    def _own_used(self, key: str, scope: str, spec: LimitSpec, start: int) -> int:
+        """This instance's own usage in the window starting at ``start``."""
         own = self._own.get((key, scope, spec.window))
         if own is None or own[0] != start:
-            return 0, spec.limit
-        return _amount(spec.dimension, own[1], own[2], own[3]), spec.limit
+            return 0
+        return _amount(spec.dimension, own[1], own[2], own[3])

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from pydantic import ValidationError
+
 from quotaflow._exceptions import ClientStateError, RecordError
 from quotaflow.cache import Clock, QuotaCache
 from quotaflow.decision import Decision
@@ -199,12 +201,8 @@ class QuotaClient:
                 source=self.source,
                 attrs=dict(attrs) if attrs else {},
             )
-        except Exception as exc:
-            from pydantic import ValidationError
-
-            if isinstance(exc, ValidationError):
-                raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
-            raise
+        except ValidationError as exc:
+            raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
         self.cache.add_usage(key, model, ts, requests, prompt_tokens, completion_tokens)
         assert self.emitter is not None
         self.emitter.emit(record)

@@ -134,6 +134,12 @@ class UsageEmitter:
             self.overflowed += 1
             if self._on_overflow is not None:
                 self._on_overflow(record)
+            elif self.overflowed == 1 or self.overflowed % 10_000 == 0:
+                log.error(
+                    "usage buffer full (%d records): %d records dropped so far",
+                    self.max_buffered,
+                    self.overflowed,
+                )
             return
         self._buffer.append(record)
         if len(self._buffer) >= self.max_batch:

@@ -98,9 +98,10 @@ class UsagePipeline:
         async for event in stream.events():
             try:
                 await self.process_message(event.message, event.value)
-            except Exception:  # never let one message stop the worker
+            except Exception as exc:  # never let one message stop the worker
                 log.exception("unexpected error on usage message; sent to the DLQ")
-                await self._dead_letter(event.message, Rejected(event.value or b"", "internal"))
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                await self._dead_letter(event.message, Rejected(event.value or b"", reason))
 
     async def process_message(self, message: Any, value: bytes | None) -> None:
         c = self.counters
