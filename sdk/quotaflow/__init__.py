@@ -18,8 +18,11 @@ from quotaflow.keys import key_id
 from quotaflow.partitioner import murmur2, partition_for
 from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, load_policies
 from quotaflow.record import UsageRecord, parse_usage_value, usage_record_json_schema
+from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.state import QuotaState
+from quotaflow.streaming import StreamUsage
+from quotaflow.tokens import TokenCount, count_chat_prompt, count_inputs, count_request
 
 __version__ = "0.1.0"
 
@@ -41,11 +44,17 @@ __all__ = [
     "QuotaflowError",
     "QuotaflowSettings",
     "RecordError",
+    "Reservation",
+    "StreamUsage",
+    "TokenCount",
     "Transport",
     "TransportFull",
     "UsageEmitter",
     "UsageRecord",
     "__version__",
+    "count_chat_prompt",
+    "count_inputs",
+    "count_request",
     "key_id",
     "load_policies",
     "load_settings",

@@ -13,6 +13,11 @@ Every error carries enough text to act on without reading the source.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from quotaflow.decision import Decision
+
 
 class QuotaflowError(Exception):
     """Base class of every error quotaflow raises on purpose."""
@@ -33,7 +38,15 @@ class ClientStateError(QuotaflowError, RuntimeError):
 class QuotaExceeded(QuotaflowError):
     """A call was denied by a quota; ``retry_after`` says how long to wait (seconds)."""
 
-    def __init__(self, message: str, *, retry_after: float, limit: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float,
+        limit: str | None = None,
+        decision: Decision | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
         self.limit = limit
+        self.decision = decision

@@ -65,6 +65,8 @@ class QuotaCache:
         self.pending_ttl = pending_ttl
         self._states: dict[str, QuotaState] = {}
         self._pending: dict[str, list[_Pending]] = {}
+        # Reserved but not yet settled calls, per key and reservation id.
+        self._held: dict[str, dict[str, _Pending]] = {}
         # Own usage per (key, scope, window size): [window_start, req, prompt, completion].
         # It survives acknowledgement, for the ``local`` fail mode.
         self._own: dict[tuple[str, str, int], list[int]] = {}
@@ -121,6 +123,23 @@ class QuotaCache:
                         own[2] += prompt
                         own[3] += completion
 
+    def hold(
+        self, key: str, hold_id: str, model: str, ts: float, prompt: int, completion: int
+    ) -> None:
+        """Count a reserved call until it is settled or released."""
+        with self._lock:
+            self._held.setdefault(key, {})[hold_id] = (ts, model, 1, prompt, completion)
+
+    def release(self, key: str, hold_id: str) -> bool:
+        """Stop counting a reservation; False if it was not held."""
+        with self._lock:
+            held = self._held.get(key)
+            if not held or held.pop(hold_id, None) is None:
+                return False
+            if not held:
+                del self._held[key]
+            return True
+
     def expire(self) -> None:
         """Forget local usage older than ``pending_ttl`` that no state ever acknowledged."""
         cutoff = self.clock() - self.pending_ttl
@@ -163,7 +182,10 @@ class QuotaCache:
         age = None if self.last_heard is None else now - self.last_heard
         silent_for = age if age is not None else now - self.started_at
         state = self._states.get(key)
-        pending = self._pending.get(key, ())
+        pending: list[_Pending] | tuple[()] = self._pending.get(key, ())
+        held = self._held.get(key)
+        if held:
+            pending = [*pending, *held.values()]
         remaining: dict[str, int] = {}
         deny: tuple[LimitSpec, Binding, float] | None = None
         stale_reason: Reason | None = None

@@ -23,14 +23,17 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from quotaflow._exceptions import ClientStateError, RecordError
+from quotaflow._exceptions import ClientStateError, QuotaExceeded, RecordError
 from quotaflow.cache import Clock, QuotaCache
 from quotaflow.decision import Decision
 from quotaflow.emitter import KafkaTransport, Transport, UsageEmitter
 from quotaflow.follower import DecisionsFollower
 from quotaflow.policies import PolicySet, load_policies
 from quotaflow.record import Status, UsageRecord, describe_validation_error
+from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
+from quotaflow.tokens import count_request, request_kind
+from quotaflow.tokens import max_output_tokens as request_max_output_tokens
 
 
 class ClientState(enum.Enum):
@@ -76,6 +79,8 @@ class QuotaClient:
             )
         self.state = ClientState.UNOPENED
         self._last_ts = 0.0
+        self._reservations: dict[str, Reservation] = {}
+        self._next_expiry = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -110,6 +115,9 @@ class QuotaClient:
         if self.state is not ClientState.OPENED:
             self.state = ClientState.CLOSED
             return 0
+        # Reservations never settled are settled as estimated: their usage must not be lost.
+        for reservation in list(self._reservations.values()):
+            reservation.settle()
         self.state = ClientState.CLOSED
         if self.follower is not None:
             self.follower.stop()
@@ -207,6 +215,86 @@ class QuotaClient:
         assert self.emitter is not None
         self.emitter.emit(record)
         return record
+
+    def reserve(
+        self,
+        key: str,
+        model: str,
+        request: Mapping[str, Any] | None = None,
+        *,
+        prompt_tokens: int | None = None,
+        max_output_tokens: int | None = None,
+    ) -> Reservation:
+        """Admit a call by its estimated prompt tokens plus its output ceiling, and hold that
+        amount until it is settled; raises :class:`QuotaExceeded` if it does not fit.
+
+        ``request`` is the OpenAI request body (chat, completions or embeddings); its prompt is
+        counted locally and its ``max_completion_tokens``/``max_tokens`` is the ceiling, else
+        the key's policy's ``default_max_output_tokens``. Embeddings hold no output tokens.
+        """
+        self._expire_reservations()
+        estimated = False
+        body = dict(request or {})
+        if prompt_tokens is None:
+            if body:
+                try:
+                    count = count_request(body, model)
+                except ValueError as exc:
+                    raise RecordError(f"cannot count the request's prompt: {exc}") from None
+                prompt_tokens, estimated = count.tokens, count.estimated
+            else:
+                prompt_tokens = 0
+        if max_output_tokens is None:
+            max_output_tokens = request_max_output_tokens(body)
+        if max_output_tokens is None:
+            if body and request_kind(body) == "embedding":
+                max_output_tokens = 0
+            else:
+                bindings = self.policies.resolve(key, model)
+                max_output_tokens = bindings[0].policy.default_max_output_tokens if bindings else 0
+        decision = self.check(
+            key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens
+        )
+        if not decision.allowed:
+            raise QuotaExceeded(
+                f"{key}: {decision.limit} would be exceeded by {prompt_tokens} prompt + "
+                f"{max_output_tokens} output tokens; retry after {decision.retry_after:.1f}s",
+                retry_after=decision.retry_after,
+                limit=decision.limit,
+                decision=decision,
+            )
+        now = self.clock()
+        reservation = Reservation(
+            self,
+            uuid.uuid4().hex,
+            key,
+            model,
+            prompt_tokens,
+            max_output_tokens,
+            estimated,
+            now + self.settings.client.reservation_ttl,
+            decision,
+        )
+        self._reservations[reservation.id] = reservation
+        self.cache.hold(key, reservation.id, model, now, prompt_tokens, max_output_tokens)
+        return reservation
+
+    def _forget_reservation(self, reservation_id: str) -> None:
+        self._reservations.pop(reservation_id, None)
+
+    def _expire_reservations(self) -> None:
+        """Settle (as estimated) reservations past their TTL; checked at most once a second."""
+        now = self.clock()
+        if now < self._next_expiry:
+            return
+        self._next_expiry = now + 1.0
+        for reservation in list(self._reservations.values()):
+            if reservation.expired(now):
+                reservation.settle()
+
+    @property
+    def open_reservations(self) -> int:
+        return len(self._reservations)
 
     # -- introspection ------------------------------------------------------------------------
 

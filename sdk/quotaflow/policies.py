@@ -100,6 +100,11 @@ class Policy(BaseModel):
     expected_instances: int = Field(
         default=1, ge=1, description="Instances sharing the key; the local fail mode divides by it."
     )
+    default_max_output_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="Output tokens a reservation holds when a request sets none.",
+    )
 
     @model_validator(mode="after")
     def _has_target(self) -> Policy:

@@ -137,6 +137,8 @@ class ClientSettings(BaseModel):
     #: Local usage not acknowledged by a state is forgotten after this many seconds.
     pending_ttl: float = Field(default=120.0, gt=0)
     warm_start: bool = True
+    #: A reservation not settled within this many seconds is settled as estimated.
+    reservation_ttl: float = Field(default=600.0, gt=0)
 
 
 class QuotaflowSettings(BaseSettings):

@@ -1,0 +1,139 @@
+"""Reservations: admit a call by what it may cost, settle it by what it did cost.
+
+Many calls in flight can each pass ``check()`` before any of them is recorded. A reservation
+closes that gap: it holds the call's estimated prompt tokens plus its output ceiling in the local
+count from the moment it is admitted, and ``settle()`` replaces the hold with the real usage.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from quotaflow.decision import Decision
+from quotaflow.record import Status, UsageRecord
+from quotaflow.streaming import StreamUsage
+
+if TYPE_CHECKING:
+    from quotaflow.client import QuotaClient
+
+
+def _usage_field(usage: Any, name: str) -> int | None:
+    value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
+    return int(value) if isinstance(value, int) else None
+
+
+class Reservation:
+    """A held call. Settle it once; as a context manager it settles itself on exit."""
+
+    def __init__(
+        self,
+        client: QuotaClient,
+        reservation_id: str,
+        key: str,
+        model: str,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        prompt_estimated: bool,
+        expires_at: float,
+        decision: Decision,
+    ) -> None:
+        self.client = client
+        self.id = reservation_id
+        self.key = key
+        self.model = model
+        self.prompt_tokens = prompt_tokens
+        self.max_output_tokens = max_output_tokens
+        self.prompt_estimated = prompt_estimated
+        self.expires_at = expires_at
+        self.decision = decision
+        self.record: UsageRecord | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def settled(self) -> bool:
+        return self.record is not None
+
+    def settle(
+        self,
+        usage: Any = None,
+        *,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        status: Status = "ok",
+        estimated: bool | None = None,
+    ) -> UsageRecord:
+        """Record the real usage and release the hold; later calls return the same record.
+
+        ``usage`` is the provider's ``usage`` (a dict or the openai client's object). Without
+        it, missing figures fall back to the reservation's estimates and the record says
+        ``estimated``.
+        """
+        with self._lock:
+            if self.record is not None:
+                return self.record
+            reported_prompt = _usage_field(usage, "prompt_tokens") if usage is not None else None
+            reported_completion = (
+                _usage_field(usage, "completion_tokens") if usage is not None else None
+            )
+            prompt = prompt_tokens if prompt_tokens is not None else reported_prompt
+            completion = completion_tokens if completion_tokens is not None else reported_completion
+            guessed = prompt is None or completion is None
+            if prompt is None:
+                prompt = self.prompt_tokens
+            if completion is None:
+                completion = self.max_output_tokens
+            if estimated is None:
+                estimated = guessed or (self.prompt_estimated and reported_prompt is None)
+            self.client.cache.release(self.key, self.id)
+            self.record = self.client.record(
+                self.key,
+                self.model,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                status=status,
+                estimated=estimated,
+                id=self.id,
+            )
+            self.client._forget_reservation(self.id)
+            return self.record
+
+    def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> UsageRecord:
+        """Settle a streamed call: the final usage chunk if sent, else the counted content."""
+        if stream.reported and not cancelled:
+            return self.settle(stream.usage)
+        prompt = _usage_field(stream.usage, "prompt_tokens") if stream.usage else None
+        return self.settle(
+            prompt_tokens=prompt if prompt is not None else self.prompt_tokens,
+            completion_tokens=stream.completion_tokens(),
+            status="cancelled" if cancelled else "ok",
+            estimated=not stream.reported,
+        )
+
+    def release(self) -> None:
+        """The call was never made: drop the hold and record nothing."""
+        with self._lock:
+            if self.record is None:
+                self.client.cache.release(self.key, self.id)
+                self.client._forget_reservation(self.id)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.expires_at
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.record is None:
+            if exc_type is None:
+                self.settle()
+            else:
+                # The provider may have processed the prompt before failing: count it, estimated.
+                self.settle(completion_tokens=0, status="error", estimated=True)
