@@ -1,0 +1,1 @@
+"""Integrations with LLM client libraries (each needs its extra, e.g. ``quotaflow[openai]``)."""

@@ -1,0 +1,133 @@
+"""A local OpenAI-compatible server for tests: chat completions (plain and streamed, with or
+without the final usage chunk), completions and embeddings, each reporting usage counted with
+tiktoken as the real API does. It runs on a loopback port in a thread of the test process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from typing import Any
+
+from aiohttp import web
+
+from quotaflow.tokens import count_request, count_text
+
+REPLY = "Sure. Here is a short answer from the stub server, word by word."
+
+
+class OpenAIStub:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.chunk_delay = 0.0
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> OpenAIStub:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        body = await request.json()
+        self.requests.append(body)
+        return body
+
+    @staticmethod
+    def _rate_limited() -> web.Response:
+        return web.json_response(
+            {"error": {"message": "upstream limit", "type": "requests", "param": None,
+                       "code": "rate_limit_exceeded"}},
+            status=429, headers={"retry-after": "1", "x-should-retry": "false"},
+        )  # fmt: skip
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if body["model"] == "stub-429":
+            return self._rate_limited()
+        prompt = count_request(body).tokens
+        completion = count_text(REPLY, body["model"])
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}  # fmt: skip
+        base = {"id": "chatcmpl-stub", "created": int(time.time()), "model": body["model"]}
+        if not body.get("stream"):
+            return web.json_response({
+                **base, "object": "chat.completion",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": REPLY}}],
+                "usage": usage,
+            })  # fmt: skip
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        # The client may close the stream early, as the cancel test does.
+        with contextlib.suppress(ConnectionResetError):
+            await self._stream(resp, body, base, usage)
+        return resp
+
+    async def _stream(
+        self, resp: web.StreamResponse, body: dict[str, Any], base: dict[str, Any],
+        usage: dict[str, int],
+    ) -> None:  # fmt: skip
+        words = REPLY.split(" ")
+        for i, word in enumerate(words):
+            piece = word if i == 0 else " " + word
+            choice = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+            chunk = {**base, "object": "chat.completion.chunk", "choices": [choice]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            final = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        prompt = count_request(body).tokens
+        completion = count_text(REPLY, body["model"])
+        return web.json_response({
+            "id": "cmpl-stub", "object": "text_completion", "model": body["model"],
+            "choices": [{"index": 0, "text": REPLY, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                      "total_tokens": prompt + completion},
+        })  # fmt: skip
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        prompt = count_request(body).tokens
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        return web.json_response({
+            "object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1]}
+                     for i in range(len(inputs))],
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        })  # fmt: skip
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
