@@ -15,6 +15,8 @@ import pytest
 
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow_stream.devstack import DevStack, free_port, start_stack, stop_stack
+from quotaflow_stream.launcher import WorkerProcess
+from quotaflow_stream.topics import ensure_topics
 
 ROOT = Path(__file__).resolve().parents[1]
 T = TypeVar("T")
@@ -50,6 +52,15 @@ def pipeline_settings(
         client={"flush_interval": 0.01},
         policies_file=str(policies_file or ROOT / "config" / "policies.yaml"),
     )
+
+
+def running_worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
+    """A ready worker for ``settings`` (topics created), stopped afterwards; for fixtures."""
+    ensure_topics(settings)
+    worker = WorkerProcess(settings, Path(settings.worker.data_dir).parent / "worker.log")
+    worker.start().wait_ready(90)
+    yield worker
+    worker.stop()
 
 
 def wait_for(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,7 @@ from quotaflow.settings import QuotaflowSettings
 from quotaflow.windows import HOUR, window_end
 from quotaflow_stream.devstack import DevStack
 from quotaflow_stream.launcher import WorkerProcess
-from quotaflow_stream.topics import ensure_topics
-from tests.conftest import pipeline_settings, wait_for
+from tests.conftest import pipeline_settings, running_worker, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,11 +51,7 @@ policies:
 
 @pytest.fixture(scope="module")
 def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    ensure_topics(settings)
-    w = WorkerProcess(settings, Path(settings.worker.data_dir).parent / "worker.log").start()
-    w.wait_ready(90)
-    yield w
-    w.stop()
+    yield from running_worker(settings)
 
 
 def test_fleet_converges_on_the_throttle_and_reopens_after_reset(

@@ -17,7 +17,7 @@ from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
 from quotaflow_stream.devstack import DevStack
 from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, wait_for
+from tests.conftest import pipeline_settings, running_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +29,7 @@ def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> Quota
 
 @pytest.fixture(scope="module")
 def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    from quotaflow_stream.topics import ensure_topics
-
-    ensure_topics(settings)
-    w = WorkerProcess(settings, settings.worker.data_dir.parent / "worker.log").start()
-    w.wait_ready(90)
-    yield w
-    w.stop()
+    yield from running_worker(settings)
 
 
 def record_doc(i: int, key: str, **over: object) -> dict[str, object]:

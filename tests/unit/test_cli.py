@@ -25,7 +25,7 @@ def test_role_commands_are_plugged_in(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("worker", "dev", "demo", "policies", "schema"):
+    for command in ("worker", "dev", "demo", "policies", "schema", "tokens"):
         assert command in out
 
 

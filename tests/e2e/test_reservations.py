@@ -1,0 +1,91 @@
+"""Reservation and settlement end to end: the instrumented openai client against the local
+OpenAI-compatible server, usage through the real broker to the worker, and the fleet's view."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+
+from quotaflow import QuotaClient
+from quotaflow.integrations.openai import instrument
+from quotaflow.settings import QuotaflowSettings
+from quotaflow.tokens import count_request, count_text
+from quotaflow_stream.devstack import DevStack
+from quotaflow_stream.launcher import WorkerProcess
+from tests.conftest import pipeline_settings, running_worker, wait_for
+from tests.openai_stub import REPLY, OpenAIStub
+
+pytestmark = pytest.mark.e2e
+
+MESSAGES = [{"role": "user", "content": "How many tokens is this?"}]
+
+
+@pytest.fixture(scope="module")
+def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
+    workdir = tmp_path_factory.mktemp("reservations")
+    policies = workdir / "policies.yaml"
+    policies.write_text(
+        """
+version: 1
+policies:
+  - name: res
+    keys: ["res-*"]
+    limits: {tokens_per_hour: 600}
+    max_staleness: 30
+"""
+    )
+    return pipeline_settings(stack, workdir, policies_file=policies)
+
+
+@pytest.fixture(scope="module")
+def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
+    yield from running_worker(settings)
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[OpenAIStub]:
+    s = OpenAIStub().start()
+    yield s
+    s.stop()
+
+
+def test_settled_usage_reaches_the_worker_and_the_fleet(
+    settings: QuotaflowSettings, worker: WorkerProcess, stub: OpenAIStub
+) -> None:
+    a_cfg, b_cfg = settings.model_copy(deep=True), settings.model_copy(deep=True)
+    a_cfg.client.source, b_cfg.client.source = "res-a", "res-b"
+    with QuotaClient(a_cfg) as quota_a, QuotaClient(b_cfg) as quota_b:
+        assert quota_a.wait_ready(30) and quota_b.wait_ready(30)
+        base = openai.OpenAI(base_url=stub.base_url, api_key="sk-test-x", max_retries=0)
+        client = instrument(base, quota=quota_a, key="res-team")
+        for _ in range(3):
+            client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=150)
+        prompt = count_request({"model": "gpt-4o", "messages": MESSAGES}).tokens
+        completion = count_text(REPLY, "gpt-4o")
+        spent = 3 * (prompt + completion)
+        # The worker counted exactly the settled usage (not the 150-token holds), and
+        # instance b, which made no call, sees it.
+        state = wait_for(
+            lambda: (s := quota_b.cache.state("res-team")) and s.totals.records == 3 and s,
+            what="three settled calls on instance b",
+        )
+        assert state.totals.tokens == spent
+        assert state.totals.prompt_tokens == 3 * prompt
+        # A reservation on b that no longer fits is refused before any HTTP call.
+        room = 600 - spent
+        with pytest.raises(Exception) as err:
+            quota_b.reserve("res-team", "gpt-4o", {"model": "gpt-4o", "messages": MESSAGES,
+                                                    "max_tokens": room})  # fmt: skip
+        assert type(err.value).__name__ == "QuotaExceeded"
+        # One that fits is held locally, then settled: the stream counts the settled amount.
+        held = quota_b.reserve("res-team", "gpt-4o", prompt_tokens=10, max_output_tokens=20)
+        assert quota_b.check("res-team", "gpt-4o", tokens=0).remaining[
+            "tokens_per_hour"
+        ] == 600 - spent - 30  # fmt: skip
+        held.settle({"prompt_tokens": 10, "completion_tokens": 5})
+        wait_for(
+            lambda: (s := quota_a.cache.state("res-team")) and s.totals.tokens == spent + 15,
+            what="the settled reservation on instance a",
+        )
