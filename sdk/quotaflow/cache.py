@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from types import MappingProxyType
 
 from quotaflow.decision import Decision, Reason
@@ -42,6 +43,39 @@ def _amount(dimension: str, req: int, pt: int, ct: int) -> int:
     if dimension == "completion_tokens":
         return ct
     return pt + ct
+
+
+@dataclass(frozen=True, slots=True)
+class LimitUsage:
+    """One limit's standing: ``name`` as in decisions, its spec, what is used, when it resets."""
+
+    name: str
+    spec: LimitSpec
+    used: int
+    reset_at: float
+
+    @property
+    def remaining(self) -> int:
+        return max(self.spec.limit - self.used, 0)
+
+
+def _used_in_window(
+    spec: LimitSpec,
+    scope: str,
+    windows: dict[int, tuple[int, int, int, int]] | None,
+    pending: Iterable[_Pending],
+    start: int,
+) -> int:
+    """The stream's count for the window starting at ``start`` plus unacknowledged local use."""
+    used = 0
+    if windows is not None:
+        w = windows.get(spec.window)
+        if w is not None and w[0] == start:
+            used = _amount(spec.dimension, w[1], w[2], w[3])
+    for ts, p_model, req, pt, ct in pending:
+        if ts >= start and (scope == KEY_SCOPE or p_model == scope):
+            used += _amount(spec.dimension, req, pt, ct)
+    return used
 
 
 def _limit_name(scope: str, spec: LimitSpec) -> str:
@@ -187,7 +221,7 @@ class QuotaCache:
         if held:
             pending = [*pending, *held.values()]
         remaining: dict[str, int] = {}
-        deny: tuple[LimitSpec, Binding, float] | None = None
+        deny: tuple[LimitSpec, Binding, float, int, int, int] | None = None
         stale_reason: Reason | None = None
         for binding in bindings:
             policy = binding.policy
@@ -218,25 +252,18 @@ class QuotaCache:
                     used = self._own_used(key, binding.scope, spec, start)
                     ceiling = spec.limit // policy.expected_instances
                 else:
-                    used = 0
+                    used = _used_in_window(spec, binding.scope, windows, pending, start)
                     ceiling = spec.limit
-                    if windows is not None:
-                        w = windows.get(spec.window)
-                        if w is not None and w[0] == start:
-                            used = _amount(spec.dimension, w[1], w[2], w[3])
-                    for ts, p_model, req, pt, ct in pending:
-                        if ts >= start and (binding.scope == KEY_SCOPE or p_model == binding.scope):
-                            used += _amount(spec.dimension, req, pt, ct)
                 want = _amount(spec.dimension, requests, prompt_tokens, completion_tokens)
                 left = ceiling - used - want
                 remaining[_limit_name(binding.scope, spec)] = max(left, 0)
                 if (left < 0 or (want == 0 and ceiling - used <= 0)) and (
                     deny is None or reset_at > deny[2]
                 ):
-                    deny = (spec, binding, reset_at)
+                    deny = (spec, binding, reset_at, used, ceiling, want)
         view = MappingProxyType(remaining)
         if deny is not None:
-            d_spec, d_binding, d_reset = deny
+            d_spec, d_binding, d_reset, d_used, d_ceiling, d_want = deny
             return Decision(
                 False,
                 key,
@@ -248,6 +275,9 @@ class QuotaCache:
                 d_reset - now,
                 d_reset,
                 age,
+                used=d_used,
+                ceiling=d_ceiling,
+                requested=d_want,
             )
         return Decision(
             True,
@@ -261,6 +291,25 @@ class QuotaCache:
             None,
             age,
         )
+
+    def usage(self, key: str, model: str | None = None) -> tuple[LimitUsage, ...]:
+        """Every limit that binds ``key`` (and ``model``) with what is used of it now, as the
+        stream and this process see it; for headers and dashboards, not the request path."""
+        now = self.clock()
+        state = self._states.get(key)
+        pending: list[_Pending] = [*self._pending.get(key, ()), *self._held.get(key, {}).values()]
+        rows = []
+        for binding in self.policies.resolve(key, model):
+            windows = state.scopes.get(binding.scope) if state is not None else None
+            for spec in binding.policy.specs:
+                reset_at = window_end(now, spec.window)
+                used = _used_in_window(
+                    spec, binding.scope, windows, pending, reset_at - spec.window
+                )
+                rows.append(
+                    LimitUsage(_limit_name(binding.scope, spec), spec, used, float(reset_at))
+                )
+        return tuple(rows)
 
     def _own_used(self, key: str, scope: str, spec: LimitSpec, start: int) -> int:
         """This instance's own usage in the window starting at ``start``."""

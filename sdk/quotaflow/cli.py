@@ -41,6 +41,21 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_key_id(args: argparse.Namespace) -> int:
+    import os
+
+    from quotaflow.keys import key_id
+    from quotaflow.settings import load_settings
+
+    salt = os.environ.get(args.salt_env) if args.salt_env else None
+    salt = salt or load_settings().gateway.key_salt.get_secret_value()
+    for line in sys.stdin:
+        secret = line.strip()
+        if secret:
+            print(key_id(secret, salt))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quotaflow", description="Streaming quota enforcement for LLM usage."
@@ -55,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     chk = pol_sub.add_parser("check", help="validate FILE and list its policies")
     chk.add_argument("file")
     chk.set_defaults(func=_cmd_policies_check)
+
+    kid = sub.add_parser(
+        "key-id", help="print the counter id of each API key read from stdin (for policies)"
+    )
+    kid.add_argument(
+        "--salt-env", help="environment variable holding the salt (default: gateway.key_salt)"
+    )
+    kid.set_defaults(func=_cmd_key_id)
 
     schema = sub.add_parser("schema", help="print the usage record v1 JSON Schema")
     schema.set_defaults(func=_cmd_schema)

@@ -18,6 +18,7 @@ class Decision:
     ``limit`` names the ceiling that denied, ``retry_after`` is the wait in seconds and
     ``reset_at`` the epoch second when that limit's window resets. ``state_age`` is how old the
     stream's view behind this answer is (seconds), or ``None`` if no worker has been heard yet.
+    On a ``limit`` denial, ``used``, ``ceiling`` and ``requested`` give that limit's figures.
     """
 
     allowed: bool
@@ -30,6 +31,9 @@ class Decision:
     retry_after: float
     reset_at: float | None
     state_age: float | None
+    used: int | None = None
+    ceiling: int | None = None
+    requested: int | None = None
 
     def __bool__(self) -> bool:
         return self.allowed

@@ -100,6 +100,11 @@ class Policy(BaseModel):
     expected_instances: int = Field(
         default=1, ge=1, description="Instances sharing the key; the local fail mode divides by it."
     )
+    count_routes: list[str] = Field(
+        default_factory=list,
+        description="Gateway routes beyond the metered ones (globs like '/v1/models*') that "
+        "count as requests for keys under this policy.",
+    )
     default_max_output_tokens: int = Field(
         default=1024,
         ge=1,

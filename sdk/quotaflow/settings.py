@@ -141,6 +141,38 @@ class ClientSettings(BaseModel):
     reservation_ttl: float = Field(default=600.0, gt=0)
 
 
+KeySource = Literal["header", "organization", "api_key", "ip"]
+DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "api_key", "ip")
+
+
+class GatewaySettings(BaseModel):
+    """The OpenAI-compatible metering gateway (``quotaflow gateway``)."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = Field(default=8787, ge=0, le=65535)
+    upstream: str = "https://api.openai.com"
+    #: Where the counter key comes from, first match wins: the ``x-quotaflow-key`` header
+    #: (``header``), the ``OpenAI-Organization`` header (``organization``), the caller's API key
+    #: turned into an HMAC id (``api_key``), or the client address (``ip``).
+    key_sources: list[KeySource] = Field(default_factory=lambda: list(DEFAULT_KEY_SOURCES))
+    key_header: str = "x-quotaflow-key"
+    #: Salt of the HMAC that turns API keys into counter ids; keep it private and fleet-wide.
+    key_salt: SecretStr = SecretStr("quotaflow-change-me")
+    #: Replaces the caller's Authorization towards the upstream when set.
+    upstream_api_key: SecretStr | None = None
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    upstream_timeout: float = Field(default=600.0, gt=0)
+    upstream_connect_timeout: float = Field(default=10.0, gt=0)
+    #: ``estimate`` counts a model tiktoken does not know with the fallback encoding;
+    #: ``reject`` answers 400 model_not_found.
+    unknown_models: Literal["estimate", "reject"] = "estimate"
+    #: Azure API Management style headers, added when a name is set.
+    remaining_tokens_header: str | None = None
+    consumed_tokens_header: str | None = None
+    #: A Dev Proxy style JSON file replacing the 429 answer (``@dynamic`` = retry-after seconds).
+    rate_limit_response_file: Path | None = None
+
+
 class QuotaflowSettings(BaseSettings):
     """The whole configuration; build with :func:`load_settings` for readable errors."""
 
@@ -156,6 +188,7 @@ class QuotaflowSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     policies_file: Path = Path("config") / "policies.yaml"
 
     def to_env(self) -> dict[str, str]:

@@ -12,10 +12,10 @@ from quotaflow import QuotaClient
 from quotaflow.integrations.openai import instrument
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.tokens import count_request, count_text
+from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
 from quotaflow_stream.devstack import DevStack
 from quotaflow_stream.launcher import WorkerProcess
 from tests.conftest import pipeline_settings, running_worker, wait_for
-from tests.openai_stub import REPLY, OpenAIStub
 
 pytestmark = pytest.mark.e2e
 

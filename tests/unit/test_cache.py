@@ -165,3 +165,15 @@ def test_pending_usage_expires_if_never_acknowledged(clock: Clock) -> None:
     clock.now = T0 + 31
     c.expire()
     assert c.pending_count("k1") == 0
+
+
+def test_denial_carries_the_limits_figures_and_usage_lists_every_limit(
+    cache: QuotaCache,
+) -> None:
+    cache.apply_state(state("k1", T0, 2, 900, 50, {}))
+    d = cache.check("k1", "small", prompt_tokens=60)
+    assert (d.used, d.ceiling, d.requested) == (950, 1000, 60)
+    rows = {u.name: u for u in cache.usage("k1", "small")}
+    assert rows["tokens_per_minute"].used == 950 and rows["tokens_per_minute"].remaining == 50
+    assert rows["requests_per_minute"].used == 2
+    assert rows["requests_per_minute"].reset_at == MINUTE_START + 60

@@ -1,6 +1,9 @@
-"""A local OpenAI-compatible server for tests: chat completions (plain and streamed, with or
-without the final usage chunk), completions and embeddings, each reporting usage counted with
-tiktoken as the real API does. It runs on a loopback port in a thread of the test process."""
+"""A local OpenAI-compatible upstream, for tests, benchmarks and trying the gateway offline.
+
+Chat completions (plain and streamed, with or without the final usage chunk), completions and
+embeddings, each reporting usage counted with tiktoken as the real API does. It runs on a
+loopback port in a thread of the calling process and remembers what it received and reported,
+so tests can compare. Model ``stub-429`` answers like a provider over its own limit."""
 
 from __future__ import annotations
 
@@ -21,7 +24,13 @@ REPLY = "Sure. Here is a short answer from the stub server, word by word."
 class OpenAIStub:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        #: The Authorization header of each request, to check what a proxy forwarded.
+        self.authorizations: list[str | None] = []
+        #: Every usage object this server reported, in order.
+        self.reported: list[dict[str, int]] = []
         self.chunk_delay = 0.0
+        #: Seconds to wait before answering at all (to provoke client timeouts).
+        self.response_delay = 0.0
         self.port = 0
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -56,6 +65,9 @@ class OpenAIStub:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         body = await request.json()
         self.requests.append(body)
+        self.authorizations.append(request.headers.get("Authorization"))
+        if self.response_delay:
+            await asyncio.sleep(self.response_delay)
         return body
 
     @staticmethod
@@ -74,6 +86,7 @@ class OpenAIStub:
         completion = count_text(REPLY, body["model"])
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                  "total_tokens": prompt + completion}  # fmt: skip
+        self.reported.append(usage)
         base = {"id": "chatcmpl-stub", "created": int(time.time()), "model": body["model"]}
         if not body.get("stream"):
             return web.json_response({
@@ -111,16 +124,19 @@ class OpenAIStub:
         body = await self._body(request)
         prompt = count_request(body).tokens
         completion = count_text(REPLY, body["model"])
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}  # fmt: skip
+        self.reported.append(usage)
         return web.json_response({
             "id": "cmpl-stub", "object": "text_completion", "model": body["model"],
             "choices": [{"index": 0, "text": REPLY, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion},
+            "usage": usage,
         })  # fmt: skip
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         prompt = count_request(body).tokens
+        self.reported.append({"prompt_tokens": prompt, "completion_tokens": 0})
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         return web.json_response({
             "object": "list", "model": body["model"],
