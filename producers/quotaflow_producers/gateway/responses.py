@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from quotaflow._exceptions import ConfigError
 from quotaflow.cache import LimitUsage
@@ -99,8 +100,9 @@ class RateLimitTemplate:
                 return [fill(v) for v in value]
             return value
 
-        headers = dict(extra_headers)
-        headers.update({name: fill(value) for name, value in self.headers})
+        headers = CIMultiDict(extra_headers)
+        for name, value in self.headers:
+            headers[name] = fill(value)  # the template's own value wins, whatever its case
         body = fill(self.body)
         if isinstance(body, str):
             return web.Response(status=self.status, text=body, headers=headers)

@@ -1,0 +1,312 @@
+"""The metering gateway with the official openai client, in front of the local upstream, with
+usage going to the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from quotaflow import QuotaClient
+from quotaflow.record import UsageRecord, parse_usage_value
+from quotaflow.settings import GatewaySettings, QuotaflowSettings
+from quotaflow_producers.gateway.runner import GatewayThread
+from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
+from quotaflow_stream.devstack import DevStack, free_port
+from quotaflow_stream.topics import ensure_topics
+from tests.conftest import pipeline_settings
+
+pytestmark = pytest.mark.integration
+
+CALLER_SECRET = "sk-caller-secret-0123456789abcdef"
+MESSAGES = [{"role": "user", "content": "Tell me about gateways."}]
+DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
+
+POLICIES = """
+version: 1
+policies:
+  - {name: roomy, keys: ["gw-*", "k_*"], max_staleness: 600,
+     limits: {requests_per_minute: 100000, tokens_per_minute: 1000000}}
+  - {name: tight, keys: ["tight-*"], max_staleness: 600,
+     limits: {requests_per_minute: 3, tokens_per_minute: 100000}}
+  - {name: load, keys: ["load-*"], max_staleness: 600, default_max_output_tokens: 40,
+     limits: {tokens_per_minute: 1500}}
+  - {name: routes, keys: ["routes-*"], max_staleness: 600, count_routes: ["/v1/models*"],
+     limits: {requests_per_minute: 2}}
+"""
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[OpenAIStub]:
+    s = OpenAIStub().start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def base_settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
+    workdir = tmp_path_factory.mktemp("gateway")
+    (workdir / "policies.yaml").write_text(POLICIES)
+    settings = pipeline_settings(stack, workdir, policies_file=workdir / "policies.yaml")
+    ensure_topics(settings)
+    return settings
+
+
+GatewayFactory = Callable[..., GatewayThread]
+
+
+@pytest.fixture(scope="module")
+def make_gateway(base_settings: QuotaflowSettings, stub: OpenAIStub) -> Iterator[GatewayFactory]:
+    running: list[tuple[GatewayThread, QuotaClient]] = []
+
+    def make(**gateway: Any) -> GatewayThread:
+        settings = base_settings.model_copy(deep=True)
+        overrides = {"upstream": f"http://127.0.0.1:{stub.port}", "listen_port": free_port()}
+        settings.gateway = GatewaySettings.model_validate(
+            {**settings.gateway.model_dump(), **overrides, **gateway}
+        )
+        settings.client.source = f"gateway-{len(running)}"
+        quota = QuotaClient(settings).open()
+        quota.cache.mark_heard()
+        gw = GatewayThread(settings, quota).start()
+        running.append((gw, quota))
+        return gw
+
+    yield make
+    for gw, quota in running:
+        gw.stop()
+        quota.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(make_gateway: GatewayFactory) -> GatewayThread:
+    return make_gateway()
+
+
+def client(gw: GatewayThread, key: str | None = None) -> openai.OpenAI:
+    headers = {"x-quotaflow-key": key} if key else None
+    return openai.OpenAI(base_url=gw.base_url, api_key=CALLER_SECRET, max_retries=0,
+                         default_headers=headers)  # fmt: skip
+
+
+def usage_records(settings: QuotaflowSettings) -> list[tuple[bytes, UsageRecord]]:
+    consumer = Consumer({**settings.kafka.confluent_config(), "group.id": "gw-audit"})
+    topic = settings.topics.usage
+    parts = range(settings.topics.partitions)
+    ends = {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts
+    }
+    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
+    out: list[tuple[bytes, UsageRecord]] = []
+    done = {p for p in parts if ends[p] == 0}
+    while len(done) < len(ends):
+        for msg in consumer.consume(500, timeout=1.0):
+            if msg.error() is None:
+                out.extend((msg.value(), r) for r in parse_usage_value(msg.value())[0])
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    done.add(msg.partition())
+    consumer.close()
+    return out
+
+
+def flush(gw: GatewayThread) -> None:
+    emitter = gw.gateway.quota.emitter
+    assert emitter is not None
+    emitter._drain()
+    emitter.transport.flush(10)
+
+
+def test_chat_embeddings_and_streams_with_headers_and_exact_usage(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    c = client(gateway, key="gw-exact")
+    first = len(stub.reported)
+    raw = c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
+    assert raw.parse().choices[0].message.content == REPLY
+    for name in ("requests", "tokens"):
+        assert raw.headers[f"x-ratelimit-limit-{name}"].isdigit()
+        assert raw.headers[f"x-ratelimit-remaining-{name}"].isdigit()
+        assert DURATION.match(raw.headers[f"x-ratelimit-reset-{name}"]), raw.headers
+    assert raw.headers["x-ratelimit-limit-requests"] == "100000"
+    streamed = c.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == REPLY
+    plain_stream = c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in plain_stream) == REPLY
+    emb = c.embeddings.create(model="text-embedding-3-small", input=["alpha beta", "gamma"])
+    assert len(emb.data) == 2
+
+    async def run_async() -> str:
+        ac = openai.AsyncOpenAI(base_url=gateway.base_url, api_key=CALLER_SECRET, max_retries=0,
+                                default_headers={"x-quotaflow-key": "gw-exact"})  # fmt: skip
+        resp = await ac.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        stream = await ac.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        text = "".join([ch.choices[0].delta.content or "" async for ch in stream])
+        await ac.close()
+        return (resp.choices[0].message.content or "") + text
+
+    assert asyncio.run(run_async()) == REPLY + REPLY
+    reported = stub.reported[first:]
+    assert len(reported) == 6
+    flush(gateway)
+    records = [r for _, r in usage_records(base_settings) if r.key == "gw-exact"]
+    assert len(records) == 6, "one record per call, none twice"
+    assert sum(r.prompt_tokens for r in records) == sum(u["prompt_tokens"] for u in reported)
+    assert sum(r.completion_tokens for r in records) == sum(
+        u["completion_tokens"] for u in reported
+    )
+    assert sorted((r.prompt_tokens, r.completion_tokens) for r in records) == sorted(
+        (u["prompt_tokens"], u["completion_tokens"]) for u in reported
+    )
+
+
+def test_api_key_becomes_an_hmac_id_and_never_leaves(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    c = client(gateway)  # no key header: the counter key comes from the API key
+    c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert stub.authorizations[-1] == f"Bearer {CALLER_SECRET}", "the caller's key passes"
+    flush(gateway)
+    records = usage_records(base_settings)
+    assert any(r.key.startswith("k_") for _, r in records)
+    assert all(CALLER_SECRET.encode() not in raw for raw, _ in records)
+
+
+def test_upstream_key_replaces_the_callers(make_gateway: GatewayFactory, stub: OpenAIStub) -> None:
+    gw = make_gateway(upstream_api_key="sk-upstream-secret")
+    client(gw, key="gw-replaced").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert stub.authorizations[-1] == "Bearer sk-upstream-secret"
+
+
+def test_over_the_limit_is_a_429_with_openai_shape_and_headers(gateway: GatewayThread) -> None:
+    c = client(gateway, key="tight-team")
+    for _ in range(3):
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    resp = err.value.response
+    assert resp.status_code == 429
+    assert 1 <= int(resp.headers["retry-after"]) <= 60
+    assert resp.headers["x-ratelimit-remaining-requests"] == "0"
+    assert resp.headers["x-ratelimit-limit-requests"] == "3"
+    body = resp.json()["error"]
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["code"] == "rate_limit_exceeded" and body["type"] == "requests"
+    assert "requests_per_minute" in body["message"]
+    assert "Limit 3, Used 3, Requested 1" in body["message"]
+    assert "try again in" in body["message"]
+
+
+def test_custom_rate_limit_response_file(make_gateway: GatewayFactory, tmp_path: Path) -> None:
+    template = tmp_path / "429.json"
+    template.write_text(json.dumps({
+        "statusCode": 429,
+        "headers": [{"name": "Retry-After", "value": "@dynamic"},
+                    {"name": "x-custom", "value": "slow down"}],
+        "body": {"error": {"message": "Custom quota message", "code": "custom_429",
+                           "retry_after": "@dynamic"}},
+    }))  # fmt: skip
+    gw = make_gateway(rate_limit_response_file=str(template))
+    url = gw.base_url + "/chat/completions"
+    headers = {"x-quotaflow-key": "tight-custom", "Authorization": "Bearer x"}
+    payload = {"model": "gpt-4o", "messages": MESSAGES}
+    codes = [httpx.post(url, json=payload, headers=headers).status_code for _ in range(3)]
+    assert codes == [200, 200, 200]
+    denied = httpx.post(url, json=payload, headers=headers)
+    assert denied.status_code == 429 and denied.headers["x-custom"] == "slow down"
+    seconds = denied.headers["Retry-After"]
+    assert seconds.isdigit() and denied.json()["error"]["retry_after"] == seconds
+    assert "x-ratelimit-remaining-requests" in denied.headers
+
+
+def test_bad_input_gets_clear_openai_errors(make_gateway: GatewayFactory, stub: OpenAIStub) -> None:
+    gw = make_gateway(max_body_bytes=4096, unknown_models="reject")
+    url = gw.base_url + "/chat/completions"
+    headers = {"x-quotaflow-key": "gw-bad", "Authorization": "Bearer x"}
+    sent = len(stub.requests)
+    bad_json = httpx.post(url, content=b"{not json", headers=headers)
+    assert bad_json.status_code == 400 and "parse the JSON" in bad_json.json()["error"]["message"]
+    no_model = httpx.post(url, json={"messages": MESSAGES}, headers=headers)
+    assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
+    unknown = httpx.post(url, json={"model": "mystery-9", "messages": MESSAGES}, headers=headers)
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "model_not_found"
+    huge = httpx.post(url, json={"model": "gpt-4o", "messages": MESSAGES, "pad": "x" * 10000},
+                      headers=headers)  # fmt: skip
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    bad_messages = httpx.post(url, json={"model": "gpt-4o", "messages": "hi"}, headers=headers)
+    assert bad_messages.status_code == 400
+    assert len(stub.requests) == sent, "none of these reached the upstream"
+    assert httpx.get(gw.base_url.removesuffix("/v1") + "/healthz").json()["ok"] is True
+
+
+def test_upstream_down_is_502_and_slow_upstream_is_504(
+    make_gateway: GatewayFactory, stub: OpenAIStub
+) -> None:
+    down = make_gateway(upstream=f"http://127.0.0.1:{free_port()}")
+    headers = {"x-quotaflow-key": "gw-down", "Authorization": "Bearer x"}
+    payload = {"model": "gpt-4o", "messages": MESSAGES}
+    r = httpx.post(down.base_url + "/chat/completions", json=payload, headers=headers)
+    assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unavailable"
+    assert down.gateway.quota.open_reservations == 0
+    slow = make_gateway(upstream_timeout=0.3)
+    stub.response_delay = 1.0
+    try:
+        r = httpx.post(slow.base_url + "/chat/completions", json=payload,
+                       headers={**headers, "x-quotaflow-key": "gw-slow"}, timeout=10)  # fmt: skip
+    finally:
+        stub.response_delay = 0.0
+    assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+    assert slow.gateway.quota.open_reservations == 0
+
+
+def test_other_routes_pass_and_count_only_where_a_policy_says(gateway: GatewayThread) -> None:
+    free = client(gateway, key="gw-free")
+    for _ in range(4):
+        assert [m.id for m in free.models.list()] == ["gpt-4o"]
+    counted = client(gateway, key="routes-team")
+    counted.models.list()
+    counted.models.list()
+    with pytest.raises(openai.RateLimitError):
+        counted.models.list()
+
+
+def test_concurrent_clients_never_overspend_a_tight_budget(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        c = client(gateway, key="load-team")
+        for _ in range(5):
+            try:
+                c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=40)
+                result = "ok"
+            except openai.RateLimitError:
+                result = "429"
+            with lock:
+                outcomes.append(result)
+
+    threads = [threading.Thread(target=worker) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outcomes) == 100
+    assert outcomes.count("429") > 0 and outcomes.count("ok") > 0
+    flush(gateway)
+    spent = sum(r.total_tokens for _, r in usage_records(base_settings) if r.key == "load-team")
+    assert spent <= 1500, "reservations keep concurrent calls inside the budget"
+    assert outcomes.count("ok") == len(
+        [1 for _, r in usage_records(base_settings) if r.key == "load-team"]
+    )
