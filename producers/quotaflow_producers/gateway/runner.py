@@ -31,8 +31,8 @@ class GatewayThread:
             serve(self.gateway, self.host, self.port), self._loop
         ).result(10)
         if self.port == 0:
-            site = self._runner.sites[0]
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            for address in self._runner.addresses:
+                self.port = int(address[1])
         return self
 
     def stop(self) -> None:
