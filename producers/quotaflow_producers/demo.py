@@ -20,34 +20,12 @@ from typing import Any
 
 from quotaflow.client import QuotaClient
 from quotaflow.policies import load_policies
-from quotaflow.settings import QuotaflowSettings, dev_state_path, load_settings
+from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
 from quotaflow_producers.traffic import DEFAULT_PROFILES, KeyTally, TrafficInstance
-from quotaflow_stream.devstack import (
-    DevStack,
-    free_port,
-    read_state,
-    stack_alive,
-    start_stack,
-    stop_stack,
-)
+from quotaflow_stream.devstack import embedded_stack, run_settings, stop_stack
 from quotaflow_stream.launcher import WorkerProcess
 from quotaflow_stream.topics import ensure_topics
-
-
-def demo_settings(stack: DevStack, run_dir: Path, run_id: str) -> QuotaflowSettings:
-    settings = load_settings()
-    settings.kafka.bootstrap_servers = stack.kafka_bootstrap
-    settings.redis.url = stack.redis_url
-    settings.redis.key_prefix = f"quotaflow-demo-{run_id}"
-    settings.topics.usage = f"quotaflow.demo-{run_id}.usage"
-    settings.topics.decisions = f"quotaflow.demo-{run_id}.decisions"
-    settings.topics.dlq = f"quotaflow.demo-{run_id}.usage.dlq"
-    settings.topics.partitions = 4
-    settings.worker.app_id = f"quotaflow-demo-{run_id}"
-    settings.worker.web_port = free_port()
-    settings.worker.data_dir = run_dir / "worker"
-    return settings
 
 
 def _sum_tallies(instances: list[TrafficInstance]) -> dict[str, KeyTally]:
@@ -131,12 +109,8 @@ def run_demo(
 ) -> int:
     run_id = uuid.uuid4().hex[:8]
     run_dir = Path(tempfile.mkdtemp(prefix=f"quotaflow-demo-{run_id}-"))
-    stack = read_state(dev_state_path())
-    own_stack = stack is None or not stack_alive(stack)
-    if own_stack:
-        stack = start_stack(run_dir / "stack")
-    assert stack is not None
-    settings = demo_settings(stack, run_dir, run_id)
+    stack, own_stack = embedded_stack(run_dir)
+    settings = run_settings(stack, run_dir, f"demo-{run_id}")
     policies = load_policies(settings.policies_file)
     ensure_topics(settings)
     worker = WorkerProcess(settings, run_dir / "worker.log", loglevel="warn").start()

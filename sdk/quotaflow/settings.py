@@ -19,6 +19,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from quotaflow._exceptions import ConfigError
@@ -203,7 +204,7 @@ class QuotaflowSettings(BaseSettings):
                 return
             elif isinstance(value, SecretStr):
                 env[prefix] = value.get_secret_value()
-            elif isinstance(value, dict):
+            elif isinstance(value, dict | list | tuple):
                 env[prefix] = json.dumps(value)
             else:
                 env[prefix] = str(value)
@@ -260,3 +261,5 @@ def load_settings(**overrides: Any) -> QuotaflowSettings:
         return QuotaflowSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(f"settings (QUOTAFLOW_*): {describe_validation_error(exc)}") from None
+    except SettingsError as exc:  # a value the environment source could not even parse
+        raise ConfigError(f"settings (QUOTAFLOW_*): {exc}") from None

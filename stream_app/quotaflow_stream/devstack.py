@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quotaflow._exceptions import ConfigError
+from quotaflow.settings import QuotaflowSettings
 
 
 @dataclass
@@ -162,3 +163,35 @@ def write_state(path: Path, stack: DevStack) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(stack.to_json())
     tmp.replace(path)
+
+
+def embedded_stack(run_dir: Path) -> tuple[DevStack, bool]:
+    """The running ``quotaflow dev up`` stack, or a private one started in ``run_dir``.
+
+    Returns ``(stack, owned)``: stop an owned stack when done.
+    """
+    from quotaflow.settings import dev_state_path
+
+    stack = read_state(dev_state_path())
+    if stack is not None and stack_alive(stack):
+        return stack, False
+    return start_stack(run_dir / "stack"), True
+
+
+def run_settings(stack: DevStack, run_dir: Path, run_id: str) -> QuotaflowSettings:
+    """Settings for one run on ``stack`` with topics, app id and Redis prefix of its own, so
+    earlier runs never blur its figures."""
+    from quotaflow.settings import load_settings
+
+    settings = load_settings()
+    settings.kafka.bootstrap_servers = stack.kafka_bootstrap
+    settings.redis.url = stack.redis_url
+    settings.redis.key_prefix = f"quotaflow-{run_id}"
+    settings.topics.usage = f"quotaflow.{run_id}.usage"
+    settings.topics.decisions = f"quotaflow.{run_id}.decisions"
+    settings.topics.dlq = f"quotaflow.{run_id}.usage.dlq"
+    settings.topics.partitions = 4
+    settings.worker.app_id = f"quotaflow-{run_id}"
+    settings.worker.web_port = free_port()
+    settings.worker.data_dir = run_dir / "worker"
+    return settings

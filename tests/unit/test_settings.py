@@ -66,12 +66,21 @@ def test_dev_stack_endpoints_sit_below_the_environment(
     assert load_settings().kafka.bootstrap_servers == "prod:9092"
 
 
+def test_unparseable_env_value_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUOTAFLOW_GATEWAY__KEY_SOURCES", "[header")
+    with pytest.raises(ConfigError, match="gateway"):
+        load_settings()
+
+
 def test_to_env_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = load_settings(topics={"usage": "u.x", "partitions": 3})
+    s = load_settings(
+        topics={"usage": "u.x", "partitions": 3}, gateway={"key_sources": ["organization", "ip"]}
+    )
     for name, value in s.to_env().items():
         monkeypatch.setenv(name, value)
     again = load_settings()
     assert again.topics.usage == "u.x" and again.topics.partitions == 3
+    assert again.gateway.key_sources == ["organization", "ip"]
     assert again.client.source != "" and "QUOTAFLOW_CLIENT__SOURCE" not in s.to_env()
 
 
