@@ -310,3 +310,18 @@ def test_concurrent_clients_never_overspend_a_tight_budget(
     assert outcomes.count("ok") == len(
         [1 for _, r in usage_records(base_settings) if r.key == "load-team"]
     )
+
+
+def test_azure_style_token_headers_when_named(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(
+        remaining_tokens_header="x-remaining-tokens", consumed_tokens_header="x-consumed-tokens"
+    )
+    raw = client(gw, key="gw-azure").chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=MESSAGES
+    )
+    usage = raw.parse().usage
+    assert usage is not None
+    assert raw.headers["x-consumed-tokens"] == str(usage.total_tokens)
+    remaining = int(raw.headers["x-remaining-tokens"])
+    assert remaining == int(raw.headers["x-ratelimit-remaining-tokens"])
+    assert remaining == 1_000_000 - usage.total_tokens
