@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Reason = Literal["ok", "limit", "no_policy", "stale_open", "stale_closed", "stale_local"]
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """Whether a call may proceed, and the budget around it.
+class Decision(NamedTuple):
+    """Whether a call may proceed, and the budget around it. Immutable (a named tuple: it is
+    built on every check, and a tuple is the cheapest immutable object Python builds).
 
     ``remaining`` maps each limit to what is left after this call would be admitted (names like
     ``tokens_per_minute``; model-scoped limits read ``gpt-4o/tokens_per_minute``). On a denial,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -121,9 +122,9 @@ class Policy(BaseModel):
             raise ValueError("'models' is empty; omit it to cover every model")
         return self
 
-    @property
+    @cached_property
     def specs(self) -> tuple[LimitSpec, ...]:
-        """The limits that are set, in a stable order."""
+        """The limits that are set, in a stable order (computed once: checks read it often)."""
         return _specs_of(self.limits)
 
     def matches_model(self, model: str) -> bool:
@@ -157,12 +158,33 @@ class PolicyFile(BaseModel):
         return self
 
 
+#: A limit as the request path reads it: (display name, dimension index, window, limit).
+#: Dimension indexes: 0 requests, 1 prompt tokens, 2 completion tokens, 3 total tokens.
+LimitRow = tuple[str, int, int, int]
+_DIMENSION_INDEX = {d: i for i, d in enumerate(DIMENSIONS)}
+
+
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """A policy applied to a call: ``scope`` is ``""`` for key-wide counters, else the model."""
+    """A policy applied to a call: ``scope`` is ``""`` for key-wide counters, else the model.
+    ``rows`` are its limits precomputed for the request path."""
 
     scope: str
     policy: Policy
+    rows: tuple[LimitRow, ...] = ()
+
+    @classmethod
+    def of(cls, scope: str, policy: Policy) -> Binding:
+        rows = tuple(
+            (
+                spec.name if scope == KEY_SCOPE else f"{scope}/{spec.name}",
+                _DIMENSION_INDEX[spec.dimension],
+                spec.window,
+                spec.limit,
+            )
+            for spec in policy.specs
+        )
+        return cls(scope, policy, rows)
 
 
 class PolicySet:
@@ -191,11 +213,11 @@ class PolicySet:
         bindings: list[Binding] = []
         key_wide = self._pick(key, None)
         if key_wide is not None:
-            bindings.append(Binding(KEY_SCOPE, key_wide))
+            bindings.append(Binding.of(KEY_SCOPE, key_wide))
         if model is not None:
             per_model = self._pick(key, model)
             if per_model is not None:
-                bindings.append(Binding(model, per_model))
+                bindings.append(Binding.of(model, per_model))
         result = tuple(bindings)
         if len(self._cache) >= self._CACHE_MAX:
             self._cache.clear()  # bounded memory; a miss only costs a re-resolve
