@@ -14,8 +14,8 @@ asyncio code. Only opening and closing touch the network: use ``async with Quota
 from __future__ import annotations
 
 import asyncio
-import itertools
 import enum
+import itertools
 import time
 import uuid
 from collections.abc import Mapping
