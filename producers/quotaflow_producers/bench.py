@@ -1,5 +1,15 @@
-"""``quotaflow bench gateway``: the latency the gateway adds, against direct calls to the same
-upstream measured in the same run (alternating, so machine noise hits both alike)."""
+"""``quotaflow bench gateway|check|stream``: each figure beside its baseline, measured in the
+same run on the embedded stack, printed as JSON.
+
+- ``gateway``: the latency the gateway adds, against direct calls to the same upstream
+  (alternating, so machine noise hits both alike).
+- ``check``: ``QuotaClient.check()`` with 10k keys cached and a running follower, against the
+  ``limits`` library's moving-window limiter on Redis (the same Valkey); ``record()`` with the
+  broker up and unreachable; resident memory per cached key and per worker key-window.
+- ``stream``: records one worker aggregates per second from packed messages, against the naive
+  layout (one record per message, so one table update per record), counts verified exact.
+
+Shared machines are noisy: latencies are medians over rounds, and ratios are what to compare."""
 
 from __future__ import annotations
 
@@ -31,6 +41,21 @@ def register(sub: Any) -> None:
     gw.add_argument("--stream", action="store_true", help="streamed chat completions")
     gw.add_argument("--json", action="store_true", help="print JSON only")
     gw.set_defaults(func=_cmd_gateway)
+    chk = bench.add_parser("check", help="check()/record() latency vs the limits library")
+    chk.add_argument("--keys", type=int, default=10_000, help="keys in the cache (10000)")
+    chk.add_argument("--samples", type=int, default=100_000, help="checks per round (100000)")
+    chk.add_argument("--rounds", type=int, default=5)
+    chk.add_argument("--json", action="store_true", help="print JSON only")
+    chk.set_defaults(func=_cmd_check)
+    st = bench.add_parser("stream", help="worker records/s: packed vs one record per message")
+    st.add_argument("--records", type=int, default=200_000, help="records to preload (200000)")
+    st.add_argument("--keys", type=int, default=10_000)
+    st.add_argument(
+        "--baseline-records", type=int, default=20_000,
+        help="records for the naive run (it is slow; the rate is what compares)",
+    )  # fmt: skip
+    st.add_argument("--json", action="store_true", help="print JSON only")
+    st.set_defaults(func=_cmd_stream)
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -119,3 +144,295 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         stub.stop()
         if owned:
             stop_stack(stack)
+
+
+def _latencies(fn: Any, keys: list[str], samples: int) -> list[int]:
+    out = []
+    clock = time.perf_counter_ns
+    n = len(keys)
+    for i in range(samples):
+        key = keys[i % n]
+        start = clock()
+        fn(key)
+        out.append(clock() - start)
+    return out
+
+
+def _summary_us(rounds: list[list[int]]) -> dict[str, float]:
+    """Median over rounds of each round's p50 and p99, in microseconds."""
+    p50 = statistics.median(statistics.median(r) for r in rounds) / 1000
+    p99 = statistics.median(_percentile([float(x) for x in r], 0.99) for r in rounds) / 1000
+    return {"p50_us": round(p50, 3), "p99_us": round(p99, 3), "rounds": len(rounds)}
+
+
+def _memory_probe(what: str, count: int) -> dict[str, Any]:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "quotaflow_producers.memory_probe", what, str(count)],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from confluent_kafka import Producer
+    from limits import RateLimitItemPerMinute
+    from limits.storage import storage_from_string
+    from limits.strategies import MovingWindowRateLimiter
+
+    from quotaflow.client import QuotaClient
+    from quotaflow.state import QuotaState
+    from quotaflow_stream.devstack import embedded_stack, free_port, run_settings, stop_stack
+    from quotaflow_stream.topics import ensure_topics
+
+    def say(text: str) -> None:
+        if not args.json:
+            print(text, file=sys.stderr)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="quotaflow-bench-"))
+    stack, owned = embedded_stack(run_dir)
+    clients: list[QuotaClient] = []
+    try:
+        settings = run_settings(stack, run_dir, f"bench-{uuid.uuid4().hex[:8]}")
+        (run_dir / "policies.yaml").write_text(POLICY)
+        settings.policies_file = run_dir / "policies.yaml"
+        ensure_topics(settings)
+        keys = [f"bench-key-{i:06d}" for i in range(args.keys)]
+        # The client follows first, then the states arrive through the topic (a warm start
+        # would read them from Redis, which only a worker fills).
+        quota = QuotaClient(settings).open()
+        clients.append(quota)
+        quota.wait_ready(60)
+        say(f"publishing {len(keys)} quota states through the decisions topic...")
+        producer = Producer(settings.kafka.confluent_config())
+        now = time.time()
+        for key in keys:
+            state = QuotaState(
+                key=key, published_at=now, watermark=now,
+                scopes={"": {60: (int(now // 60) * 60, 5, 500, 100)}},
+                scope_policies={"": "bench"}, sources={"bench": now},
+            )  # fmt: skip
+            producer.produce(settings.topics.decisions, key=key.encode(), value=state.to_json())
+            producer.poll(0)
+        producer.flush(30)
+        deadline = time.monotonic() + 60
+        while len(quota.cache) < len(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if len(quota.cache) < len(keys):
+            raise SystemExit(f"bench: follower cached only {len(quota.cache)} of {len(keys)}")
+
+        def check(key: str) -> None:
+            quota.check(key, "gpt-4o", tokens=500)
+
+        say("measuring check()...")
+        _latencies(check, keys, 20_000)  # warm-up
+        check_rounds = [_latencies(check, keys, args.samples) for _ in range(args.rounds)]
+
+        say("measuring the limits library (moving window, Redis storage)...")
+        limiter = MovingWindowRateLimiter(storage_from_string(stack.redis_url))
+        item = RateLimitItemPerMinute(10**9)
+
+        def limits_hit(key: str) -> None:
+            limiter.hit(item, key)
+
+        _latencies(limits_hit, keys, 500)
+        base_samples = max(1000, args.samples // 50)
+        base_rounds = [_latencies(limits_hit, keys, base_samples) for _ in range(args.rounds)]
+
+        def record_with(client: QuotaClient) -> Any:
+            def record(key: str) -> None:
+                client.record(key, "gpt-4o", prompt_tokens=400, completion_tokens=100)
+
+            return record
+
+        say("measuring record() with the broker up...")
+        rec_samples = max(1000, args.samples // 5)
+        up = record_with(quota)
+        _latencies(up, keys, 5_000)
+        up_rounds = [_latencies(up, keys, rec_samples) for _ in range(args.rounds)]
+
+        say("measuring record() with the broker unreachable...")
+        away = settings.model_copy(deep=True)
+        away.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"  # nothing listens there
+        offline = QuotaClient(away, follow=False).open()
+        clients.append(offline)
+        down = record_with(offline)
+        _latencies(down, keys, 5_000)
+        down_rounds = [_latencies(down, keys, rec_samples) for _ in range(args.rounds)]
+
+        say("measuring memory (fresh processes)...")
+        sdk_mem = _memory_probe("sdk", 100_000)
+        worker_mem = _memory_probe("worker", 1_000_000)
+
+        check_s, base_s = _summary_us(check_rounds), _summary_us(base_rounds)
+        up_s, down_s = _summary_us(up_rounds), _summary_us(down_rounds)
+        result = {
+            "benchmark": "check",
+            "keys_cached": len(quota.cache),
+            "check": check_s,
+            "baseline_limits_moving_window_redis": base_s,
+            "ratio_p50": round(base_s["p50_us"] / check_s["p50_us"], 1),
+            "ratio_p99": round(base_s["p99_us"] / check_s["p99_us"], 1),
+            "record_broker_up": up_s,
+            "record_broker_unreachable": down_s,
+            "memory": {"sdk": sdk_mem, "worker": worker_mem},
+            "targets": {
+                "check_p99_le_5us": check_s["p99_us"] <= 5,
+                "check_20x_baseline_p99": base_s["p99_us"] / check_s["p99_us"] >= 20,
+                "record_p99_le_10us_up": up_s["p99_us"] <= 10,
+                "record_p99_le_10us_unreachable": down_s["p99_us"] <= 10,
+            },
+        }
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
+    finally:
+        for client in clients:
+            client.close(timeout=1)
+        if owned:
+            stop_stack(stack)
+
+
+def _cmd_stream(args: argparse.Namespace) -> int:
+    import random
+
+    import redis
+    from confluent_kafka import Producer
+
+    from quotaflow.partitioner import partition_for
+    from quotaflow.record import UsageRecord, encode_records
+    from quotaflow.state import QuotaState
+    from quotaflow_stream.devstack import embedded_stack, run_settings, stop_stack
+    from quotaflow_stream.launcher import WorkerProcess
+    from quotaflow_stream.topics import ensure_topics
+
+    def say(text: str) -> None:
+        if not args.json:
+            print(text, file=sys.stderr)
+
+    run_dir = Path(tempfile.mkdtemp(prefix="quotaflow-bench-"))
+    stack, owned = embedded_stack(run_dir)
+    (run_dir / "policies.yaml").write_text(POLICY)
+    rng = random.Random(7)
+    models = ["gpt-4o-mini", "gpt-4o", "o3-mini", "text-embedding-3-small"]
+    keys = [f"tenant-{i:05d}" for i in range(args.keys)]
+    now = time.time()
+
+    def make_records(count: int) -> list[UsageRecord]:
+        return [
+            UsageRecord(
+                id=f"bench-{i}",
+                ts=now - rng.random() * 5,
+                key=rng.choice(keys),
+                model=rng.choice(models),
+                prompt_tokens=rng.randint(10, 4000),
+                completion_tokens=rng.randint(0, 800),
+                source=f"svc-{i % 20}",
+            )
+            for i in range(count)
+        ]
+
+    def run(label: str, records: list[UsageRecord], packed: bool) -> dict[str, Any]:
+        settings = run_settings(stack, run_dir, f"bench-{label}-{uuid.uuid4().hex[:6]}")
+        settings.policies_file = run_dir / "policies.yaml"
+        settings.worker.refresh_interval = 3600  # measure aggregation, not re-publication
+        counts = ensure_topics(settings)
+        parts = counts[settings.topics.usage]
+        say(f"{label}: preloading {len(records)} records...")
+        producer = Producer(
+            {**settings.kafka.confluent_config(), "partitioner": "murmur2_random",
+             "linger.ms": 20, "queue.buffering.max.messages": 1_000_000}
+        )  # fmt: skip
+        if packed:
+            by_part: dict[int, list[UsageRecord]] = {}
+            for r in records:
+                by_part.setdefault(partition_for(r.key.encode(), parts), []).append(r)
+            for p, recs in by_part.items():
+                for i in range(0, len(recs), 500):
+                    chunk = recs[i : i + 500]
+                    producer.produce(settings.topics.usage, key=chunk[0].key.encode(),
+                                     value=encode_records(chunk), partition=p)  # fmt: skip
+                    producer.poll(0)
+        else:
+            for r in records:
+                producer.produce(settings.topics.usage, key=r.key.encode(),
+                                 value=encode_records([r]))  # fmt: skip
+                producer.poll(0)
+        producer.flush(120)
+        say(f"{label}: worker aggregating...")
+        worker = WorkerProcess(settings, run_dir / f"worker-{label}.log", loglevel="warn")
+        worker.start()
+        try:
+            worker.wait_ready(120)
+            deadline = time.monotonic() + 900
+            stats: dict[str, Any] = {}
+            while time.monotonic() < deadline:
+                stats = worker.stats() or {}
+                if stats.get("records", 0) >= len(records):
+                    break
+                time.sleep(0.5)
+            first, last = stats.get("first_record_at"), stats.get("last_record_at")
+            if stats.get("records", 0) < len(records) or not first or not last:
+                raise SystemExit(f"bench: {label} worker stalled at {stats.get('records')}")
+            exact = _verify_totals(settings, records, redis, QuotaState)
+            return {
+                "records": len(records),
+                "messages": stats["messages"],
+                "seconds": round(last - first, 3),
+                "records_per_s": round(len(records) / max(last - first, 1e-9)),
+                "states_published": stats["states_published"],
+                "counts_exact": exact,
+            }
+        finally:
+            worker.stop()
+
+    try:
+        records = make_records(args.records)
+        packed = run("packed", records, packed=True)
+        naive = run("naive", records[: args.baseline_records], packed=False)
+        result = {
+            "benchmark": "stream",
+            "keys": args.keys,
+            "packed": packed,
+            "naive_baseline": naive,
+            "speedup": round(packed["records_per_s"] / naive["records_per_s"], 1),
+            "targets": {
+                "records_per_s_ge_100k": packed["records_per_s"] >= 100_000,
+                "speedup_ge_20x": packed["records_per_s"] >= 20 * naive["records_per_s"],
+                "counts_exact": packed["counts_exact"] and naive["counts_exact"],
+            },
+        }
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
+    finally:
+        if owned:
+            stop_stack(stack)
+
+
+def _verify_totals(settings: Any, records: list[Any], redis: Any, state_cls: Any) -> bool:
+    """The worker's per-key totals (Redis snapshot) equal a recount of what was sent."""
+    expected: dict[str, list[int]] = {}
+    for r in records:
+        t = expected.setdefault(r.key, [0, 0, 0])
+        t[0] += 1
+        t[1] += r.prompt_tokens
+        t[2] += r.completion_tokens
+    client = redis.Redis.from_url(settings.redis.url)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            got: dict[str, list[int]] = {}
+            for key, raw in client.hscan_iter(settings.redis.states_hash, count=5000):
+                st = state_cls.from_json(raw)
+                got[key.decode()] = [
+                    st.totals.records,
+                    st.totals.prompt_tokens,
+                    st.totals.completion_tokens,
+                ]
+            if got == expected:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
+    finally:
+        client.close()

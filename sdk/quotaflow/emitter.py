@@ -21,6 +21,30 @@ from quotaflow.record import UsageRecord, encode_records
 log = logging.getLogger(__name__)
 
 
+class ClientLog:
+    """The ``logger`` handed to librdkafka: a broker that is away makes it report every
+    reconnect attempt, so repeats of one message are held back for ``every`` seconds."""
+
+    def __init__(self, name: str = "quotaflow.kafka", every: float = 30.0) -> None:
+        self._log = logging.getLogger(name)
+        self._every = every
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        text = msg % args if args else msg
+        # Drop the volatile parts (timings, ports) so repeats of one event match.
+        sig = "".join(ch for ch in text if not ch.isdigit())[:160]
+        now = time.monotonic()
+        if now - self._last.get(sig, -1e9) < self._every:
+            self._held[sig] = self._held.get(sig, 0) + 1
+            return
+        held = self._held.pop(sig, 0)
+        self._last[sig] = now
+        suffix = f" (and {held} more like it)" if held else ""
+        self._log.log(level, "%s%s", text, suffix)
+
+
 class TransportFull(Exception):
     """The transport cannot take more right now; retry later."""
 
@@ -52,7 +76,7 @@ class KafkaTransport:
             "queue.buffering.max.messages": 100_000,
             **config,
         }
-        self._producer = Producer(conf, logger=logging.getLogger("quotaflow.kafka"))
+        self._producer = Producer(conf, logger=ClientLog())
         self._partitions: dict[str, int] = {}
         self.delivered = 0
         self.failed = 0

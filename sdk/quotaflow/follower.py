@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from quotaflow.cache import QuotaCache
+from quotaflow.emitter import ClientLog
 from quotaflow.state import HEARTBEAT_KEY, QuotaState
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class DecisionsFollower:
             "fetch.wait.max.ms": 10,
             "fetch.min.bytes": 1,
         }
-        consumer = Consumer(conf, logger=logging.getLogger("quotaflow.kafka"))
+        consumer = Consumer(conf, logger=ClientLog())
         try:
             partitions = self._wait_for_partitions(consumer)
             if partitions is None:

@@ -44,6 +44,10 @@ class Counters:
         self.states_published = 0
         self.heartbeats = 0
         self.started_at = time.time()
+        #: Wall-clock time of the first and latest aggregated record (throughput = records
+        #: over their difference, worker start-up excluded).
+        self.first_record_at: float | None = None
+        self.last_record_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -130,6 +134,8 @@ class UsagePipeline:
             )
             c.forwarded += len(recs)
         grace = self.settings.worker.grace_seconds
+        if by_key and c.first_record_at is None:
+            c.first_record_at = time.time()
         for key, recs in by_key.items():
             entry, late = add_records(self.table.get(key), recs, self._scopes_for, grace)
             self.table[key] = entry
@@ -137,6 +143,8 @@ class UsagePipeline:
             c.late += late
             self._active[key] = [now, now]
             await self._publish(key, entry, now)
+        if by_key:
+            c.last_record_at = time.time()
 
     async def _publish(self, key: str, entry: dict[str, Any], now: float) -> None:
         state = evaluate(key, entry, self.policies, now)
