@@ -17,7 +17,12 @@ from quotaflow.emitter import KafkaTransport, Transport, TransportFull, UsageEmi
 from quotaflow.keys import key_id
 from quotaflow.partitioner import murmur2, partition_for
 from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, load_policies
-from quotaflow.record import UsageRecord, parse_usage_value, usage_record_json_schema
+from quotaflow.record import (
+    RecordedUsage,
+    UsageRecord,
+    parse_usage_value,
+    usage_record_json_schema,
+)
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.state import QuotaState
@@ -44,6 +49,7 @@ __all__ = [
     "QuotaflowError",
     "QuotaflowSettings",
     "RecordError",
+    "RecordedUsage",
     "Reservation",
     "StreamUsage",
     "TokenCount",

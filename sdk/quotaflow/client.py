@@ -30,7 +30,7 @@ from quotaflow.decision import Decision
 from quotaflow.emitter import KafkaTransport, Transport, UsageEmitter
 from quotaflow.follower import DecisionsFollower
 from quotaflow.policies import PolicySet, load_policies
-from quotaflow.record import Status, UsageRecord, describe_validation_error
+from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.tokens import count_request, request_kind
@@ -189,7 +189,7 @@ class QuotaClient:
         id: str | None = None,
         ts: float | None = None,
         attrs: Mapping[str, str] | None = None,
-    ) -> UsageRecord:
+    ) -> RecordedUsage:
         """Count one call locally at once and queue its usage record; never blocks.
 
         Raises :class:`RecordError` naming the field if the record breaks the v1 contract.
@@ -201,18 +201,18 @@ class QuotaClient:
             ts = max(self.clock(), self._last_ts + 1e-6)
             self._last_ts = ts
         try:
-            record = UsageRecord(
-                id=id or f"{self._id_prefix}{next(self._id_counter):x}",
-                ts=ts,
-                key=key,
-                model=model,
-                requests=requests,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                estimated=estimated,
-                status=status,
-                source=self.source,
-                attrs=dict(attrs) if attrs else {},
+            record = make_record(
+                id or f"{self._id_prefix}{next(self._id_counter):x}",
+                ts,
+                key,
+                model,
+                requests,
+                prompt_tokens,
+                completion_tokens,
+                estimated,
+                status,
+                self.source,
+                dict(attrs) if attrs else {},
             )
         except ValidationError as exc:
             raise RecordError(f"usage record: {describe_validation_error(exc)}") from None

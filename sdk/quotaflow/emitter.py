@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from quotaflow.partitioner import partition_for
-from quotaflow.record import UsageRecord, encode_records
+from quotaflow.record import Encodable, encode_records
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class UsageEmitter:
         max_batch: int = 500,
         flush_interval: float = 0.02,
         max_buffered: int = 1_000_000,
-        on_overflow: Callable[[UsageRecord], None] | None = None,
+        on_overflow: Callable[[Encodable], None] | None = None,
     ) -> None:
         self.transport = transport
         self.topic = topic
@@ -140,7 +140,7 @@ class UsageEmitter:
         self.flush_interval = flush_interval
         self.max_buffered = max_buffered
         self._on_overflow = on_overflow
-        self._buffer: deque[UsageRecord] = deque()
+        self._buffer: deque[Encodable] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -152,7 +152,7 @@ class UsageEmitter:
         self._thread = threading.Thread(target=self._run, name="quotaflow-emitter", daemon=True)
         self._thread.start()
 
-    def emit(self, record: UsageRecord) -> None:
+    def emit(self, record: Encodable) -> None:
         """Queue a record; never blocks."""
         if len(self._buffer) >= self.max_buffered:
             self.overflowed += 1
@@ -183,16 +183,16 @@ class UsageEmitter:
     def _drain(self) -> None:
         if not self._buffer:
             return
-        batch: list[UsageRecord] = []
+        batch: list[Encodable] = []
         while self._buffer:
             batch.append(self._buffer.popleft())
         partitions = self.transport.partitions(self.topic)
-        groups: dict[Any, list[UsageRecord]] = {}
+        groups: dict[Any, list[Encodable]] = {}
         for record in batch:
             key = record.key.encode()
             group = partition_for(key, partitions) if partitions else record.key
             groups.setdefault(group, []).append(record)
-        unsent: list[UsageRecord] = []
+        unsent: list[Encodable] = []
         for group, records in groups.items():
             partition = group if isinstance(group, int) else None
             for i in range(0, len(records), self.max_batch):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -80,8 +81,102 @@ class UsageRecord(BaseModel):
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    def to_json(self) -> bytes:
+        return self.model_dump_json().encode()
+
 
 _record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
+_STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
+_SECRET_PREFIXES = ("sk-", "sk_", "rk-", "SK-", "SK_", "RK-", "Bearer ", "bearer ")
+
+
+class RecordedUsage(NamedTuple):
+    """A usage record as ``QuotaClient.record()`` queues it: the fields of
+    :class:`UsageRecord`, already checked against the same constraints, in a named tuple.
+
+    Building a pydantic model costs ~4 us and several objects per call; ``record()`` must stay
+    within a few microseconds, so the request path checks the constraints directly (falling
+    back to the model, and its precise error, whenever a value is not plainly valid).
+    """
+
+    id: str
+    ts: float
+    key: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    estimated: bool
+    status: str
+    source: str
+    attrs: dict[str, str]
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> bytes:
+        return json.dumps(self._asdict(), separators=(",", ":")).encode()
+
+    def validated(self) -> UsageRecord:
+        return _record_adapter.validate_python(self._asdict())
+
+
+def _short(value: object, limit: int) -> bool:
+    return type(value) is str and 0 < len(value) <= limit
+
+
+def _count(value: object, limit: int) -> bool:
+    return type(value) is int and 0 <= value <= limit
+
+
+def make_record(
+    id: str,
+    ts: float,
+    key: str,
+    model: str,
+    requests: int,
+    prompt_tokens: int,
+    completion_tokens: int,
+    estimated: bool,
+    status: str,
+    source: str,
+    attrs: dict[str, str],
+) -> RecordedUsage:
+    """A checked record; raises pydantic's ``ValidationError`` naming the field otherwise."""
+    if (
+        _short(id, 128)
+        and (type(ts) is float or type(ts) is int)
+        and 0 < ts < math.inf
+        and _short(key, 256)
+        and not key.startswith(_SECRET_PREFIXES)
+        and _short(model, 128)
+        and _count(requests, _MAX_REQUESTS)
+        and _count(prompt_tokens, _MAX_TOKENS)
+        and _count(completion_tokens, _MAX_TOKENS)
+        and type(estimated) is bool
+        and status in _STATUSES
+        and _short(source, 128)
+        and (
+            not attrs
+            or (
+                len(attrs) <= 16
+                and all(
+                    type(k) is str and type(v) is str and len(v) <= 128 for k, v in attrs.items()
+                )
+            )
+        )
+    ):
+        return RecordedUsage(
+            id, ts, key, model, requests, prompt_tokens, completion_tokens, estimated, status,
+            source, attrs,
+        )  # fmt: skip
+    checked = UsageRecord(
+        id=id, ts=ts, key=key, model=model, requests=requests, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, estimated=estimated, status=status,
+        source=source, attrs=attrs,
+    )  # fmt: skip
+    return RecordedUsage(**checked.model_dump())
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,11 +238,20 @@ def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[UsageRecord],
         return [], [Rejected(raw, describe_validation_error(exc, prefix))]
 
 
-def encode_records(records: list[UsageRecord]) -> bytes:
+class Encodable(Protocol):
+    """Anything that can go into a usage message: both record types."""
+
+    @property
+    def key(self) -> str: ...
+
+    def to_json(self) -> bytes: ...
+
+
+def encode_records(records: Sequence[Encodable]) -> bytes:
     """Encode records as one message value: an object for one record, an array for several."""
     if len(records) == 1:
-        return records[0].model_dump_json().encode()
-    return b"[" + b",".join(r.model_dump_json().encode() for r in records) + b"]"
+        return records[0].to_json()
+    return b"[" + b",".join(r.to_json() for r in records) + b"]"
 
 
 def usage_record_json_schema() -> dict[str, Any]:

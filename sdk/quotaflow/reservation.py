@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from quotaflow.decision import Decision
-from quotaflow.record import Status, UsageRecord
+from quotaflow.record import RecordedUsage, Status
 from quotaflow.streaming import StreamUsage
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class Reservation:
         self.prompt_estimated = prompt_estimated
         self.expires_at = expires_at
         self.decision = decision
-        self.record: UsageRecord | None = None
+        self.record: RecordedUsage | None = None
         self._lock = threading.Lock()
 
     @property
@@ -64,7 +64,7 @@ class Reservation:
         completion_tokens: int | None = None,
         status: Status = "ok",
         estimated: bool | None = None,
-    ) -> UsageRecord:
+    ) -> RecordedUsage:
         """Record the real usage and release the hold; later calls return the same record.
 
         ``usage`` is the provider's ``usage`` (a dict or the openai client's object). Without
@@ -100,7 +100,7 @@ class Reservation:
             self.client._forget_reservation(self.id)
             return self.record
 
-    def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> UsageRecord:
+    def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> RecordedUsage:
         """Settle a streamed call: the final usage chunk if sent, else the counted content."""
         if stream.reported and not cancelled:
             return self.settle(stream.usage)

@@ -110,3 +110,50 @@ def test_a_secret_looking_key_is_redacted_in_the_rejection() -> None:
     assert records == [] and "raw API secret" in rejected[0].reason
     assert secret.encode() not in rejected[0].raw
     assert json.loads(rejected[0].raw)["id"] == "r1", "the rest of the record is kept"
+
+
+def fast(**over: object) -> object:
+    from quotaflow.record import make_record
+
+    doc: dict[str, object] = {
+        "id": "r1", "ts": 1_700_000_000.5, "key": "team-alpha", "model": "gpt-4o",
+        "requests": 1, "prompt_tokens": 100, "completion_tokens": 20, "estimated": False,
+        "status": "ok", "source": "svc-1", "attrs": {"route": "/chat"},
+    }  # fmt: skip
+    doc.update(over)
+    return make_record(**doc)  # type: ignore[arg-type]
+
+
+def test_fast_record_encodes_exactly_like_the_model() -> None:
+    from quotaflow.record import RecordedUsage
+
+    r = fast()
+    assert isinstance(r, RecordedUsage) and r.total_tokens == 120
+    model = r.validated()
+    assert json.loads(r.to_json()) == json.loads(model.model_dump_json())
+    assert parse_usage_value(r.to_json())[0] == [model]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("prompt_tokens", -1, "prompt_tokens"),
+        ("requests", 10**7, "requests"),
+        ("key", "sk-live-abc", "raw API secret"),
+        ("model", "", "model"),
+        ("status", "maybe", "status"),
+        ("ts", float("inf"), "ts"),
+        ("attrs", {"k": "v" * 200}, "attrs"),
+    ],
+)
+def test_fast_record_refuses_what_the_model_refuses(
+    field: str, value: object, fragment: str
+) -> None:
+    with pytest.raises(ValidationError) as err:
+        fast(**{field: value})
+    assert fragment in str(err.value)
+
+
+def test_fast_record_accepts_what_the_model_coerces() -> None:
+    r = fast(prompt_tokens=5.0, ts=1_700_000_000)
+    assert r.prompt_tokens == 5 and type(r.prompt_tokens) is int  # type: ignore[attr-defined]
