@@ -335,7 +335,6 @@ def _cmd_stream(args: argparse.Namespace) -> int:
     def run(label: str, records: list[UsageRecord], packed: bool) -> dict[str, Any]:
         settings = run_settings(stack, run_dir, f"bench-{label}-{uuid.uuid4().hex[:6]}")
         settings.policies_file = run_dir / "policies.yaml"
-        settings.worker.refresh_interval = 3600  # measure aggregation, not re-publication
         counts = ensure_topics(settings)
         parts = counts[settings.topics.usage]
         say(f"{label}: preloading {len(records)} records...")

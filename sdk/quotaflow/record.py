@@ -86,6 +86,7 @@ class UsageRecord(BaseModel):
 
 
 _record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
+_records_adapter: TypeAdapter[list[UsageRecord]] = TypeAdapter(list[UsageRecord])
 _STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
 _SECRET_PREFIXES = ("sk-", "sk_", "rk-", "SK-", "SK_", "RK-", "Bearer ", "bearer ")
 
@@ -214,13 +215,18 @@ def parse_usage_value(value: bytes | None) -> tuple[list[UsageRecord], list[Reje
     if isinstance(doc, list):
         if not doc:
             return [], [Rejected(value, "empty array: no records")]
+        try:  # the common case, all valid: one call into pydantic's core for the whole array
+            return _records_adapter.validate_python(doc), []
+        except ValidationError:
+            pass
         records: list[UsageRecord] = []
         rejected: list[Rejected] = []
         for index, item in enumerate(doc):
-            raw = json.dumps(item, separators=(",", ":")).encode()
-            ok, bad = _validate_one(item, raw, f"[{index}]")
-            records.extend(ok)
-            rejected.extend(bad)
+            try:
+                records.append(_record_adapter.validate_python(item))
+            except ValidationError:
+                raw = json.dumps(item, separators=(",", ":")).encode()
+                rejected.extend(_validate_one(item, raw, f"[{index}]")[1])
         return records, rejected
     return [], [Rejected(value, f"expected a JSON object or array, got {type(doc).__name__}")]
 
