@@ -25,7 +25,6 @@ from types import MappingProxyType
 from quotaflow.decision import Decision, Reason
 from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
 from quotaflow.state import QuotaState
-from quotaflow.windows import window_end
 
 Clock = Callable[[], float]
 
@@ -33,16 +32,6 @@ Clock = Callable[[], float]
 _Pending = tuple[float, str, int, int, int]
 
 _EMPTY: MappingProxyType[str, int] = MappingProxyType({})
-
-
-def _amount(dimension: str, req: int, pt: int, ct: int) -> int:
-    if dimension == "requests":
-        return req
-    if dimension == "prompt_tokens":
-        return pt
-    if dimension == "completion_tokens":
-        return ct
-    return pt + ct
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +48,12 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
-def _used_in_window(
-    spec: LimitSpec,
-    scope: str,
-    windows: dict[int, tuple[int, int, int, int]] | None,
-    pending: Iterable[_Pending],
-    start: int,
-) -> int:
-    """The stream's count for the window starting at ``start`` plus unacknowledged local use."""
-    used = 0
-    if windows is not None:
-        w = windows.get(spec.window)
-        if w is not None and w[0] == start:
-            used = _amount(spec.dimension, w[1], w[2], w[3])
-    for ts, p_model, req, pt, ct in pending:
-        if ts >= start and (scope == KEY_SCOPE or p_model == scope):
-            used += _amount(spec.dimension, req, pt, ct)
-    return used
+def _of_dimension(dim: int, req: int, pt: int, ct: int) -> int:
+    """One dimension of a (requests, prompt, completion) triple (index as in LimitRow).
+
+    The request path inlines this expression; helpers off that path call it.
+    """
+    return req if dim == 0 else pt if dim == 1 else ct if dim == 2 else pt + ct
 
 
 def _pending_used(pending: Iterable[_Pending], scope: str, dim: int, start: int) -> int:
@@ -83,12 +61,8 @@ def _pending_used(pending: Iterable[_Pending], scope: str, dim: int, start: int)
     used = 0
     for ts, p_model, req, pt, ct in pending:
         if ts >= start and (scope == KEY_SCOPE or p_model == scope):
-            used += req if dim == 0 else pt if dim == 1 else ct if dim == 2 else pt + ct
+            used += _of_dimension(dim, req, pt, ct)
     return used
-
-
-def _limit_name(scope: str, spec: LimitSpec) -> str:
-    return spec.name if scope == KEY_SCOPE else f"{scope}/{spec.name}"
 
 
 class QuotaCache:
@@ -298,14 +272,14 @@ class QuotaCache:
         rows = []
         for binding in self.policies.resolve(key, model):
             windows = state.scopes.get(binding.scope) if state is not None else None
-            for spec in binding.policy.specs:
-                reset_at = window_end(now, spec.window)
-                used = _used_in_window(
-                    spec, binding.scope, windows, pending, reset_at - spec.window
-                )
-                rows.append(
-                    LimitUsage(_limit_name(binding.scope, spec), spec, used, float(reset_at))
-                )
+            # rows are the specs precomputed, in the same order
+            for spec, (name, dim, size, _) in zip(binding.policy.specs, binding.rows, strict=True):
+                start = int(now // size) * size
+                used = _pending_used(pending, binding.scope, dim, start)
+                w = windows.get(size) if windows is not None else None
+                if w is not None and w[0] == start:
+                    used += _of_dimension(dim, w[1], w[2], w[3])
+                rows.append(LimitUsage(name, spec, used, float(start + size)))
         return tuple(rows)
 
     def _own_used(self, key: str, scope: str, dim: int, size: int, start: int) -> int:
@@ -313,4 +287,4 @@ class QuotaCache:
         own = self._own.get((key, scope, size))
         if own is None or own[0] != start:
             return 0
-        return own[1] if dim == 0 else own[2] + own[3] if dim == 3 else own[dim + 1]
+        return _of_dimension(dim, own[1], own[2], own[3])

@@ -7,6 +7,7 @@ count from the moment it is admitted, and ``settle()`` replaces the hold with th
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from types import TracebackType
@@ -99,6 +100,16 @@ class Reservation:
             )
             self.client._forget_reservation(self.id)
             return self.record
+
+    def settle_body(self, body: bytes) -> RecordedUsage:
+        """Settle from a provider's JSON response body (its ``usage`` field, if any)."""
+        try:
+            usage = json.loads(body).get("usage")
+        except (ValueError, AttributeError):
+            usage = None
+        if isinstance(usage, dict) and "completion_tokens" not in usage:
+            usage = {**usage, "completion_tokens": 0}  # embeddings report prompt tokens only
+        return self.settle(usage)
 
     def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> RecordedUsage:
         """Settle a streamed call: the final usage chunk if sent, else the counted content."""

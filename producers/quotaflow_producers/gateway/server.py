@@ -15,7 +15,6 @@ import fnmatch
 import json
 import logging
 import time
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -129,7 +128,7 @@ class Gateway:
             return self._rate_limited(key, model, exc)
         except RecordError as exc:
             return openai_error(400, str(exc), param="messages")
-        return await self._forward(request, raw, key, model, reservation, body)
+        return await self._forward(request, raw, key, model, reservation)
 
     async def _passthrough(self, request: web.Request, raw: bytes, key: str) -> web.StreamResponse:
         bindings = self.quota.policies.resolve(key, None)
@@ -144,8 +143,8 @@ class Gateway:
                 )
             except QuotaExceeded as exc:
                 return self._rate_limited(key, None, exc)
-            return await self._forward(request, raw, key, f"route:{request.path}", reservation, {})
-        return await self._forward(request, raw, key, None, None, {})
+            return await self._forward(request, raw, key, f"route:{request.path}", reservation)
+        return await self._forward(request, raw, key, None, None)
 
     def _rate_limited(self, key: str, model: str | None, exc: QuotaExceeded) -> web.Response:
         self.denied += 1
@@ -188,7 +187,6 @@ class Gateway:
         key: str,
         model: str | None,
         reservation: Reservation | None,
-        body: dict[str, Any],
     ) -> web.StreamResponse:
         assert self._session is not None
         url = self.upstream + request.rel_url.path_qs
@@ -210,7 +208,7 @@ class Gateway:
                                 type_="server_error", code="upstream_unavailable")  # fmt: skip
         self.forwarded += 1
         try:
-            return await self._relay(request, upstream, key, model, reservation, body)
+            return await self._relay(request, upstream, key, model, reservation)
         finally:
             upstream.release()
             log.info(
@@ -226,7 +224,6 @@ class Gateway:
         key: str,
         model: str | None,
         reservation: Reservation | None,
-        body: dict[str, Any],
     ) -> web.StreamResponse:
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
         sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
@@ -237,19 +234,11 @@ class Gateway:
                 data = await upstream.read()
                 headers.update(self._limit_headers(key, model))
                 return web.Response(status=upstream.status, body=data, headers=headers)
-        if sse and reservation is not None:
-            return await self._relay_stream(request, upstream, key, model, reservation, headers)
         if sse:
-            return await self._relay_stream(request, upstream, key, model, None, headers)
+            return await self._relay_stream(request, upstream, key, model, reservation, headers)
         assert reservation is not None
         data = await upstream.read()
-        try:
-            usage = json.loads(data).get("usage")
-        except (ValueError, AttributeError):
-            usage = None
-        if isinstance(usage, dict) and "completion_tokens" not in usage:
-            usage = {**usage, "completion_tokens": 0}  # embeddings report prompt tokens only
-        record = reservation.settle(usage)
+        record = reservation.settle_body(data)
         headers.update(self._limit_headers(key, model))
         if self.g.consumed_tokens_header:
             headers[self.g.consumed_tokens_header] = str(record.total_tokens)

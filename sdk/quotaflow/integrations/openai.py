@@ -163,13 +163,7 @@ class _Settler:
         if self.stream_usage is not None:
             self.reservation.settle_stream(self.stream_usage)
             return
-        try:
-            usage = json.loads(b"".join(self.body)).get("usage")
-        except (ValueError, AttributeError):
-            usage = None
-        if isinstance(usage, dict) and "completion_tokens" not in usage:
-            usage = {**usage, "completion_tokens": 0}  # embeddings report prompt tokens only
-        self.reservation.settle(usage)
+        self.reservation.settle_body(b"".join(self.body))
 
     def closed(self) -> None:
         if self.finished or self.reservation.settled:
