@@ -210,7 +210,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for key in keys:
             state = QuotaState(
                 key=key, published_at=now, watermark=now,
-                scopes={"": {60: (int(now // 60) * 60, 5, 500, 100)}},
+                scopes={"": {60: (int(now // 60) * 60, 5, 500, 100, ())}},
                 scope_policies={"": "bench"}, sources={"bench": now},
             )  # fmt: skip
             producer.produce(settings.topics.decisions, key=key.encode(), value=state.to_json())

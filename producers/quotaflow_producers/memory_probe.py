@@ -37,9 +37,9 @@ def probe_sdk(count: int) -> dict[str, float]:
                 watermark=now,
                 scopes={
                     "": {
-                        60: (minute, 3, 300, 90),
-                        3600: (hour, 9, 900, 270),
-                        86400: (day, 20, 2000, 600),
+                        60: (minute, 3, 300, 90, ()),
+                        3600: (hour, 9, 900, 270, ()),
+                        86400: (day, 20, 2000, 600, ()),
                     }
                 },
                 scope_policies={"": "p"},

@@ -1,13 +1,19 @@
 """The decision cache: followed quota states plus this process's own usage, answered from memory.
 
 ``check`` is the request path: no I/O, no allocation beyond the result. It combines, for each
-limit that binds the call,
+limit that binds the call (windows slide, see :mod:`quotaflow.windows`),
 
-    used = (the stream's count in the current window, if the state is for this window)
-         + (this process's usage the stream has not yet acknowledged)
+    counted = the stream's sliding count at publication, less its buckets expired since
+    mine    = this process's usage in the window that the stream has not yet acknowledged
 
-and denies when ``used + requested > limit``. Acknowledgement comes from the state's ``sources``
-map: the event time of this instance's newest record the stream has counted.
+and denies when ``counted + mine + requested > limit`` (reason ``limit``). Acknowledgement comes
+from the state's ``sources`` map: the event time of this instance's newest record the stream
+has counted.
+
+Budget shares bound the fleet's overshoot. Until the next state arrives, an instance with share
+``s`` admits only while ``mine + requested <= s * (limit - counted)`` (reason ``share``
+otherwise, retry in ~one propagation delay). The worker hands out shares summing to at most 1,
+so instances holding the same state can together admit no more than what that state left.
 
 When the stream has not been heard from for longer than a policy's ``max_staleness``, that
 policy's fail mode decides: ``open`` admits, ``closed`` denies, ``local`` enforces
@@ -18,13 +24,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
 from quotaflow.decision import Decision, Reason
 from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
-from quotaflow.state import QuotaState
+from quotaflow.state import Expiry, QuotaState, WindowCounts, of_dimension
 
 Clock = Callable[[], float]
 
@@ -32,6 +38,9 @@ Clock = Callable[[], float]
 _Pending = tuple[float, str, int, int, int]
 
 _EMPTY: MappingProxyType[str, int] = MappingProxyType({})
+
+#: Seconds a caller denied by its budget share is told to wait: about one state's propagation.
+SHARE_RETRY_AFTER = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,21 +57,23 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
-def _of_dimension(dim: int, req: int, pt: int, ct: int) -> int:
-    """One dimension of a (requests, prompt, completion) triple (index as in LimitRow).
-
-    The request path inlines this expression; helpers off that path call it.
-    """
-    return req if dim == 0 else pt if dim == 1 else ct if dim == 2 else pt + ct
-
-
 def _pending_used(pending: Iterable[_Pending], scope: str, dim: int, start: int) -> int:
     """Unacknowledged local usage of one dimension since ``start`` (index as in LimitRow)."""
     used = 0
     for ts, p_model, req, pt, ct in pending:
         if ts >= start and (scope == KEY_SCOPE or p_model == scope):
-            used += _of_dimension(dim, req, pt, ct)
+            used += of_dimension(dim, req, pt, ct)
     return used
+
+
+def _expired(expiries: Iterable[Expiry], dim: int, now: float) -> int:
+    """Usage of one dimension in a state's listed buckets that have expired by ``now``."""
+    freed = 0
+    for at, req, pt, ct in expiries:
+        if at > now:
+            break
+        freed += of_dimension(dim, req, pt, ct)
+    return freed
 
 
 class QuotaCache:
@@ -90,6 +101,9 @@ class QuotaCache:
         self._lock = threading.Lock()
         #: Local clock time the stream was last heard from (a state or a heartbeat).
         self.last_heard: float | None = None
+        #: Instances the workers heard from lately (heartbeats): a new key's first share.
+        self.fleet_instances = 0
+        self._fleet: dict[str, int] = {}
         self.started_at = clock()
 
     # -- writes: the follower thread and record() -------------------------------------------
@@ -121,6 +135,11 @@ class QuotaCache:
     def mark_heard(self) -> None:
         self.last_heard = self.clock()
 
+    def note_fleet(self, worker: str, instances: int) -> None:
+        """Record how many instances a worker heard from lately (from its heartbeat)."""
+        self._fleet[worker] = instances
+        self.fleet_instances = max(self._fleet.values())
+
     def add_usage(
         self, key: str, model: str, ts: float, requests: int, prompt: int, completion: int
     ) -> None:
@@ -129,7 +148,7 @@ class QuotaCache:
         with self._lock:
             self._pending.setdefault(key, []).append((ts, model, requests, prompt, completion))
             for binding in bindings:
-                for _, _, size, _ in binding.rows:
+                for _, _, size, _, _ in binding.rows:
                     slot = (key, binding.scope, size)
                     start = int(ts // size) * size
                     own = self._own.get(slot)
@@ -208,8 +227,10 @@ class QuotaCache:
         held = self._held.get(key)
         if held:
             pending = [*(pending or ()), *held.values()]
+        share = self._share(state)
         remaining: dict[str, int] = {}
-        deny: tuple[str, Binding, int, int, int, int] | None = None
+        # (reason, name, binding, reset_at, used, limit, want)
+        deny: tuple[Reason, str, Binding, float, int, int, int] | None = None
         stale_reason: Reason | None = None
         for binding in bindings:
             policy = binding.policy
@@ -226,19 +247,32 @@ class QuotaCache:
                 stale_reason = "stale_local"
             windows = state.scopes.get(binding.scope) if state is not None else None
             scope = binding.scope
-            for name, dim, size, limit in binding.rows:
-                start = int(now // size) * size
+            shared = policy.budget_shares and share < 1.0 and not stale
+            for name, dim, size, limit, bucket in binding.rows:
+                mine = 0
                 if stale:
-                    used = self._own_used(key, scope, dim, size, start)
+                    start = int(now // size) * size
+                    counted = self._own_used(key, scope, dim, size, start)
                     limit = limit // policy.expected_instances
                 else:
-                    used = 0
+                    # the stream's sliding count, less what expired since it was published
+                    counted = 0
                     if windows is not None:
                         w = windows.get(size)
-                        if w is not None and w[0] == start:
-                            used = w[1] if dim == 0 else w[2] + w[3] if dim == 3 else w[dim + 1]
+                        if w is not None:
+                            counted = (
+                                w[1] if dim == 0
+                                else w[2] if dim == 1
+                                else w[3] if dim == 2
+                                else w[2] + w[3]
+                            )  # fmt: skip
+                            if w[4] and w[4][0][0] <= now:
+                                counted -= _expired(w[4], dim, now)
                     if pending:
-                        used += _pending_used(pending, scope, dim, start)
+                        mine = _pending_used(
+                            pending, scope, dim, int(now // bucket) * bucket - size
+                        )
+                used = counted + mine
                 want = (
                     requests if dim == 0
                     else prompt_tokens if dim == 1
@@ -247,15 +281,24 @@ class QuotaCache:
                 )  # fmt: skip
                 left = limit - used - want
                 remaining[name] = left if left > 0 else 0
-                if (left < 0 or (want == 0 and limit <= used)) and (
-                    deny is None or start + size > deny[2]
-                ):
-                    deny = (name, binding, start + size, used, limit, want)
+                if left < 0 or (want == 0 and limit <= used):
+                    reset_at = (
+                        float(int(now // size) * size + size) if stale
+                        else self._frees_at(
+                            windows, pending, scope, dim, size, bucket, limit - max(want, 1), now
+                        )
+                    )  # fmt: skip
+                    if deny is None or deny[0] != "limit" or reset_at > deny[3]:
+                        deny = ("limit", name, binding, reset_at, used, limit, want)
+                elif shared and mine + want > share * (limit - counted) and deny is None:
+                    # within the limit, but past this instance's share of what is left: wait
+                    # for the next state rather than race the rest of the fleet for it
+                    deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used, limit, want)
         view = MappingProxyType(remaining)
         if deny is not None:
-            name, d_binding, reset_at, used, ceiling, want = deny
+            reason, name, d_binding, reset_at, used, ceiling, want = deny
             return Decision(
-                False, key, model, "limit", name, d_binding.policy.name, view,
+                False, key, model, reason, name, d_binding.policy.name, view,
                 reset_at - now, reset_at, age, used, ceiling, want,
             )  # fmt: skip
         return Decision(
@@ -263,9 +306,52 @@ class QuotaCache:
             0.0, None, age,
         )  # fmt: skip
 
+    def _share(self, state: QuotaState | None) -> float:
+        """This instance's share of a key's remaining budget until the next state."""
+        if state is not None and state.shares:
+            own = state.shares.get(self.source)
+            # a newcomer the stream has not heard from on this key yet
+            return own if own is not None else 1.0 / (len(state.shares) + 1)
+        fleet = self.fleet_instances
+        return 1.0 / fleet if fleet > 1 else 1.0
+
+    def _frees_at(
+        self,
+        windows: Mapping[int, WindowCounts] | None,
+        pending: Iterable[_Pending] | None,
+        scope: str,
+        dim: int,
+        size: int,
+        bucket: int,
+        allowed: int,
+        now: float,
+    ) -> float:
+        """When usage of one limit drops to ``allowed`` as its buckets expire (off the request
+        path: only denials ask). Falls back to when everything counted now has expired."""
+        frees: list[tuple[float, int]] = []
+        w = windows.get(size) if windows is not None else None
+        used = 0
+        if w is not None:
+            used = of_dimension(dim, w[1], w[2], w[3])
+            for at, req, pt, ct in w[4]:
+                frees.append((at, of_dimension(dim, req, pt, ct)))
+        floor = int(now // bucket) * bucket - size
+        for ts, p_model, req, pt, ct in pending or ():
+            if ts >= floor and (scope == KEY_SCOPE or p_model == scope):
+                amount = of_dimension(dim, req, pt, ct)
+                used += amount
+                frees.append((int(ts // bucket) * bucket + size + bucket, amount))
+        frees.sort()
+        for frees_at, amount in frees:
+            used -= amount
+            if frees_at > now and used <= allowed:
+                return float(frees_at)
+        return float(floor + 2 * size + bucket)
+
     def usage(self, key: str, model: str | None = None) -> tuple[LimitUsage, ...]:
         """Every limit that binds ``key`` (and ``model``) with what is used of it now, as the
-        stream and this process see it; for headers and dashboards, not the request path."""
+        stream and this process see it; for headers and dashboards, not the request path.
+        ``reset_at`` is when all of it will have freed if no more is used."""
         now = self.clock()
         state = self._states.get(key)
         pending: list[_Pending] = [*self._pending.get(key, ()), *self._held.get(key, {}).values()]
@@ -273,13 +359,15 @@ class QuotaCache:
         for binding in self.policies.resolve(key, model):
             windows = state.scopes.get(binding.scope) if state is not None else None
             # rows are the specs precomputed, in the same order
-            for spec, (name, dim, size, _) in zip(binding.policy.specs, binding.rows, strict=True):
-                start = int(now // size) * size
-                used = _pending_used(pending, binding.scope, dim, start)
+            for spec, (name, dim, size, _, bucket) in zip(
+                binding.policy.specs, binding.rows, strict=True
+            ):
+                current = int(now // bucket) * bucket
+                used = _pending_used(pending, binding.scope, dim, current - size)
                 w = windows.get(size) if windows is not None else None
-                if w is not None and w[0] == start:
-                    used += _of_dimension(dim, w[1], w[2], w[3])
-                rows.append(LimitUsage(name, spec, used, float(start + size)))
+                if w is not None:
+                    used += of_dimension(dim, w[1], w[2], w[3]) - _expired(w[4], dim, now)
+                rows.append(LimitUsage(name, spec, used, float(current + size + bucket)))
         return tuple(rows)
 
     def _own_used(self, key: str, scope: str, dim: int, size: int, start: int) -> int:
@@ -287,4 +375,4 @@ class QuotaCache:
         own = self._own.get((key, scope, size))
         if own is None or own[0] != start:
             return 0
-        return _of_dimension(dim, own[1], own[2], own[3])
+        return of_dimension(dim, own[1], own[2], own[3])

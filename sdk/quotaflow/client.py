@@ -77,6 +77,7 @@ class QuotaClient:
                 redis_kwargs=self.settings.redis.client_kwargs(),
                 states_hash=self.settings.redis.states_hash,
                 warm_start=client.warm_start,
+                fetch_max_wait_ms=client.fetch_max_wait_ms,
             )
         self.state = ClientState.UNOPENED
         self._last_ts = 0.0

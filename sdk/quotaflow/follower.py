@@ -15,7 +15,7 @@ from typing import Any
 
 from quotaflow.cache import QuotaCache
 from quotaflow.emitter import ClientLog
-from quotaflow.state import HEARTBEAT_KEY, QuotaState
+from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_instances
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,10 @@ class DecisionsFollower:
         redis_kwargs: dict[str, Any] | None = None,
         states_hash: str = "quotaflow:states",
         warm_start: bool = True,
+        fetch_max_wait_ms: int = 50,
     ) -> None:
         self.cache = cache
+        self._fetch_max_wait_ms = fetch_max_wait_ms
         self.topic = topic
         self._kafka_config = kafka_config
         self._redis_url = redis_url
@@ -70,7 +72,7 @@ class DecisionsFollower:
             "group.id": "quotaflow-follower",  # required by librdkafka; no offsets are committed
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": 10,
+            "fetch.wait.max.ms": self._fetch_max_wait_ms,
             "fetch.min.bytes": 1,
         }
         consumer = Consumer(conf, logger=ClientLog())
@@ -148,6 +150,9 @@ class DecisionsFollower:
             return
         if key is not None and key == HEARTBEAT_KEY.encode():
             self.cache.mark_heard()
+            beat = heartbeat_instances(value)
+            if beat is not None:
+                self.cache.note_fleet(*beat)
             return
         try:
             state = QuotaState.from_json(value)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from quotaflow._exceptions import ConfigError
 from quotaflow.record import describe_validation_error
-from quotaflow.windows import WINDOW_SECONDS
+from quotaflow.windows import WINDOW_SECONDS, bucket_size
 
 FailMode = Literal["open", "closed", "local"]
 Dimension = Literal["requests", "prompt_tokens", "completion_tokens", "tokens"]
@@ -101,6 +101,11 @@ class Policy(BaseModel):
     expected_instances: int = Field(
         default=1, ge=1, description="Instances sharing the key; the local fail mode divides by it."
     )
+    budget_shares: bool = Field(
+        default=True,
+        description="Between two states, each instance admits at most its share of the "
+        "remaining budget (see docs on bounded overshoot); false admits up to the whole remainder.",
+    )
     count_routes: list[str] = Field(
         default_factory=list,
         description="Gateway routes beyond the metered ones (globs like '/v1/models*') that "
@@ -158,10 +163,11 @@ class PolicyFile(BaseModel):
         return self
 
 
-#: A limit as the request path reads it: (display name, dimension index, window, limit).
+#: A limit as the request path reads it:
+#: (display name, dimension index, window, limit, bucket length of its sliding window).
 #: Dimension indexes: 0 requests, 1 prompt tokens, 2 completion tokens, 3 total tokens.
-LimitRow = tuple[str, int, int, int]
-_DIMENSION_INDEX = {d: i for i, d in enumerate(DIMENSIONS)}
+LimitRow = tuple[str, int, int, int, int]
+DIMENSION_INDEX = {d: i for i, d in enumerate(DIMENSIONS)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,9 +184,10 @@ class Binding:
         rows = tuple(
             (
                 spec.name if scope == KEY_SCOPE else f"{scope}/{spec.name}",
-                _DIMENSION_INDEX[spec.dimension],
+                DIMENSION_INDEX[spec.dimension],
                 spec.window,
                 spec.limit,
+                bucket_size(spec.window),
             )
             for spec in policy.specs
         )

@@ -113,6 +113,9 @@ class WorkerSettings(BaseModel):
     grace_seconds: float = Field(default=10.0, ge=0)
     #: Seconds between heartbeats on the decisions topic (followers measure staleness by them).
     heartbeat_interval: float = Field(default=1.0, gt=0)
+    #: Seconds between publications of the keys whose usage changed: a key's state goes out at
+    #: most once per interval, however many messages touched it.
+    publish_interval: float = Field(default=0.01, gt=0)
     #: An active key's state is re-published at least this often, even without new usage.
     refresh_interval: float = Field(default=5.0, gt=0)
     #: Seconds between Redis snapshot flushes.
@@ -138,6 +141,9 @@ class ClientSettings(BaseModel):
     #: Local usage not acknowledged by a state is forgotten after this many seconds.
     pending_ttl: float = Field(default=120.0, gt=0)
     warm_start: bool = True
+    #: Longest a decisions fetch waits at the broker: bounds how late a state arrives when the
+    #: topic is quiet, at the cost of one fetch request per interval per instance.
+    fetch_max_wait_ms: int = Field(default=50, ge=1, le=5000)
     #: A reservation not settled within this many seconds is settled as estimated.
     reservation_ttl: float = Field(default=600.0, gt=0)
 

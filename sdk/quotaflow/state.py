@@ -2,21 +2,28 @@
 
 One JSON document per key on the compacted decisions topic (and in the Redis snapshot)::
 
-    {"v": 1, "key": "team-alpha", "published_at": 1700000000.12, "watermark": 1699999999.8,
-     "scopes": {"": {"policy": "team-alpha", "windows": {"60": [start, req, prompt, completion]}}},
+    {"v": 2, "key": "team-alpha", "published_at": 1700000000.12, "watermark": 1699999999.8,
+     "scopes": {"": {"policy": "team-alpha",
+                     "windows": {"60": [bucket_start, req, prompt, completion,
+                                        [[expires_at, req, prompt, completion], ...]]}}},
      "limits": [{"scope": "", "name": "requests_per_minute", "limit": 600, "used": 12,
                  "remaining": 588, "reset_at": 1700000040}],
      "throttled": false, "denied_by": null, "retry_after": 0.0,
-     "sources": {"svc-a-17": 1699999999.8}, "instances": 1,
+     "sources": {"svc-a-17": 1699999999.8}, "instances": 2,
+     "shares": {"svc-a-17": 0.61, "svc-b-2": 0.39},
      "totals": {"records": 812, "requests": 812, "prompt_tokens": 91000,
                 "completion_tokens": 30100}}
 
-``scopes`` holds raw window counters (``""`` is key-wide, otherwise a model) so each SDK can apply
-its own policies and clock; ``limits`` is the worker's own evaluation, for readers without policies
-(gateway headers, dashboards). ``sources`` maps each emitting instance to the event time of its
-newest record that the state includes: an SDK drops its own pending usage up to that point.
-A heartbeat (``{"v": 1, "heartbeat": true, ...}``) under :data:`HEARTBEAT_KEY` tells followers
-that the worker is alive when no key changes.
+``scopes`` holds each window's sliding count at ``published_at`` (``""`` is key-wide, otherwise a
+model; see :mod:`quotaflow.windows`) and the next buckets to expire, so each SDK can apply its
+own policies and clock and free usage as its buckets expire without waiting for a new state.
+``limits`` is the worker's own evaluation, for readers without policies (gateway headers,
+dashboards). ``sources`` maps each emitting instance to the event time of its newest record that
+the state includes: an SDK drops its own pending usage up to that point. ``shares`` gives each
+active instance its share of the remaining budget until the next state.
+A heartbeat (``{"v": 2, "heartbeat": true, "instances": 20, ...}``) under :data:`HEARTBEAT_KEY`
+tells followers that the worker is alive when no key changes, and how many instances it has
+heard from lately (the share a key with no state yet starts from).
 """
 
 from __future__ import annotations
@@ -25,11 +32,22 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 HEARTBEAT_KEY = "__quotaflow_heartbeat__"
 
-#: ``(window_start, requests, prompt_tokens, completion_tokens)``
-WindowCounts = tuple[int, int, int, int]
+#: Bucket expiries listed per window: enough for the seconds between two states of a busy key.
+STATE_EXPIRIES = 16
+
+#: ``(expires_at, requests, prompt_tokens, completion_tokens)``
+Expiry = tuple[int, int, int, int]
+#: ``(bucket_start, requests, prompt_tokens, completion_tokens, expiries)``
+WindowCounts = tuple[int, int, int, int, tuple[Expiry, ...]]
+
+
+def of_dimension(dim: int, req: int, pt: int, ct: int) -> int:
+    """One dimension of a (requests, prompt, completion) triple: 0 requests, 1 prompt tokens,
+    2 completion tokens, 3 total tokens (the indexes of ``policies.DIMENSIONS``)."""
+    return req if dim == 0 else pt if dim == 1 else ct if dim == 2 else pt + ct
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +97,7 @@ class QuotaState:
     retry_after: float = 0.0
     sources: dict[str, float] = field(default_factory=dict)
     instances: int = 0
+    shares: dict[str, float] = field(default_factory=dict)
     totals: Totals = Totals()
 
     def to_json(self) -> bytes:
@@ -90,7 +109,9 @@ class QuotaState:
             "scopes": {
                 scope: {
                     "policy": self.scope_policies.get(scope),
-                    "windows": {str(size): list(w) for size, w in windows.items()},
+                    "windows": {
+                        str(size): [*w[:4], [list(x) for x in w[4]]] for size, w in windows.items()
+                    },
                 }
                 for scope, windows in self.scopes.items()
             },
@@ -100,6 +121,7 @@ class QuotaState:
             "retry_after": self.retry_after,
             "sources": self.sources,
             "instances": self.instances,
+            "shares": self.shares,
             "totals": {
                 "records": self.totals.records,
                 "requests": self.totals.requests,
@@ -114,12 +136,18 @@ class QuotaState:
         """Parse a published state; raises ``ValueError`` (or ``KeyError``) on a malformed one."""
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION or "key" not in doc:
-            raise ValueError("not a quotaflow v1 quota state")
+            raise ValueError(f"not a quotaflow v{STATE_VERSION} quota state")
         scopes: dict[str, dict[int, WindowCounts]] = {}
         policies: dict[str, str] = {}
         for scope, body in doc.get("scopes", {}).items():
             scopes[scope] = {
-                int(size): (int(w[0]), int(w[1]), int(w[2]), int(w[3]))
+                int(size): (
+                    int(w[0]),
+                    int(w[1]),
+                    int(w[2]),
+                    int(w[3]),
+                    tuple((int(x[0]), int(x[1]), int(x[2]), int(x[3])) for x in w[4]),
+                )
                 for size, w in body.get("windows", {}).items()
             }
             if body.get("policy"):
@@ -137,6 +165,7 @@ class QuotaState:
             retry_after=float(doc.get("retry_after", 0.0)),
             sources={str(k): float(v) for k, v in doc.get("sources", {}).items()},
             instances=int(doc.get("instances", 0)),
+            shares={str(k): float(v) for k, v in doc.get("shares", {}).items()},
             totals=Totals(
                 records=int(totals.get("records", 0)),
                 requests=int(totals.get("requests", 0)),
@@ -146,7 +175,24 @@ class QuotaState:
         )
 
 
-def heartbeat_json(published_at: float, worker: str) -> bytes:
+def heartbeat_json(published_at: float, worker: str, instances: int) -> bytes:
     return json.dumps(
-        {"v": STATE_VERSION, "heartbeat": True, "published_at": published_at, "worker": worker}
+        {
+            "v": STATE_VERSION,
+            "heartbeat": True,
+            "published_at": published_at,
+            "worker": worker,
+            "instances": instances,
+        }
     ).encode()
+
+
+def heartbeat_instances(raw: bytes) -> tuple[str, int] | None:
+    """``(worker, instances)`` of a heartbeat, or None if it is not one this SDK reads."""
+    try:
+        doc = json.loads(raw)
+        if doc.get("v") != STATE_VERSION or not doc.get("heartbeat"):
+            return None
+        return str(doc.get("worker", "")), int(doc.get("instances", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None

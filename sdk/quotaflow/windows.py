@@ -1,8 +1,16 @@
 """Window arithmetic: pure functions over epoch seconds, shared by the SDK and the worker.
 
-Windows are tumbling and aligned to the Unix epoch (UTC), the way provider limits reset: a
-minute window covers ``[60k, 60k + 60)``. Keeping the arithmetic here, free of I/O and state,
-lets tests cover every edge without a broker.
+Limits are enforced over *sliding* windows, so a key cannot spend its limit at 0:59 and again at
+1:00. Each window of ``W`` seconds is counted in buckets of ``b = W / SLIDE_BUCKETS[W]`` seconds
+aligned to the Unix epoch; at time ``t`` the count is the sum of the buckets that start in
+``[c - W, c]``, where ``c`` is the start of the bucket holding ``t``. Those buckets cover
+``[c - W, c + b)``, which contains every sliding interval ``(t - W, t]``: the count is never
+below the true sliding count, so the estimate never over-admits. It over-counts by at most the
+usage in ``[c - W, t - W]`` (part of one bucket), so a bucket's usage frees at most ``b``
+seconds later than a true sliding window would free it: at a steady saturated rate the
+admitted throughput is at least ``W / (W + b)`` of the limit (98.4 % with 60 buckets).
+
+Keeping the arithmetic here, free of I/O and state, lets tests cover every edge without a broker.
 """
 
 from __future__ import annotations
@@ -15,6 +23,31 @@ DAY: Final = 86400
 
 #: Window names used in policy fields (``tokens_per_minute``) mapped to their length in seconds.
 WINDOW_SECONDS: Final[dict[str, int]] = {"minute": MINUTE, "hour": HOUR, "day": DAY}
+
+
+#: Buckets per window length; a window slides in steps of ``size // buckets`` seconds.
+SLIDE_BUCKETS: Final[dict[int, int]] = {MINUTE: 60, HOUR: 60, DAY: 96}
+
+
+def bucket_size(size: int) -> int:
+    """Length in seconds of the buckets a ``size``-second window is counted in."""
+    return max(size // SLIDE_BUCKETS.get(size, 60), 1)
+
+
+def bucket_start(ts: float, size: int) -> int:
+    """Start of the bucket (of a ``size``-second window) that holds ``ts``."""
+    b = bucket_size(size)
+    return int(ts // b) * b
+
+
+def sliding_floor(now: float, size: int) -> int:
+    """Oldest bucket start still counted at ``now``: buckets starting at or after it count."""
+    return bucket_start(now, size) - size
+
+
+def bucket_expires_at(start: int, size: int) -> int:
+    """When a bucket starting at ``start`` stops counting: its usage frees at this moment."""
+    return start + size + bucket_size(size)
 
 
 def window_start(ts: float, size: int) -> int:
@@ -32,13 +65,14 @@ def seconds_until_reset(now: float, size: int) -> float:
     return window_end(now, size) - now
 
 
-def is_closed(start: int, size: int, watermark: float, grace: float) -> bool:
-    """True when the window starting at ``start`` accepts no more records.
+def is_expired(start: int, size: int, watermark: float, grace: float) -> bool:
+    """True when the bucket starting at ``start`` no longer counts in its window at ``watermark``
+    (event time) even allowing ``grace`` seconds for late records: such records are late.
 
-    A window stays open for ``grace`` seconds of event time after its end, so records that
-    arrive a little late (network, retries, clock skew) still count in the window they belong to.
+    Records that arrive a little late (network, retries, clock skew) still count, in the bucket
+    they belong to, for as long as that bucket still counts plus ``grace``.
     """
-    return start + size + grace <= watermark
+    return bucket_expires_at(start, size) + grace <= watermark
 
 
 def format_duration(seconds: float) -> str:

@@ -1,8 +1,9 @@
 """The worker's moving parts on a Faust app: the usage agent, the refresh timer, the snapshot
 timer and the stats page.
 
-Per usage message the agent parses every record (bad ones to the DLQ with a reason), folds each
-key's records into its table entry with one write, and publishes the key's new state. Records
+Per usage message the agent parses every record (bad ones to the DLQ with a reason) and folds
+each key's records into its table entry with one write; a fast timer publishes the new state of
+every key that changed, once per tick however many messages touched it. Records
 whose key does not hash to the message's partition are forwarded to the right one, so each key's
 counters live on exactly one partition (and one worker) however a producer routed them.
 """
@@ -23,7 +24,7 @@ from quotaflow.record import Rejected, UsageRecord, encode_records, parse_usage_
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import HEARTBEAT_KEY, heartbeat_json
 from quotaflow_stream.aggregate import add_records
-from quotaflow_stream.evaluate import evaluate, scopes_for
+from quotaflow_stream.evaluate import ACTIVE_SOURCE_SECONDS, evaluate, scopes_for
 from quotaflow_stream.snapshot import SnapshotWriter
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class UsagePipeline:
         self._scopes_for = scopes_for(policies)
         # key -> [last usage (worker clock), last publication]
         self._active: dict[str, list[float]] = {}
+        # source -> last usage from it (worker clock): the fleet size heartbeats announce
+        self._sources: dict[str, float] = {}
+        # keys whose usage changed since their state was last published
+        self._dirty: set[str] = set()
         t = settings.topics
         self.usage_topic = self._raw_topic(t.usage, usage_partitions)
         self.decisions_topic = self._raw_topic(t.decisions, usage_partitions)
@@ -83,6 +88,7 @@ class UsagePipeline:
         self.table = app.Table("aggregates", default=None, partitions=usage_partitions)
         app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
         app.timer(settings.worker.heartbeat_interval)(self._refresh)
+        app.timer(settings.worker.publish_interval)(self._publish_dirty)
         app.timer(settings.worker.snapshot_interval)(self._flush_snapshot)
         # Faust views want plain functions ``(web, request, **params)``, not bound methods.
         pipeline = self
@@ -136,15 +142,29 @@ class UsagePipeline:
         grace = self.settings.worker.grace_seconds
         if by_key and c.first_record_at is None:
             c.first_record_at = time.time()
+        sources = self._sources
         for key, recs in by_key.items():
+            for r in recs:
+                sources[r.source] = now
             entry, late = add_records(self.table.get(key), recs, self._scopes_for, grace)
             self.table[key] = entry
             c.records += len(recs)
             c.late += late
             self._active[key] = [now, now]
-            await self._publish(key, entry, now)
+            self._dirty.add(key)
         if by_key:
             c.last_record_at = time.time()
+
+    async def _publish_dirty(self) -> None:
+        """Publish the state of every key whose usage changed since the last tick."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        now = self.clock()
+        for key in dirty:
+            entry = self.table.get(key)
+            if entry is not None:
+                await self._publish(key, entry, now)
 
     async def _publish(self, key: str, entry: dict[str, Any], now: float) -> None:
         state = evaluate(key, entry, self.policies, now)
@@ -205,11 +225,13 @@ class UsagePipeline:
             if now - times[1] >= w.refresh_interval:
                 times[1] = now
                 await self._publish(key, entry, now)
+        quiet = now - ACTIVE_SOURCE_SECONDS
+        for source in [s for s, seen in self._sources.items() if seen < quiet]:
+            del self._sources[source]
+        beat = heartbeat_json(now, self.settings.worker.app_id, len(self._sources))
         for partition in range(self.partitions):
             await self.decisions_topic.send(
-                key=HEARTBEAT_KEY.encode(),
-                value=heartbeat_json(now, self.settings.worker.app_id),
-                partition=partition,
+                key=HEARTBEAT_KEY.encode(), value=beat, partition=partition
             )
         self.counters.heartbeats += 1
 

@@ -1,32 +1,45 @@
 """Per-key aggregation: pure functions over a JSON-able dict (the table's value).
 
-One table entry per counter key holds every open window of every scope (key-wide and, where a
-policy asks, per model), the newest event time seen from each emitting instance, and lifetime
-totals. A whole message's records for a key are folded in at once, so the table is written once
-per key per message, however many records it carried.
+One table entry per counter key holds the sliding-window buckets of every scope (key-wide and,
+where a policy asks, per model), what each emitting instance sent lately, and lifetime totals.
+A whole message's records for a key are folded in at once, so the table is written once per key
+per message, however many records it carried.
 
 Entry layout::
 
     {"wm": 1700000000.5,                      # newest event time of this key (its watermark)
-     "s": {"": {"60": [[start, req, prompt, completion], ...], "3600": [...], "86400": [...]}},
-     "src": {"svc-a-17": 1700000000.5},       # newest event time per source
+     "s": {"": {"60": [[bucket_start, req, prompt, completion], ...],   # 1 s buckets
+                "3600": [...], "86400": [...]}},                        # 60 s, 15 min buckets
+     "src": {"svc-a-17": [1700000000.5, 3.2]}, # per source: newest event time, recent requests
      "t": [records, requests, prompt, completion],
-     "late": 3}                                # records past grace for at least one window
+     "late": 3}                                # records too late for at least one window
+
+A source's "recent requests" decays with a half-life of :data:`RATE_HALF_LIFE` seconds of event
+time; budget shares are drawn from it (see :mod:`quotaflow_stream.evaluate`).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from quotaflow.record import UsageRecord
-from quotaflow.windows import DAY, HOUR, MINUTE, is_closed, window_start
+from quotaflow.windows import DAY, HOUR, MINUTE, bucket_size
 
 #: Every scope keeps these windows, whatever its policy limits, so dashboards can show them.
 WINDOW_SIZES: tuple[int, ...] = (MINUTE, HOUR, DAY)
 
+#: (table field, window length, bucket length) for each window, precomputed for the hot loop.
+_WINDOWS: tuple[tuple[str, int, int], ...] = tuple(
+    (str(size), size, bucket_size(size)) for size in WINDOW_SIZES
+)
+
 #: Sources silent for this long (event time) are forgotten.
 SOURCE_HORIZON = 3600.0
+
+#: Half-life (event-time seconds) of a source's recent-request weight.
+RATE_HALF_LIFE = 10.0
 
 Entry = dict[str, Any]
 ScopesFor = Callable[[str, str], Iterable[str]]
@@ -39,45 +52,60 @@ def new_entry() -> Entry:
 def add_records(
     entry: Entry | None, records: Iterable[UsageRecord], scopes_for: ScopesFor, grace: float
 ) -> tuple[Entry, int]:
-    """Fold records of one key into its entry; returns (new entry, records late for a window).
+    """Fold records of one key into its entry, in place; returns (entry, records late for a
+    window). The caller assigns the entry back to its table, which is what persists it.
 
     ``scopes_for(key, model)`` names the scopes a record counts in (always ``""``, plus the model
-    where a model policy binds it). A record too late for a window (its end + ``grace`` is at or
-    before the key's watermark) is left out of that window but still counts in open ones and in
-    the totals, and is reported as late.
+    where a model policy binds it). A record whose bucket no longer counts in a window at the
+    key's watermark, even allowing ``grace`` seconds, is left out of that window but still counts
+    in the others and in the totals, and is reported as late.
     """
-    e: Entry = new_entry() if entry is None else _copy(entry)
+    # In place: copying a busy key's buckets on every message cost more than folding the records.
+    e: Entry = new_entry() if entry is None else entry
     scopes: dict[str, dict[str, list[list[float]]]] = e["s"]
     totals = e["t"]
     src = e["src"]
     late = 0
     for r in records:
-        if r.ts > e["wm"]:
-            e["wm"] = r.ts
+        ts = r.ts
+        if ts > e["wm"]:
+            e["wm"] = ts
+        wm = e["wm"]
         totals[0] += 1
         totals[1] += r.requests
         totals[2] += r.prompt_tokens
         totals[3] += r.completion_tokens
-        if r.ts > src.get(r.source, 0.0):
-            src[r.source] = r.ts
+        _note_source(src, r.source, ts, r.requests)
         was_late = False
         for scope in scopes_for(r.key, r.model):
-            windows = scopes.setdefault(scope, {})
-            for size in WINDOW_SIZES:
-                start = window_start(r.ts, size)
-                if is_closed(start, size, e["wm"], grace):
+            windows = scopes.get(scope)
+            if windows is None:
+                windows = scopes[scope] = {}
+            for field, size, b in _WINDOWS:
+                start = int(ts // b) * b
+                if start + size + b + grace <= wm:
                     was_late = True
                     continue
-                buckets = windows.setdefault(str(size), [])
-                for b in buckets:
-                    if b[0] == start:
-                        b[1] += r.requests
-                        b[2] += r.prompt_tokens
-                        b[3] += r.completion_tokens
-                        break
-                else:
+                buckets = windows.get(field)
+                if buckets is None:
+                    windows[field] = [[start, r.requests, r.prompt_tokens, r.completion_tokens]]
+                    continue
+                last = buckets[-1]
+                if last[0] == start:
+                    bucket = last
+                elif last[0] < start:
                     buckets.append([start, r.requests, r.prompt_tokens, r.completion_tokens])
-                    buckets.sort(key=lambda b: b[0])
+                    continue
+                else:  # an older bucket: records arrive mostly in order, so this is rare
+                    i = bisect_left(buckets, start, key=lambda bk: int(bk[0]))
+                    if i < len(buckets) and buckets[i][0] == start:
+                        bucket = buckets[i]
+                    else:
+                        buckets.insert(i, [start, r.requests, r.prompt_tokens, r.completion_tokens])
+                        continue
+                bucket[1] += r.requests
+                bucket[2] += r.prompt_tokens
+                bucket[3] += r.completion_tokens
         if was_late:
             late += 1
     e["late"] += late
@@ -85,39 +113,69 @@ def add_records(
     return e, late
 
 
+def _note_source(src: dict[str, Any], source: str, ts: float, requests: int) -> None:
+    """Advance a source's newest event time and its decaying recent-request weight."""
+    seen = src.get(source)
+    if seen is None:
+        src[source] = [ts, float(requests)]
+        return
+    if isinstance(seen, (int, float)):  # an entry written before weights were kept
+        seen = src[source] = [float(seen), 0.0]
+    if ts > seen[0]:
+        seen[1] = seen[1] * 0.5 ** ((ts - seen[0]) / RATE_HALF_LIFE) + requests
+        seen[0] = ts
+    else:
+        seen[1] += requests
+
+
 def prune(entry: Entry, grace: float) -> None:
-    """Drop closed windows (keeping each scope's newest) and long-silent sources."""
+    """Drop buckets that no longer count (allowing ``grace``) and long-silent sources."""
     wm = entry["wm"]
     for windows in entry["s"].values():
-        for size_text, buckets in windows.items():
-            size = int(size_text)
-            if len(buckets) > 1:
-                keep = [b for b in buckets[:-1] if not is_closed(int(b[0]), size, wm, grace)]
-                keep.append(buckets[-1])
-                windows[size_text] = keep
+        for field, size, b in _WINDOWS:
+            buckets = windows.get(field)
+            if buckets and buckets[0][0] + size + b + grace <= wm:
+                windows[field] = [bk for bk in buckets if bk[0] + size + b + grace > wm]
     src = entry["src"]
-    for source in [s for s, ts in src.items() if ts < wm - SOURCE_HORIZON]:
+    for source in [s for s, seen in src.items() if source_ts(seen) < wm - SOURCE_HORIZON]:
         del src[source]
 
 
-def current_bucket(entry: Entry, scope: str, size: int, now: float) -> tuple[int, int, int, int]:
-    """The counters of the window of ``size`` that contains ``now`` (zeros if none)."""
-    start = window_start(now, size)
-    for b in entry["s"].get(scope, {}).get(str(size), ()):
-        if int(b[0]) == start:
-            return start, int(b[1]), int(b[2]), int(b[3])
-    return start, 0, 0, 0
+def source_ts(seen: Any) -> float:
+    """A source's newest event time (entries from before weights were kept hold just that)."""
+    return float(seen) if isinstance(seen, (int, float)) else float(seen[0])
 
 
-def _copy(entry: Entry) -> Entry:
-    # Table values must not be mutated in place: Faust only persists what is assigned back.
-    return {
-        "wm": entry.get("wm", 0.0),
-        "s": {
-            scope: {size: [list(b) for b in buckets] for size, buckets in windows.items()}
-            for scope, windows in entry.get("s", {}).items()
-        },
-        "src": dict(entry.get("src", {})),
-        "t": list(entry.get("t", [0, 0, 0, 0])),
-        "late": entry.get("late", 0),
-    }
+def source_weight(seen: Any, at: float) -> float:
+    """A source's recent-request weight, decayed to event time ``at``."""
+    if isinstance(seen, (int, float)):
+        return 0.0
+    ts, weight = seen
+    return float(weight) * 0.5 ** (max(at - ts, 0.0) / RATE_HALF_LIFE)
+
+
+def sliding_counts(
+    entry: Entry, scope: str, size: int, now: float, max_expiries: int
+) -> tuple[int, int, int, int, tuple[tuple[int, int, int, int], ...]]:
+    """The sliding count of one window at ``now``, and when its usage frees.
+
+    Returns ``(bucket_start, requests, prompt, completion, expiries)``: the start of the bucket
+    holding ``now``, the sums over every bucket that counts at ``now``, and the first
+    ``max_expiries`` of those buckets as ``(expires_at, requests, prompt, completion)``, oldest
+    first, so a reader can subtract what has freed since ``now``.
+    """
+    b = bucket_size(size)
+    current = int(now // b) * b
+    floor = current - size
+    req = pt = ct = 0
+    expiries: list[tuple[int, int, int, int]] = []
+    for bk in entry["s"].get(scope, {}).get(str(size), ()):
+        start = int(bk[0])
+        if start < floor:
+            continue
+        req += int(bk[1])
+        pt += int(bk[2])
+        ct += int(bk[3])
+        if len(expiries) < max_expiries:
+            expiries.append((start + size + b, int(bk[1]), int(bk[2]), int(bk[3])))
+    return current, req, pt, ct, tuple(expiries)

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
 
-from quotaflow.policies import KEY_SCOPE, PolicySet
-from quotaflow.state import LimitStatus, QuotaState, Totals, WindowCounts
-from quotaflow_stream.aggregate import WINDOW_SIZES, Entry, ScopesFor, current_bucket
+from quotaflow.policies import DIMENSION_INDEX, KEY_SCOPE, PolicySet
+from quotaflow.state import (
+    STATE_EXPIRIES,
+    LimitStatus,
+    QuotaState,
+    Totals,
+    WindowCounts,
+    of_dimension,
+)
+from quotaflow_stream.aggregate import (
+    WINDOW_SIZES,
+    Entry,
+    ScopesFor,
+    sliding_counts,
+    source_ts,
+    source_weight,
+)
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).
 ACTIVE_SOURCE_SECONDS = 60.0
@@ -24,41 +40,65 @@ def scopes_for(policies: PolicySet) -> ScopesFor:
     return scopes
 
 
+def budget_shares(entry: Entry) -> dict[str, float]:
+    """Each active source's share of the key's remaining budget until the next state.
+
+    Half is split evenly among the sources active in the last :data:`ACTIVE_SOURCE_SECONDS`
+    and half in proportion to their recent request rate, so a busy instance gets more room
+    than an idle one while every instance keeps some. Shares are rounded down: they sum to at
+    most 1, which is what bounds the fleet's overshoot.
+    """
+    wm = entry["wm"]
+    active = {
+        s: seen for s, seen in entry["src"].items() if source_ts(seen) >= wm - ACTIVE_SOURCE_SECONDS
+    }
+    if not active:
+        return {}
+    even = 0.5 / len(active)
+    weights = {s: source_weight(seen, wm) for s, seen in active.items()}
+    total = sum(weights.values())
+    return {
+        s: math.floor((even + (0.5 * w / total if total > 0 else even)) * 10_000) / 10_000
+        for s, w in weights.items()
+    }
+
+
 def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaState:
-    """The state of ``key`` at ``now`` (worker clock): current windows, limits, throttle."""
+    """The state of ``key`` at ``now`` (worker clock): sliding windows, limits, throttle."""
     scopes: dict[str, dict[int, WindowCounts]] = {}
     scope_policies: dict[str, str] = {}
     limits: list[LimitStatus] = []
     denied: LimitStatus | None = None
     for scope in entry["s"]:
-        windows = {size: current_bucket(entry, scope, size, now) for size in WINDOW_SIZES}
-        scopes[scope] = windows
+        full = {size: sliding_counts(entry, scope, size, now, 1 << 30) for size in WINDOW_SIZES}
         bindings = policies.resolve(key, None if scope == KEY_SCOPE else scope)
         binding = next((b for b in bindings if b.scope == scope), None)
+        # expiries only where a limit reads them: they are most of a state's size
+        limited = {spec.window for spec in binding.policy.specs} if binding else set()
+        scopes[scope] = {
+            size: (*w[:4], w[4][:STATE_EXPIRIES] if size in limited else ())
+            for size, w in full.items()
+        }
         if binding is None:
             continue
         scope_policies[scope] = binding.policy.name
         for spec in binding.policy.specs:
-            start, req, pt, ct = windows[spec.window]
-            used = {
-                "requests": req,
-                "prompt_tokens": pt,
-                "completion_tokens": ct,
-                "tokens": pt + ct,
-            }[spec.dimension]
+            _, req, pt, ct, expiries = full[spec.window]
+            dim = DIMENSION_INDEX[spec.dimension]
+            used = of_dimension(dim, req, pt, ct)
             status = LimitStatus(
                 scope=scope,
                 name=spec.name,
                 limit=spec.limit,
                 used=used,
                 remaining=max(spec.limit - used, 0),
-                reset_at=float(start + spec.window),
+                reset_at=_frees_at(used, spec.limit, dim, expiries, now),
             )
             limits.append(status)
             if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
                 denied = status
-    sources: dict[str, float] = entry["src"]
-    active = sum(1 for ts in sources.values() if ts >= entry["wm"] - ACTIVE_SOURCE_SECONDS)
+    sources: dict[str, Any] = entry["src"]
+    shares = budget_shares(entry)
     t = entry["t"]
     return QuotaState(
         key=key,
@@ -72,7 +112,22 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
         if denied is None
         else (denied.name if denied.scope == KEY_SCOPE else f"{denied.scope}/{denied.name}"),
         retry_after=0.0 if denied is None else max(denied.reset_at - now, 0.0),
-        sources=dict(sources),
-        instances=active,
+        sources={s: source_ts(seen) for s, seen in sources.items()},
+        instances=len(shares),
+        shares=shares,
         totals=Totals(records=t[0], requests=t[1], prompt_tokens=t[2], completion_tokens=t[3]),
     )
+
+
+def _frees_at(
+    used: int, limit: int, dim: int, expiries: tuple[tuple[int, int, int, int], ...], now: float
+) -> float:
+    """When a throttled limit next admits a call (usage drops below the limit), or, for one
+    that is not throttled, when all its current usage has freed."""
+    if used < limit:
+        return float(expiries[-1][0]) if expiries else now
+    for at, req, pt, ct in expiries:
+        used -= of_dimension(dim, req, pt, ct)
+        if used < limit:
+            return float(at)
+    return float(expiries[-1][0]) if expiries else now

@@ -1,5 +1,6 @@
 """The whole loop: several SDK clients spend a small budget; the worker publishes the throttle;
-every client then denies with the right retry_after; after the window resets they allow again.
+every client then denies with the right retry_after; once the usage has slid out of the window
+they allow again.
 
 Clients run on an injected clock that starts at real time (so the worker's windows line up) and
 is moved past the reset instead of sleeping through it."""
@@ -13,7 +14,7 @@ import pytest
 
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
-from quotaflow.windows import HOUR, window_end
+from quotaflow.windows import HOUR, bucket_start
 from quotaflow_stream.devstack import DevStack
 from quotaflow_stream.launcher import WorkerProcess
 from tests.conftest import pipeline_settings, running_worker, wait_for
@@ -57,8 +58,6 @@ def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
 def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
     settings: QuotaflowSettings, worker: WorkerProcess
 ) -> None:
-    if window_end(time.time(), HOUR) - time.time() < 30:  # keep the run inside one hour window
-        time.sleep(window_end(time.time(), HOUR) - time.time() + 1)
     clocks = [ShiftedClock() for _ in range(3)]
     clients = []
     for i, clock in enumerate(clocks):
@@ -69,6 +68,7 @@ def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
         for c in clients:
             assert c.wait_ready(30)
         key = "e2e-team"
+        first_bucket = bucket_start(time.time(), HOUR)
         # Instances 0 and 1 spend 950 of 1000 tokens between them; instance 2 spends nothing.
         for i in range(19):
             c = clients[i % 2]
@@ -79,8 +79,10 @@ def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
             lambda: (s := clients[2].cache.state(key)) and s.totals.tokens == 950,
             what="instance 2 to see the fleet's 950 tokens",
         )
-        assert clients[2].check(key, "gpt-4o-mini", tokens=50).allowed
-        assert not clients[2].check(key, "gpt-4o-mini", tokens=51).allowed
+        # Its budget share is a third of the 50 left (a newcomer beside two active instances).
+        assert clients[2].check(key, "gpt-4o-mini", tokens=16).allowed
+        assert clients[2].check(key, "gpt-4o-mini", tokens=17).reason == "share"
+        assert clients[2].check(key, "gpt-4o-mini", tokens=51).reason == "limit"
         # One more call takes the key to its limit; every instance must deny within 2 s.
         clients[2].record(key, "gpt-4o-mini", prompt_tokens=50)
         started = time.monotonic()
@@ -90,11 +92,14 @@ def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
 
         wait_for(all_deny, timeout=2.0, interval=0.005, what="every instance to deny")
         converged_ms = (time.monotonic() - started) * 1000
-        reset = window_end(time.time(), HOUR)
+        # the hour slides in 60 s buckets: the calls made within the last few seconds free one
+        # hour and one bucket after their bucket began (two buckets if they straddled a minute)
+        resets = {first_bucket + HOUR + 60, first_bucket + HOUR + 120}
         for c in clients:
             d = c.check(key, "gpt-4o-mini", tokens=1)
             assert d.limit == "tokens_per_hour" and d.policy == "e2e-small"
-            assert d.reset_at == reset
+            assert d.reset_at in resets
+            reset = d.reset_at
             assert d.retry_after == pytest.approx(reset - time.time(), abs=1.0)
             assert d.remaining["tokens_per_hour"] == 0
         state = clients[0].cache.state(key)
@@ -102,6 +107,7 @@ def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
         assert state.instances == 3
         print(f"fleet converged on the throttle in {converged_ms:.0f} ms")
         # Past the reset every instance allows again, from its own clock and the old state.
+        reset = max(resets)
         for clock in clocks:
             clock.offset = reset - time.time() + 1
         for c in clients:

@@ -148,7 +148,7 @@ def test_denied_before_the_http_call_as_the_clients_rate_limit_error(
     assert err.value.status_code == 429 and err.value.code == "rate_limit_exceeded"
     assert "tokens_per_minute" in err.value.message
     wait = retry_after(err.value)
-    assert wait is not None and 0 < wait <= 60
+    assert wait is not None and 0 < wait <= 61  # a minute slides in 1 s buckets
     assert len(records(quota, usage)) == 1, "only the admitted call is recorded"
 
 

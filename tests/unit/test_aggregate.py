@@ -4,8 +4,8 @@ import pytest
 
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
-from quotaflow_stream.aggregate import add_records, current_bucket
-from quotaflow_stream.evaluate import evaluate, scopes_for
+from quotaflow_stream.aggregate import add_records, sliding_counts
+from quotaflow_stream.evaluate import budget_shares, evaluate, scopes_for
 
 M0 = 1_700_000_040  # a minute boundary
 
@@ -25,6 +25,11 @@ POLICIES = parse_policies(
 SCOPES = scopes_for(POLICIES)
 
 
+def counted(entry, scope: str, size: int, now: float) -> tuple[int, int, int]:
+    """(requests, prompt, completion) counted in the sliding window at ``now``."""
+    return sliding_counts(entry, scope, size, now, 0)[1:4]
+
+
 def rec(i: int, ts: float, model: str = "small", pt: int = 10, ct: int = 5, source: str = "a"):
     return UsageRecord(
         id=str(i), ts=ts, key="k1", model=model, prompt_tokens=pt, completion_tokens=ct,
@@ -35,51 +40,97 @@ def rec(i: int, ts: float, model: str = "small", pt: int = 10, ct: int = 5, sour
 def test_records_fold_into_windows_and_totals() -> None:
     entry, late = add_records(None, [rec(1, M0 + 1), rec(2, M0 + 2, source="b")], SCOPES, 10)
     assert late == 0
-    assert current_bucket(entry, "", 60, M0 + 30) == (M0, 2, 20, 10)
+    assert counted(entry, "", 60, M0 + 30) == (2, 20, 10)
     assert entry["t"] == [2, 2, 20, 10]
-    assert entry["src"] == {"a": M0 + 1, "b": M0 + 2}
+    assert {s: seen[0] for s, seen in entry["src"].items()} == {"a": M0 + 1, "b": M0 + 2}
     assert "small" not in entry["s"], "no model policy binds 'small'"
 
 
 def test_model_scope_is_kept_where_a_model_policy_binds() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 1, model="big", pt=60, ct=0)], SCOPES, 10)
-    assert current_bucket(entry, "big", 60, M0 + 1) == (M0, 1, 60, 0)
-    assert current_bucket(entry, "", 60, M0 + 1) == (M0, 1, 60, 0)
+    assert counted(entry, "big", 60, M0 + 1) == (1, 60, 0)
+    assert counted(entry, "", 60, M0 + 1) == (1, 60, 0)
 
 
-def test_input_entry_is_not_mutated() -> None:
+def test_entry_is_folded_in_place_across_messages() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 1)], SCOPES, 10)
-    snapshot = repr(entry)
+    again, _ = add_records(entry, [rec(2, M0 + 1.5), rec(3, M0 + 2)], SCOPES, 10)
+    assert again is entry
+    assert [b[:2] for b in entry["s"][""]["60"]] == [[M0 + 1, 2], [M0 + 2, 1]]
+
+
+def test_entries_written_before_source_weights_still_fold() -> None:
+    entry, _ = add_records(None, [rec(1, M0 + 1)], SCOPES, 10)
+    entry["src"] = {"a": M0 + 1}  # the layout before recent-request weights
     add_records(entry, [rec(2, M0 + 2)], SCOPES, 10)
-    assert repr(entry) == snapshot
+    assert entry["src"]["a"][0] == M0 + 2 and budget_shares(entry) == {"a": 1.0}
+
+
+def test_windows_slide_bucket_by_bucket() -> None:
+    entry, _ = add_records(None, [rec(1, M0 + 10.5), rec(2, M0 + 40.2)], SCOPES, 10)
+    assert counted(entry, "", 60, M0 + 70.4)[0] == 2, "bucket [10, 11) still counts"
+    assert counted(entry, "", 60, M0 + 71.0)[0] == 1, "it expires 61 s after it began"
+    assert counted(entry, "", 60, M0 + 101.0)[0] == 0
+    _, req, _, _, expiries = sliding_counts(entry, "", 60, M0 + 50, 16)
+    assert req == 2 and expiries == ((M0 + 71, 1, 10, 5), (M0 + 101, 1, 10, 5))
+    assert sliding_counts(entry, "", 60, M0 + 50, 1)[4] == ((M0 + 71, 1, 10, 5),)
 
 
 def test_late_within_grace_counts_in_its_window_beyond_grace_does_not() -> None:
-    entry, _ = add_records(None, [rec(1, M0 + 65)], SCOPES, grace=10)  # next minute
-    entry, late = add_records(entry, [rec(2, M0 + 59)], SCOPES, grace=10)  # 6 s late: ok
-    assert late == 0 and current_bucket(entry, "", 60, M0 + 1)[1] == 1
-    entry, _ = add_records(entry, [rec(3, M0 + 75)], SCOPES, grace=10)  # watermark M0+75
-    entry, late = add_records(entry, [rec(4, M0 + 30)], SCOPES, grace=10)  # window closed
+    entry, _ = add_records(None, [rec(1, M0 + 65)], SCOPES, grace=10)
+    entry, late = add_records(entry, [rec(2, M0 + 20)], SCOPES, grace=10)  # its bucket counts
+    assert late == 0 and counted(entry, "", 60, M0 + 65)[0] == 2
+    entry, _ = add_records(entry, [rec(3, M0 + 95)], SCOPES, grace=10)  # watermark M0+95
+    entry, late = add_records(entry, [rec(4, M0 + 20)], SCOPES, grace=10)  # expired + grace
     assert late == 1 and entry["late"] == 1
-    assert current_bucket(entry, "", 60, M0 + 1)[1] == 0, "closed window was pruned"
-    assert current_bucket(entry, "", 3600, M0 + 1)[1] == 4, "the hour window is still open"
+    assert counted(entry, "", 60, M0 + 95)[0] == 2, "expired buckets are pruned"
+    assert counted(entry, "", 3600, M0 + 95)[0] == 4, "the hour window still counts all"
     assert entry["t"][0] == 4, "totals keep every record"
 
 
-def test_evaluate_throttles_with_retry_after() -> None:
+def test_out_of_order_records_land_in_their_own_buckets() -> None:
+    entry, _ = add_records(None, [rec(1, M0 + 30), rec(2, M0 + 10), rec(3, M0 + 20)], SCOPES, 10)
+    entry, _ = add_records(entry, [rec(4, M0 + 10.9)], SCOPES, 10)
+    assert [b[:2] for b in entry["s"][""]["60"]] == [[M0 + 10, 2], [M0 + 20, 1], [M0 + 30, 1]]
+
+
+def test_evaluate_throttles_until_enough_usage_frees() -> None:
     entry, _ = add_records(None, [rec(i, M0 + i) for i in range(3)], SCOPES, 10)
     state = evaluate("k1", entry, POLICIES, now=M0 + 20)
     assert state.throttled and state.denied_by == "requests_per_minute"
-    assert state.retry_after == pytest.approx(40)
+    # the first bucket [M0, M0+1) frees at M0+61: one request below the limit again
+    assert state.retry_after == pytest.approx(41)
     assert state.instances == 1 and state.totals.records == 3
     (lim,) = state.limits
-    assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 60)
+    assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 61)
 
 
-def test_evaluate_after_the_window_rolls_over_is_open() -> None:
+def test_no_burst_at_the_minute_edge() -> None:
+    """Spending the limit at 0:59 leaves nothing at 1:00 (a fixed window would allow 2x)."""
+    entry, _ = add_records(None, [rec(i, M0 + 59.5) for i in range(3)], SCOPES, 10)
+    assert evaluate("k1", entry, POLICIES, now=M0 + 60.5).throttled
+    assert evaluate("k1", entry, POLICIES, now=M0 + 119.5).throttled
+    assert not evaluate("k1", entry, POLICIES, now=M0 + 120.0).throttled
+
+
+def test_evaluate_once_usage_has_expired_is_open() -> None:
     entry, _ = add_records(None, [rec(i, M0 + i) for i in range(3)], SCOPES, 10)
-    state = evaluate("k1", entry, POLICIES, now=M0 + 61)
+    state = evaluate("k1", entry, POLICIES, now=M0 + 63)
     assert not state.throttled and state.limits[0].used == 0
+
+
+def test_budget_shares_sum_to_at_most_one_and_follow_recent_rates() -> None:
+    busy = [rec(i, M0 + i / 10, source="busy") for i in range(30)]
+    idle = [rec(100, M0 + 1, source="idle")]
+    entry, _ = add_records(None, busy + idle, SCOPES, 10)
+    shares = budget_shares(entry)
+    assert set(shares) == {"busy", "idle"}
+    assert sum(shares.values()) <= 1.0
+    # half split evenly (0.25 each), half by recent requests (~29:1)
+    assert shares["busy"] > 0.72 and 0.25 <= shares["idle"] < 0.28, shares
+    # a source silent for over a minute no longer takes a share
+    entry, _ = add_records(entry, [rec(200, M0 + 70, source="busy")], SCOPES, 10)
+    assert budget_shares(entry) == {"busy": 1.0}
 
 
 def test_state_json_round_trip() -> None:
@@ -90,3 +141,4 @@ def test_state_json_round_trip() -> None:
     again = QuotaState.from_json(state.to_json())
     assert again == state
     assert again.denied_by == "big/tokens_per_minute"
+    assert again.shares == {"a": 1.0}

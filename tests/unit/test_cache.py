@@ -44,15 +44,27 @@ def policies(fail_mode: str = "open", **limits: int) -> PolicySet:
 
 
 def state(
-    key: str, published_at: float, req: int, pt: int, ct: int, sources: dict[str, float]
+    key: str,
+    published_at: float,
+    req: int,
+    pt: int,
+    ct: int,
+    sources: dict[str, float],
+    *,
+    began: float = T0 - 20,
+    shares: dict[str, float] | None = None,
 ) -> QuotaState:
+    """A state whose minute window holds all its usage in one 1 s bucket begun at ``began``."""
+    bucket = int(began)
+    expiry = (bucket + 61, req, pt, ct)
     return QuotaState(
         key=key,
         published_at=published_at,
         watermark=published_at,
-        scopes={"": {60: (MINUTE_START, req, pt, ct)}},
+        scopes={"": {60: (int(published_at), req, pt, ct, (expiry,))}},
         scope_policies={"": "p"},
         sources=sources,
+        shares=shares or {},
     )
 
 
@@ -80,7 +92,8 @@ def test_local_usage_counts_before_any_state(cache: QuotaCache) -> None:
     d = cache.check("k1", "small", prompt_tokens=10)
     assert not d.allowed
     assert d.limit == "requests_per_minute" and d.policy == "p"
-    assert d.retry_after == pytest.approx(20.0) and d.reset_at == MINUTE_START + 60
+    # the window slides: the first call frees 61 s after the 1 s bucket it fell in began
+    assert d.retry_after == pytest.approx(61.0) and d.reset_at == T0 + 61
     assert d.remaining["requests_per_minute"] == 0
 
 
@@ -112,8 +125,11 @@ def test_window_reset_allows_again_without_a_new_state(cache: QuotaCache, clock:
     cache.apply_state(state("k1", T0, 5, 0, 0, {}))
     d = cache.check("k1", "small")
     assert not d.allowed
-    clock.now = d.reset_at + 0.001  # type: ignore[operator]
+    assert d.reset_at == T0 + 41, "the state's bucket began at T0 - 20"
+    clock.now = d.reset_at - 0.001  # type: ignore[operator]
     cache.mark_heard()
+    assert not cache.check("k1", "small").allowed
+    clock.now = d.reset_at  # type: ignore[assignment]
     assert cache.check("k1", "small").allowed
 
 
@@ -136,7 +152,7 @@ def test_denial_reports_the_longest_wait(clock: Clock) -> None:
     c.add_usage("k1", "x", T0, 1, 0, 0)
     d = c.check("k1", "x")
     assert d.limit == "requests_per_hour"
-    assert d.reset_at == (T0 // 3600 + 1) * 3600
+    assert d.reset_at == (T0 // 60) * 60 + 3660, "the hour window's 60 s bucket frees last"
 
 
 @pytest.mark.parametrize("mode", ["open", "closed", "local"])
@@ -176,4 +192,57 @@ def test_denial_carries_the_limits_figures_and_usage_lists_every_limit(
     rows = {u.name: u for u in cache.usage("k1", "small")}
     assert rows["tokens_per_minute"].used == 950 and rows["tokens_per_minute"].remaining == 50
     assert rows["requests_per_minute"].used == 2
-    assert rows["requests_per_minute"].reset_at == MINUTE_START + 60
+    assert rows["requests_per_minute"].reset_at == T0 + 61
+
+
+def test_state_usage_frees_as_its_buckets_expire(clock: Clock) -> None:
+    c = QuotaCache(policies(requests_per_minute=5), "me", clock=clock)
+    c.mark_heard()
+    two_buckets = QuotaState(
+        key="k1", published_at=T0, watermark=T0,
+        scopes={"": {60: (int(T0), 5, 0, 0, ((int(T0) + 3, 2, 0, 0), (int(T0) + 9, 3, 0, 0)))}},
+        scope_policies={"": "p"},
+    )  # fmt: skip
+    c.apply_state(two_buckets)
+    assert not c.check("k1").allowed
+    assert c.check("k1").reset_at == T0 + 3
+    clock.now = T0 + 3
+    assert c.check("k1", requests=2).allowed and not c.check("k1", requests=3).allowed
+    clock.now = T0 + 9
+    assert c.check("k1", requests=5).allowed
+
+
+def test_budget_share_caps_admissions_until_the_next_state(clock: Clock) -> None:
+    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock)
+    c.mark_heard()
+    # 60 counted, 40 left; this instance holds a quarter of it until the next state
+    c.apply_state(state("k1", T0, 60, 0, 0, {}, shares={"me": 0.25, "b": 0.5, "c": 0.25}))
+    for i in range(10):
+        assert c.check("k1").allowed, i
+        c.add_usage("k1", "x", T0, 1, 0, 0)
+    d = c.check("k1")
+    assert not d.allowed and d.reason == "share" and d.retry_after == pytest.approx(0.05)
+    assert d.remaining["requests_per_minute"] == 29, "the fleet's budget is not exhausted"
+    # the next state counts our 10 and the others' 20: our quarter of the 10 left is 2
+    c.apply_state(state("k1", T0 + 0.1, 90, 0, 0, {"me": T0}, shares={"me": 0.25, "b": 0.75}))
+    assert c.check("k1", requests=2).allowed and not c.check("k1", requests=3).allowed
+
+
+def test_share_of_a_newcomer_and_of_a_key_without_state(clock: Clock) -> None:
+    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock)
+    c.mark_heard()
+    c.note_fleet("worker-1", 10)
+    assert c.check("k9", requests=10).allowed and not c.check("k9", requests=11).allowed
+    c.apply_state(state("k1", T0, 0, 0, 0, {}, shares={"a": 0.5, "b": 0.5}))
+    assert c.check("k1", requests=33).allowed and not c.check("k1", requests=34).allowed
+
+
+def test_budget_shares_can_be_switched_off(clock: Clock) -> None:
+    off = parse_policies(
+        {"policies": [{"name": "p", "keys": ["k*"], "budget_shares": False,
+                       "limits": {"requests_per_minute": 100}}]}
+    )  # fmt: skip
+    c = QuotaCache(off, "me", clock=clock)
+    c.mark_heard()
+    c.apply_state(state("k1", T0, 60, 0, 0, {}, shares={"me": 0.25, "b": 0.75}))
+    assert c.check("k1", requests=40).allowed and not c.check("k1", requests=41).allowed

@@ -1,12 +1,18 @@
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quotaflow.windows import (
     DAY,
     HOUR,
     MINUTE,
+    bucket_expires_at,
+    bucket_size,
+    bucket_start,
     format_duration,
-    is_closed,
+    is_expired,
     seconds_until_reset,
+    sliding_floor,
     window_end,
     window_start,
 )
@@ -34,11 +40,37 @@ def test_seconds_until_reset_stays_within_one_window() -> None:
     assert seconds_until_reset(179.5, MINUTE) == pytest.approx(0.5)
 
 
-def test_window_closes_only_after_grace() -> None:
-    # window [60, 120) with 10 s grace accepts records until the watermark reaches 130
-    assert not is_closed(60, MINUTE, watermark=129.9, grace=10)
-    assert is_closed(60, MINUTE, watermark=130.0, grace=10)
-    assert is_closed(60, MINUTE, watermark=120.0, grace=0)
+def test_buckets_slide_each_window_in_small_steps() -> None:
+    assert (bucket_size(MINUTE), bucket_size(HOUR), bucket_size(DAY)) == (1, 60, 900)
+    assert bucket_start(125.7, MINUTE) == 125
+    # at 125.7 the counted buckets start in [65, 125]: they cover [65, 126) ⊇ (65.7, 125.7]
+    assert sliding_floor(125.7, MINUTE) == 65
+    assert bucket_expires_at(65, MINUTE) == 126
+
+
+def test_bucket_expires_only_after_grace() -> None:
+    # bucket [60, 61) of a minute window counts until 121; with 10 s grace it accepts records
+    # until the watermark reaches 131
+    assert not is_expired(60, MINUTE, watermark=130.9, grace=10)
+    assert is_expired(60, MINUTE, watermark=131.0, grace=10)
+    assert is_expired(60, MINUTE, watermark=121.0, grace=0)
+
+
+@given(
+    events=st.lists(st.floats(min_value=0, max_value=400, allow_nan=False), max_size=60),
+    now=st.floats(min_value=0, max_value=400, allow_nan=False),
+    size=st.sampled_from([MINUTE, HOUR]),
+)
+def test_sliding_estimate_never_undercounts_and_errs_by_one_bucket_at_most(
+    events: list[float], now: float, size: int
+) -> None:
+    """The stated bound: true sliding count <= estimate <= true count + one bucket's usage."""
+    events = [t for t in events if t <= now]
+    floor = sliding_floor(now, size)
+    estimate = sum(1 for t in events if bucket_start(t, size) >= floor)
+    true = sum(1 for t in events if now - size < t <= now)
+    oldest = sum(1 for t in events if bucket_start(t, size) == floor)
+    assert true <= estimate <= true + oldest
 
 
 @pytest.mark.parametrize(
