@@ -7,6 +7,7 @@ prompts do: mostly short, with a long tail.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -61,11 +62,21 @@ class InstanceReport:
     undelivered: int = 0
 
 
+# log-normal (mu, sigma) of prompt and completion sizes
+_PROMPT = (6.0, 0.8)
+_COMPLETION = (4.8, 0.7)
+
+
 def sample_tokens(rng: random.Random) -> tuple[int, int]:
     """A (prompt, completion) pair: log-normal around ~400 prompt and ~120 completion tokens."""
-    prompt = max(1, min(int(rng.lognormvariate(6.0, 0.8)), 16000))
-    completion = max(1, min(int(rng.lognormvariate(4.8, 0.7)), 4000))
+    prompt = max(1, min(int(rng.lognormvariate(*_PROMPT)), 16000))
+    completion = max(1, min(int(rng.lognormvariate(*_COMPLETION)), 4000))
     return prompt, completion
+
+
+def mean_tokens() -> float:
+    """Mean tokens per call of :func:`sample_tokens` (the clipping moves it by well under 1 %)."""
+    return sum(math.exp(mu + sigma**2 / 2) for mu, sigma in (_PROMPT, _COMPLETION))
 
 
 class TrafficInstance(threading.Thread):

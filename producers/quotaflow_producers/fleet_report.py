@@ -1,0 +1,120 @@
+"""What a fleet simulation measured: pure functions over the instances' logs, no I/O.
+
+Ground truth is the merged log of every admission in the fleet (wall-clock time of the call and
+its size). Against it:
+
+- **overshoot**: the most the fleet admitted in any sliding window of the limit's length
+  (evaluated at every admission, where the maximum occurs), over the limit;
+- **under-admission**: the limit the fleet left unused although it offered more, averaged over
+  the full windows of the run (sliding, sampled each second, ending at least one window length
+  after the start);
+- **blocked with budget**: the share of denials issued while more than the call plus 1 % of the
+  limit was still free in the true sliding window (the 1 % keeps the rounding of shares out);
+- **propagation**: from a record's production (the state's watermark) to the moment the last
+  instance applied the state that includes it, for the states that bring a key near its limit.
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Any
+
+#: A denial counts as "blocked with budget" only if this much of the limit (plus the call) was
+#: still free: shares round down and a few units are always in flight.
+BLOCKED_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Calls:
+    """One key's calls over the run, in time order: admitted (time, size) and denied ones."""
+
+    admitted_at: Sequence[float]
+    admitted_size: Sequence[int]
+    denied_at: Sequence[float]
+    denied_size: Sequence[int]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``values``, or None if there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(math.ceil(q / 100 * len(ordered)) - 1, 0)
+    return ordered[min(rank, len(ordered) - 1)]
+
+
+def sliding_totals(at: Sequence[float], size: Sequence[int], window: float) -> list[int]:
+    """For each admission, the total admitted in the window ``(t - window, t]`` ending at it."""
+    prefix = [0, *accumulate(size)]
+    out = []
+    for i, t in enumerate(at):
+        first = bisect_right(at, t - window)
+        last = bisect_right(at, t, lo=i)
+        out.append(prefix[last] - prefix[first])
+    return out
+
+
+def overshoot_pct(calls: Calls, limit: int, window: float) -> float:
+    """How far the busiest sliding window went over ``limit``, in % of it (0 if never over)."""
+    totals = sliding_totals(calls.admitted_at, calls.admitted_size, window)
+    peak = max(totals, default=0)
+    return max(peak - limit, 0) / limit * 100
+
+
+def under_admission_pct(
+    calls: Calls, limit: int, window: float, started: float, ended: float
+) -> float | None:
+    """Mean unused share of ``limit`` (%) over full sliding windows, sampled each second; None
+    when the run was shorter than one window."""
+    prefix = [0, *accumulate(calls.admitted_size)]
+    samples = []
+    t = started + window
+    while t <= ended:
+        first = bisect_right(calls.admitted_at, t - window)
+        last = bisect_right(calls.admitted_at, t)
+        used = prefix[last] - prefix[first]
+        samples.append(max(limit - used, 0) / limit * 100)
+        t += 1.0
+    return sum(samples) / len(samples) if samples else None
+
+
+def blocked_with_budget_pct(calls: Calls, limit: int, window: float) -> float | None:
+    """% of denials made while the true sliding window still had room for the call plus
+    :data:`BLOCKED_TOLERANCE` of the limit; None without denials."""
+    if not calls.denied_at:
+        return None
+    prefix = [0, *accumulate(calls.admitted_size)]
+    at = calls.admitted_at
+    slack = BLOCKED_TOLERANCE * limit
+    wrong = 0
+    for t, want in zip(calls.denied_at, calls.denied_size, strict=True):
+        used = prefix[bisect_right(at, t)] - prefix[bisect_right(at, t - window)]
+        if used + want + slack <= limit:
+            wrong += 1
+    return wrong / len(calls.denied_at) * 100
+
+
+def propagation_ms(
+    applied: dict[tuple[str, float], list[float]],
+    watermarks: dict[tuple[str, float], float],
+    instances: int,
+) -> list[float]:
+    """Per state seen by every instance: last apply time minus the state's watermark, in ms."""
+    out = []
+    for state_id, times in applied.items():
+        if len(times) == instances:
+            out.append((max(times) - watermarks[state_id]) * 1000)
+    return out
+
+
+def summarize(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
+    p50, p99 = percentile(values, 50), percentile(values, 99)
+    return {
+        "count": len(values),
+        "p50": None if p50 is None else round(p50, digits),
+        "p99": None if p99 is None else round(p99, digits),
+    }

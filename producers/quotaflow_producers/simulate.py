@@ -1,0 +1,331 @@
+"""``quotaflow simulate``: a fleet of SDK processes against the pipeline, measuring how closely
+it holds one budget.
+
+Every run has two arms on the same instances, at the same time: keys whose policy uses budget
+shares (``sim-shares-*``) and keys with shares switched off (``sim-async-*``, pure asynchronous
+enforcement: every instance may admit up to the whole remainder it last heard of). Half of each
+arm's keys are bound by requests per minute, half by tokens per minute. Each instance offers
+``load`` times its fair share of every key's limit, with log-normal token sizes, and the report
+gives each arm's overshoot, under-admission and propagation (see :mod:`.fleet_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from quotaflow.settings import QuotaflowSettings
+from quotaflow_producers import fleet_report as report
+from quotaflow_producers.fleet_instance import InstancePlan, SimKey, run_instance
+from quotaflow_producers.traffic import mean_tokens
+
+WINDOW = 60.0
+ARMS = ("shares", "async")
+
+
+def sim_keys(keys_per_arm: int) -> list[tuple[str, str, str]]:
+    """``(key, arm, bound_by)`` for every key of a run; ``bound_by`` is requests or tokens."""
+    out = []
+    for arm in ARMS:
+        for i in range(keys_per_arm):
+            bound = "requests" if i % 2 == 0 else "tokens"
+            out.append((f"sim-{arm}-{bound[:3]}-{i}", arm, bound))
+    return out
+
+
+def policies_yaml(rpm: int, tpm: int) -> str:
+    """The run's policies: per arm, a request-bound and a token-bound policy (the other
+    dimension ten times looser, so it never binds)."""
+    lines = ["version: 1", "policies:"]
+    for arm in ARMS:
+        shares = "true" if arm == "shares" else "false"
+        for bound, limits in (
+            ("req", f"{{requests_per_minute: {rpm}, tokens_per_minute: {tpm * 10}}}"),
+            ("tok", f"{{requests_per_minute: {rpm * 10}, tokens_per_minute: {tpm}}}"),
+        ):
+            lines += [
+                f"  - name: sim-{arm}-{bound}",
+                f'    keys: ["sim-{arm}-{bound}-*"]',
+                f"    limits: {limits}",
+                f"    budget_shares: {shares}",
+                "    max_staleness: 30",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def run_simulation(
+    settings: QuotaflowSettings,
+    run_dir: Path,
+    *,
+    instances: int,
+    keys_per_arm: int,
+    load: float,
+    duration: float,
+    rpm: int,
+    tpm: int,
+    seed: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the fleet against a worker already following ``settings`` and return the report."""
+    keys = sim_keys(keys_per_arm)
+    per_call = mean_tokens()
+    plans = []
+    for i in range(instances):
+        sims = []
+        for key, _, bound in keys:
+            # this instance's fair share of the limit, per second, times the offered load
+            calls_per_min = rpm if bound == "requests" else tpm / per_call
+            sims.append(SimKey(key, load * calls_per_min / 60 / instances))
+        plans.append(
+            InstancePlan(
+                index=i,
+                source=f"sim-{run_dir.name[-8:]}-{i}",
+                env=settings.to_env(),
+                keys=sims,
+                out=run_dir / f"instance-{i}.json",
+                ready_file=run_dir / f"instance-{i}.ready",
+                start_file=run_dir / "start",
+                duration=duration,
+                seed=seed + i,
+                instances=instances,
+            )
+        )
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=run_instance, args=(p,), daemon=True) for p in plans]
+    for proc in procs:
+        proc.start()
+    try:
+        _wait(
+            lambda: all(p.ready_file.exists() for p in plans),
+            120,
+            "instances to start",
+            procs,
+        )
+        fleet_seen = [int(p.ready_file.read_text() or 0) for p in plans]
+        started = time.time() + 1.0
+        (run_dir / "start").write_text(repr(started))
+        _show_progress(started, duration, procs, progress)
+        for proc in procs:
+            proc.join(timeout=120)
+        failed = [i for i, proc in enumerate(procs) if proc.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"simulated instances {failed} failed; see their output above")
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+    logs = [json.loads(p.out.read_text()) for p in plans]
+    result = analyse(logs, keys, rpm, tpm, started, started + duration, instances)
+    result["run"] = {
+        "instances": instances,
+        "keys_per_arm": keys_per_arm,
+        "load": load,
+        "duration_s": duration,
+        "requests_per_minute": rpm,
+        "tokens_per_minute": tpm,
+        "mean_tokens_per_call": round(per_call),
+        "seed": seed,
+        "fleet_seen_by_instances_at_start": min(fleet_seen),
+        "undelivered": sum(log["undelivered"] for log in logs),
+    }
+    return result
+
+
+def analyse(
+    logs: list[dict[str, Any]],
+    keys: list[tuple[str, str, str]],
+    rpm: int,
+    tpm: int,
+    started: float,
+    ended: float,
+    instances: int,
+) -> dict[str, Any]:
+    """Merge the instances' logs and measure each arm (pure; see :mod:`.fleet_report`)."""
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        per_key: dict[str, Any] = {}
+        for key, key_arm, bound in keys:
+            if key_arm != arm:
+                continue
+            calls = _merged_calls(logs, key, bound)
+            limit = rpm if bound == "requests" else tpm
+            per_key[key] = {
+                "bound_by": bound,
+                "limit_per_minute": limit,
+                "admitted": len(calls.admitted_at),
+                "denied": len(calls.denied_at),
+                "overshoot_pct": round(report.overshoot_pct(calls, limit, WINDOW), 3),
+                "under_admission_pct": _round(
+                    report.under_admission_pct(calls, limit, WINDOW, started, ended)
+                ),
+                "blocked_with_budget_pct": _round(
+                    report.blocked_with_budget_pct(calls, limit, WINDOW)
+                ),
+            }
+        arms[arm] = {"keys": per_key}
+        for bound in ("requests", "tokens"):
+            rows = [k for k in per_key.values() if k["bound_by"] == bound]
+            under = [k["under_admission_pct"] for k in rows if k["under_admission_pct"] is not None]
+            arms[arm][bound] = {
+                "overshoot_pct_max": max((k["overshoot_pct"] for k in rows), default=None),
+                "under_admission_pct_mean": _round(sum(under) / len(under)) if under else None,
+            }
+        arms[arm]["propagation_ms"] = report.summarize(_propagation(logs, arm, instances))
+    check_us = [ns / 1000 for log in logs for ns in log["check_ns"]]
+    reasons: dict[str, int] = defaultdict(int)
+    for log in logs:
+        for reason, n in log["reasons"].items():
+            reasons[reason] += n
+    return {
+        "with_shares": arms["shares"],
+        "baseline_without_shares": arms["async"],
+        "check_us": report.summarize(check_us, 2),
+        "decisions_by_reason": dict(reasons),
+    }
+
+
+def _merged_calls(logs: list[dict[str, Any]], key: str, bound: str) -> report.Calls:
+    size = 1 if bound == "requests" else 2  # index in (time, requests, tokens)
+    admitted = sorted((a[0], a[size]) for log in logs for a in log["admitted"].get(key, ()))
+    denied = sorted((d[0], d[size]) for log in logs for d in log["denied"].get(key, ()))
+    return report.Calls(
+        admitted_at=[a[0] for a in admitted],
+        admitted_size=[a[1] for a in admitted],
+        denied_at=[d[0] for d in denied],
+        denied_size=[d[1] for d in denied],
+    )
+
+
+def _propagation(logs: list[dict[str, Any]], arm: str, instances: int) -> list[float]:
+    applied: dict[tuple[str, float], list[float]] = defaultdict(list)
+    watermarks: dict[tuple[str, float], float] = {}
+    for log in logs:
+        for state_id, (watermark, at) in log["applied"].items():
+            key, published = state_id.split("|")
+            if not key.startswith(f"sim-{arm}-"):
+                continue
+            applied[(key, float(published))].append(at)
+            watermarks[(key, float(published))] = watermark
+    return report.propagation_ms(applied, watermarks, instances)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _wait(done: Any, timeout: float, what: str, procs: list[Any]) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if any(p.exitcode not in (None, 0) for p in procs):
+            raise RuntimeError(f"a simulated instance exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _show_progress(started: float, duration: float, procs: list[Any], show: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("simulating"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f}s"),
+        TimeRemainingColumn(),
+    )
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=not show) as bar:
+        task = bar.add_task("run", total=duration)
+        while time.time() < started + duration:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+            bar.update(task, completed=min(max(time.time() - started, 0.0), duration))
+            time.sleep(0.25)
+        bar.update(task, completed=duration)
+
+
+def run_simulate_command(
+    *,
+    instances: int,
+    keys_per_arm: int,
+    load: float,
+    duration: float,
+    rpm: int,
+    tpm: int,
+    seed: int,
+    as_json: bool,
+) -> int:
+    """``quotaflow simulate``: on the embedded stack (the running ``dev up`` one, or private)."""
+    from quotaflow_stream.devstack import embedded_stack, run_settings, stop_stack
+    from quotaflow_stream.launcher import WorkerProcess
+    from quotaflow_stream.topics import ensure_topics
+
+    run_id = uuid.uuid4().hex[:8]
+    run_dir = Path(tempfile.mkdtemp(prefix=f"quotaflow-sim-{run_id}-"))
+    stack, own_stack = embedded_stack(run_dir)
+    settings = run_settings(stack, run_dir, f"sim-{run_id}")
+    settings.policies_file = run_dir / "policies.yaml"
+    settings.policies_file.write_text(policies_yaml(rpm, tpm))
+    ensure_topics(settings)
+    say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
+    say(f"quotaflow simulate: {instances} instances on {stack.kafka_bootstrap}, logs in {run_dir}")
+    worker = WorkerProcess(settings, run_dir / "worker.log", loglevel="warn").start()
+    try:
+        worker.wait_ready(90)
+        result = run_simulation(
+            settings, run_dir, instances=instances, keys_per_arm=keys_per_arm, load=load,
+            duration=duration, rpm=rpm, tpm=tpm, seed=seed,
+        )  # fmt: skip
+        result["worker"] = {
+            k: v
+            for k, v in (worker.stats() or {}).items()
+            if k in ("records", "messages", "states_published", "dlq", "late")
+        }
+    finally:
+        worker.stop()
+        if own_stack:
+            stop_stack(stack)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print(result)
+    return 0
+
+
+def _print(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="quotaflow simulate — budget shares vs pure asynchronous enforcement")
+    for col in (
+        "arm",
+        "bound by",
+        "overshoot max %",
+        "under-admission %",
+        "propagation p50/p99 ms",
+    ):
+        table.add_column(col)
+    for name, arm in (
+        ("shares", result["with_shares"]),
+        ("no shares", result["baseline_without_shares"]),
+    ):
+        prop = arm["propagation_ms"]
+        for bound in ("requests", "tokens"):
+            table.add_row(
+                name,
+                bound,
+                str(arm[bound]["overshoot_pct_max"]),
+                str(arm[bound]["under_admission_pct_mean"]),
+                f"{prop['p50']}/{prop['p99']}",
+            )
+    console = Console()
+    console.print(table)
+    c = result["check_us"]
+    console.print(f"check(): p50 {c['p50']} µs, p99 {c['p99']} µs over {c['count']} calls")

@@ -1,0 +1,91 @@
+"""The simulator's measurements on hand-made call logs (no processes, no broker)."""
+
+from __future__ import annotations
+
+import pytest
+
+from quotaflow.policies import parse_policies
+from quotaflow_producers import fleet_report as report
+from quotaflow_producers.simulate import analyse, policies_yaml, sim_keys
+
+
+def calls(admitted: list[tuple[float, int]], denied: list[tuple[float, int]] = ()) -> report.Calls:
+    return report.Calls(
+        admitted_at=[a[0] for a in admitted],
+        admitted_size=[a[1] for a in admitted],
+        denied_at=[d[0] for d in denied],
+        denied_size=[d[1] for d in denied],
+    )
+
+
+def test_overshoot_is_the_busiest_sliding_window_over_the_limit() -> None:
+    # 10 at t=0..9 and 3 more at t=59.5: the window (-0.5, 59.5] holds 13 of a limit of 10
+    c = calls([(float(t), 1) for t in range(10)] + [(59.5, 1)] * 3)
+    assert report.overshoot_pct(c, 10, 60) == pytest.approx(30.0)
+    # the same three a little later fall in a window that no longer holds t=0..2
+    c = calls([(float(t), 1) for t in range(10)] + [(62.5, 1)] * 3)
+    assert report.overshoot_pct(c, 10, 60) == 0.0
+
+
+def test_under_admission_averages_unused_budget_over_full_windows() -> None:
+    c = calls([(0.5, 8)])  # 8 of 10 used, then nothing
+    # the window ending at 60 holds the 8 (20 % unused), the one ending at 61 nothing (100 %)
+    assert report.under_admission_pct(c, 10, 60, 0.0, 60.5) == pytest.approx(20.0)
+    assert report.under_admission_pct(c, 10, 60, 0.0, 61.0) == pytest.approx(60.0)
+    assert report.under_admission_pct(c, 10, 60, 0.0, 30.0) is None
+
+
+def test_blocked_with_budget_counts_denials_that_had_room() -> None:
+    c = calls([(1.0, 5)], denied=[(2.0, 4), (3.0, 6)])
+    # at t=2: 5 used + 4 wanted + 1 % slack fits in 10; at t=3: 5 + 6 does not
+    assert report.blocked_with_budget_pct(c, 10, 60) == pytest.approx(50.0)
+    assert report.blocked_with_budget_pct(calls([(1.0, 5)]), 10, 60) is None
+
+
+def test_percentiles_and_propagation() -> None:
+    assert report.percentile([], 50) is None
+    assert report.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert report.percentile(list(range(1, 101)), 99) == 99
+    applied = {("k", 1.0): [10.05, 10.08], ("k", 2.0): [11.0]}
+    watermarks = {("k", 1.0): 10.0, ("k", 2.0): 10.9}
+    # the second state reached one of two instances only: it is left out
+    assert report.propagation_ms(applied, watermarks, 2) == [pytest.approx(80.0)]
+
+
+def test_run_policies_parse_and_cover_both_arms() -> None:
+    policies = parse_policies(__import__("yaml").safe_load(policies_yaml(1200, 800_000)))
+    keys = sim_keys(2)
+    assert [k[0] for k in keys] == [
+        "sim-shares-req-0", "sim-shares-tok-1", "sim-async-req-0", "sim-async-tok-1",
+    ]  # fmt: skip
+    for key, arm, bound in keys:
+        (binding,) = policies.resolve(key, "gpt-4o-mini")
+        assert binding.policy.budget_shares is (arm == "shares")
+        limits = {s.name: s.limit for s in binding.policy.specs}
+        binding_limit = "requests_per_minute" if bound == "requests" else "tokens_per_minute"
+        assert limits[binding_limit] == (1200 if bound == "requests" else 800_000)
+
+
+def test_analyse_merges_instances_per_arm() -> None:
+    keys = sim_keys(2)
+    log_a = {
+        "admitted": {"sim-shares-req-0": [[1.0, 1, 700]], "sim-async-req-0": [[1.0, 1, 700]]},
+        "denied": {"sim-async-req-0": [[2.0, 1, 500, "limit"]]},
+        "check_ns": [2000, 4000],
+        "applied": {"sim-async-req-0|5.0": [4.9, 4.95]},
+        "reasons": {"ok": 2, "limit": 1},
+    }
+    log_b = {
+        "admitted": {"sim-async-req-0": [[1.5, 1, 700], [1.6, 1, 700]]},
+        "denied": {},
+        "check_ns": [3000],
+        "applied": {"sim-async-req-0|5.0": [4.9, 4.99]},
+        "reasons": {"ok": 2},
+    }
+    out = analyse([log_a, log_b], keys, rpm=2, tpm=10_000, started=0.0, ended=10.0, instances=2)
+    assert out["baseline_without_shares"]["keys"]["sim-async-req-0"]["admitted"] == 3
+    assert out["baseline_without_shares"]["requests"]["overshoot_pct_max"] == pytest.approx(50.0)
+    assert out["with_shares"]["requests"]["overshoot_pct_max"] == 0.0
+    assert out["baseline_without_shares"]["propagation_ms"]["p50"] == pytest.approx(90.0)
+    assert out["check_us"]["p50"] == 3.0
+    assert out["decisions_by_reason"] == {"ok": 4, "limit": 1}
