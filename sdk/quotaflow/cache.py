@@ -12,8 +12,10 @@ has counted.
 
 Budget shares bound the fleet's overshoot. Until the next state arrives, an instance with share
 ``s`` admits only while ``mine + requested <= s * (limit - counted)`` (reason ``share``
-otherwise, retry in ~one propagation delay). The worker hands out shares summing to at most 1,
-so instances holding the same state can together admit no more than what that state left.
+otherwise, retry in ~one propagation delay); with nothing unacknowledged, a call larger than
+the share is admitted with probability share / size. The worker hands out shares summing to at
+most 1, so instances holding the same state together admit no more than what that state left
+(in expectation, for the chance admissions).
 
 When the stream has not been heard from for longer than a policy's ``max_staleness``, that
 policy's fail mode decides: ``open`` admits, ``closed`` denies, ``local`` enforces
@@ -22,6 +24,7 @@ policy's fail mode decides: ``open`` admits, ``closed`` denies, ``local`` enforc
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -57,7 +60,7 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
-def _pending_used(pending: Iterable[_Pending], scope: str, dim: int, start: int) -> int:
+def _pending_used(pending: Iterable[_Pending], scope: str, dim: int, start: float) -> int:
     """Unacknowledged local usage of one dimension since ``start`` (index as in LimitRow)."""
     used = 0
     for ts, p_model, req, pt, ct in pending:
@@ -86,8 +89,10 @@ class QuotaCache:
         *,
         clock: Clock = time.time,
         pending_ttl: float = 120,
+        rng: random.Random | None = None,
     ) -> None:
         self.policies = policies
+        self._random = (rng or random.Random()).random
         self.source = source
         self.clock = clock
         self.pending_ttl = pending_ttl
@@ -269,9 +274,7 @@ class QuotaCache:
                             if w[4] and w[4][0][0] <= now:
                                 counted -= _expired(w[4], dim, now)
                     if pending:
-                        mine = _pending_used(
-                            pending, scope, dim, int(now // bucket) * bucket - size
-                        )
+                        mine = _pending_used(pending, scope, dim, (now // bucket) * bucket - size)
                 used = counted + mine
                 want = (
                     requests if dim == 0
@@ -290,10 +293,18 @@ class QuotaCache:
                     )  # fmt: skip
                     if deny is None or deny[0] != "limit" or reset_at > deny[3]:
                         deny = ("limit", name, binding, reset_at, used, limit, want)
-                elif shared and mine + want > share * (limit - counted) and deny is None:
-                    # within the limit, but past this instance's share of what is left: wait
-                    # for the next state rather than race the rest of the fleet for it
-                    deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used, limit, want)
+                elif shared and deny is None:
+                    allowance = share * (limit - counted) - mine
+                    # Within the limit, but past this instance's share of what is left: wait
+                    # for the next state rather than race the rest of the fleet for it. With
+                    # nothing unacknowledged, a share smaller than the call admits it with
+                    # probability share / call, so the fleet still spends its last calls (in
+                    # expectation, exactly its shares) instead of leaving ~one call per
+                    # instance unused; one chance per instance until the stream catches up.
+                    if want > allowance and (
+                        mine or allowance <= 0 or self._random() * want > allowance
+                    ):
+                        deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used, limit, want)
         view = MappingProxyType(remaining)
         if deny is not None:
             reason, name, d_binding, reset_at, used, ceiling, want = deny
@@ -322,7 +333,7 @@ class QuotaCache:
         scope: str,
         dim: int,
         size: int,
-        bucket: int,
+        bucket: float,
         allowed: int,
         now: float,
     ) -> float:
@@ -335,12 +346,12 @@ class QuotaCache:
             used = of_dimension(dim, w[1], w[2], w[3])
             for at, req, pt, ct in w[4]:
                 frees.append((at, of_dimension(dim, req, pt, ct)))
-        floor = int(now // bucket) * bucket - size
+        floor = (now // bucket) * bucket - size
         for ts, p_model, req, pt, ct in pending or ():
             if ts >= floor and (scope == KEY_SCOPE or p_model == scope):
                 amount = of_dimension(dim, req, pt, ct)
                 used += amount
-                frees.append((int(ts // bucket) * bucket + size + bucket, amount))
+                frees.append(((ts // bucket) * bucket + size + bucket, amount))
         frees.sort()
         for frees_at, amount in frees:
             used -= amount
@@ -362,7 +373,7 @@ class QuotaCache:
             for spec, (name, dim, size, _, bucket) in zip(
                 binding.policy.specs, binding.rows, strict=True
             ):
-                current = int(now // bucket) * bucket
+                current = (now // bucket) * bucket
                 used = _pending_used(pending, binding.scope, dim, current - size)
                 w = windows.get(size) if windows is not None else None
                 if w is not None:

@@ -166,7 +166,7 @@ class PolicyFile(BaseModel):
 #: A limit as the request path reads it:
 #: (display name, dimension index, window, limit, bucket length of its sliding window).
 #: Dimension indexes: 0 requests, 1 prompt tokens, 2 completion tokens, 3 total tokens.
-LimitRow = tuple[str, int, int, int, int]
+LimitRow = tuple[str, int, int, int, float]
 DIMENSION_INDEX = {d: i for i, d in enumerate(DIMENSIONS)}
 
 

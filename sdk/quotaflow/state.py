@@ -39,9 +39,9 @@ HEARTBEAT_KEY = "__quotaflow_heartbeat__"
 STATE_EXPIRIES = 16
 
 #: ``(expires_at, requests, prompt_tokens, completion_tokens)``
-Expiry = tuple[int, int, int, int]
+Expiry = tuple[float, int, int, int]
 #: ``(bucket_start, requests, prompt_tokens, completion_tokens, expiries)``
-WindowCounts = tuple[int, int, int, int, tuple[Expiry, ...]]
+WindowCounts = tuple[float, int, int, int, tuple[Expiry, ...]]
 
 
 def of_dimension(dim: int, req: int, pt: int, ct: int) -> int:
@@ -142,11 +142,11 @@ class QuotaState:
         for scope, body in doc.get("scopes", {}).items():
             scopes[scope] = {
                 int(size): (
-                    int(w[0]),
+                    float(w[0]),
                     int(w[1]),
                     int(w[2]),
                     int(w[3]),
-                    tuple((int(x[0]), int(x[1]), int(x[2]), int(x[3])) for x in w[4]),
+                    tuple((float(x[0]), int(x[1]), int(x[2]), int(x[3])) for x in w[4]),
                 )
                 for size, w in body.get("windows", {}).items()
             }

@@ -8,7 +8,7 @@ aligned to the Unix epoch; at time ``t`` the count is the sum of the buckets tha
 below the true sliding count, so the estimate never over-admits. It over-counts by at most the
 usage in ``[c - W, t - W]`` (part of one bucket), so a bucket's usage frees at most ``b``
 seconds later than a true sliding window would free it: at a steady saturated rate the
-admitted throughput is at least ``W / (W + b)`` of the limit (98.4 % with 60 buckets).
+admitted throughput is at least ``W / (W + b)`` of the limit (99.2 % with 120 buckets).
 
 Keeping the arithmetic here, free of I/O and state, lets tests cover every edge without a broker.
 """
@@ -26,26 +26,27 @@ WINDOW_SECONDS: Final[dict[str, int]] = {"minute": MINUTE, "hour": HOUR, "day": 
 
 
 #: Buckets per window length; a window slides in steps of ``size // buckets`` seconds.
-SLIDE_BUCKETS: Final[dict[int, int]] = {MINUTE: 60, HOUR: 60, DAY: 96}
+SLIDE_BUCKETS: Final[dict[int, int]] = {MINUTE: 120, HOUR: 120, DAY: 96}
 
 
-def bucket_size(size: int) -> int:
-    """Length in seconds of the buckets a ``size``-second window is counted in."""
-    return max(size // SLIDE_BUCKETS.get(size, 60), 1)
+def bucket_size(size: int) -> float:
+    """Length in seconds of the buckets a ``size``-second window is counted in (binary
+    fractions like 0.5, so bucket starts are exact floats)."""
+    return size / SLIDE_BUCKETS.get(size, 60)
 
 
-def bucket_start(ts: float, size: int) -> int:
+def bucket_start(ts: float, size: int) -> float:
     """Start of the bucket (of a ``size``-second window) that holds ``ts``."""
     b = bucket_size(size)
-    return int(ts // b) * b
+    return (ts // b) * b
 
 
-def sliding_floor(now: float, size: int) -> int:
+def sliding_floor(now: float, size: int) -> float:
     """Oldest bucket start still counted at ``now``: buckets starting at or after it count."""
     return bucket_start(now, size) - size
 
 
-def bucket_expires_at(start: int, size: int) -> int:
+def bucket_expires_at(start: float, size: int) -> float:
     """When a bucket starting at ``start`` stops counting: its usage frees at this moment."""
     return start + size + bucket_size(size)
 
@@ -65,7 +66,7 @@ def seconds_until_reset(now: float, size: int) -> float:
     return window_end(now, size) - now
 
 
-def is_expired(start: int, size: int, watermark: float, grace: float) -> bool:
+def is_expired(start: float, size: int, watermark: float, grace: float) -> bool:
     """True when the bucket starting at ``start`` no longer counts in its window at ``watermark``
     (event time) even allowing ``grace`` seconds for late records: such records are late.
 

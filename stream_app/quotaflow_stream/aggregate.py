@@ -8,8 +8,8 @@ per message, however many records it carried.
 Entry layout::
 
     {"wm": 1700000000.5,                      # newest event time of this key (its watermark)
-     "s": {"": {"60": [[bucket_start, req, prompt, completion], ...],   # 1 s buckets
-                "3600": [...], "86400": [...]}},                        # 60 s, 15 min buckets
+     "s": {"": {"60": [[bucket_start, req, prompt, completion], ...],   # 0.5 s buckets
+                "3600": [...], "86400": [...]}},                        # 30 s, 15 min buckets
      "src": {"svc-a-17": [1700000000.5, 3.2]}, # per source: newest event time, recent requests
      "t": [records, requests, prompt, completion],
      "late": 3}                                # records too late for at least one window
@@ -31,7 +31,7 @@ from quotaflow.windows import DAY, HOUR, MINUTE, bucket_size
 WINDOW_SIZES: tuple[int, ...] = (MINUTE, HOUR, DAY)
 
 #: (table field, window length, bucket length) for each window, precomputed for the hot loop.
-_WINDOWS: tuple[tuple[str, int, int], ...] = tuple(
+_WINDOWS: tuple[tuple[str, int, float], ...] = tuple(
     (str(size), size, bucket_size(size)) for size in WINDOW_SIZES
 )
 
@@ -82,7 +82,7 @@ def add_records(
             if windows is None:
                 windows = scopes[scope] = {}
             for field, size, b in _WINDOWS:
-                start = int(ts // b) * b
+                start = (ts // b) * b
                 if start + size + b + grace <= wm:
                     was_late = True
                     continue
@@ -97,7 +97,7 @@ def add_records(
                     buckets.append([start, r.requests, r.prompt_tokens, r.completion_tokens])
                     continue
                 else:  # an older bucket: records arrive mostly in order, so this is rare
-                    i = bisect_left(buckets, start, key=lambda bk: int(bk[0]))
+                    i = bisect_left(buckets, start, key=lambda bk: float(bk[0]))
                     if i < len(buckets) and buckets[i][0] == start:
                         bucket = buckets[i]
                     else:
@@ -156,7 +156,7 @@ def source_weight(seen: Any, at: float) -> float:
 
 def sliding_counts(
     entry: Entry, scope: str, size: int, now: float, max_expiries: int
-) -> tuple[int, int, int, int, tuple[tuple[int, int, int, int], ...]]:
+) -> tuple[float, int, int, int, tuple[tuple[float, int, int, int], ...]]:
     """The sliding count of one window at ``now``, and when its usage frees.
 
     Returns ``(bucket_start, requests, prompt, completion, expiries)``: the start of the bucket
@@ -165,12 +165,12 @@ def sliding_counts(
     first, so a reader can subtract what has freed since ``now``.
     """
     b = bucket_size(size)
-    current = int(now // b) * b
+    current = (now // b) * b
     floor = current - size
     req = pt = ct = 0
-    expiries: list[tuple[int, int, int, int]] = []
+    expiries: list[tuple[float, int, int, int]] = []
     for bk in entry["s"].get(scope, {}).get(str(size), ()):
-        start = int(bk[0])
+        start = float(bk[0])
         if start < floor:
             continue
         req += int(bk[1])

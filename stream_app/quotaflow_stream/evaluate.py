@@ -120,7 +120,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
 
 
 def _frees_at(
-    used: int, limit: int, dim: int, expiries: tuple[tuple[int, int, int, int], ...], now: float
+    used: int, limit: int, dim: int, expiries: tuple[tuple[float, int, int, int], ...], now: float
 ) -> float:
     """When a throttled limit next admits a call (usage drops below the limit), or, for one
     that is not throttled, when all its current usage has freed."""

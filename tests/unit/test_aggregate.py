@@ -54,7 +54,7 @@ def test_model_scope_is_kept_where_a_model_policy_binds() -> None:
 
 def test_entry_is_folded_in_place_across_messages() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 1)], SCOPES, 10)
-    again, _ = add_records(entry, [rec(2, M0 + 1.5), rec(3, M0 + 2)], SCOPES, 10)
+    again, _ = add_records(entry, [rec(2, M0 + 1.2), rec(3, M0 + 2)], SCOPES, 10)
     assert again is entry
     assert [b[:2] for b in entry["s"][""]["60"]] == [[M0 + 1, 2], [M0 + 2, 1]]
 
@@ -67,12 +67,12 @@ def test_entries_written_before_source_weights_still_fold() -> None:
 
 
 def test_windows_slide_bucket_by_bucket() -> None:
-    entry, _ = add_records(None, [rec(1, M0 + 10.5), rec(2, M0 + 40.2)], SCOPES, 10)
-    assert counted(entry, "", 60, M0 + 70.4)[0] == 2, "bucket [10, 11) still counts"
-    assert counted(entry, "", 60, M0 + 71.0)[0] == 1, "it expires 61 s after it began"
-    assert counted(entry, "", 60, M0 + 101.0)[0] == 0
+    entry, _ = add_records(None, [rec(1, M0 + 10.7), rec(2, M0 + 40.2)], SCOPES, 10)
+    assert counted(entry, "", 60, M0 + 70.9)[0] == 2, "bucket [10.5, 11) still counts"
+    assert counted(entry, "", 60, M0 + 71.0)[0] == 1, "it expires 60.5 s after it began"
+    assert counted(entry, "", 60, M0 + 100.5)[0] == 0
     _, req, _, _, expiries = sliding_counts(entry, "", 60, M0 + 50, 16)
-    assert req == 2 and expiries == ((M0 + 71, 1, 10, 5), (M0 + 101, 1, 10, 5))
+    assert req == 2 and expiries == ((M0 + 71, 1, 10, 5), (M0 + 100.5, 1, 10, 5))
     assert sliding_counts(entry, "", 60, M0 + 50, 1)[4] == ((M0 + 71, 1, 10, 5),)
 
 
@@ -90,7 +90,7 @@ def test_late_within_grace_counts_in_its_window_beyond_grace_does_not() -> None:
 
 def test_out_of_order_records_land_in_their_own_buckets() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 30), rec(2, M0 + 10), rec(3, M0 + 20)], SCOPES, 10)
-    entry, _ = add_records(entry, [rec(4, M0 + 10.9)], SCOPES, 10)
+    entry, _ = add_records(entry, [rec(4, M0 + 10.4)], SCOPES, 10)
     assert [b[:2] for b in entry["s"][""]["60"]] == [[M0 + 10, 2], [M0 + 20, 1], [M0 + 30, 1]]
 
 
@@ -98,11 +98,11 @@ def test_evaluate_throttles_until_enough_usage_frees() -> None:
     entry, _ = add_records(None, [rec(i, M0 + i) for i in range(3)], SCOPES, 10)
     state = evaluate("k1", entry, POLICIES, now=M0 + 20)
     assert state.throttled and state.denied_by == "requests_per_minute"
-    # the first bucket [M0, M0+1) frees at M0+61: one request below the limit again
-    assert state.retry_after == pytest.approx(41)
+    # the first bucket [M0, M0+0.5) frees at M0+60.5: one request below the limit again
+    assert state.retry_after == pytest.approx(40.5)
     assert state.instances == 1 and state.totals.records == 3
     (lim,) = state.limits
-    assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 61)
+    assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 60.5)
 
 
 def test_no_burst_at_the_minute_edge() -> None:

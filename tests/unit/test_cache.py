@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from random import Random
+
 import pytest
 
 from quotaflow.cache import QuotaCache
@@ -54,9 +56,8 @@ def state(
     began: float = T0 - 20,
     shares: dict[str, float] | None = None,
 ) -> QuotaState:
-    """A state whose minute window holds all its usage in one 1 s bucket begun at ``began``."""
-    bucket = int(began)
-    expiry = (bucket + 61, req, pt, ct)
+    """A state whose minute window holds all its usage in one 0.5 s bucket begun at ``began``."""
+    expiry = (began + 60.5, req, pt, ct)
     return QuotaState(
         key=key,
         published_at=published_at,
@@ -92,8 +93,8 @@ def test_local_usage_counts_before_any_state(cache: QuotaCache) -> None:
     d = cache.check("k1", "small", prompt_tokens=10)
     assert not d.allowed
     assert d.limit == "requests_per_minute" and d.policy == "p"
-    # the window slides: the first call frees 61 s after the 1 s bucket it fell in began
-    assert d.retry_after == pytest.approx(61.0) and d.reset_at == T0 + 61
+    # the window slides: the first call frees 60.5 s after the 0.5 s bucket it fell in began
+    assert d.retry_after == pytest.approx(60.5) and d.reset_at == T0 + 60.5
     assert d.remaining["requests_per_minute"] == 0
 
 
@@ -125,7 +126,7 @@ def test_window_reset_allows_again_without_a_new_state(cache: QuotaCache, clock:
     cache.apply_state(state("k1", T0, 5, 0, 0, {}))
     d = cache.check("k1", "small")
     assert not d.allowed
-    assert d.reset_at == T0 + 41, "the state's bucket began at T0 - 20"
+    assert d.reset_at == T0 + 40.5, "the state's bucket began at T0 - 20"
     clock.now = d.reset_at - 0.001  # type: ignore[operator]
     cache.mark_heard()
     assert not cache.check("k1", "small").allowed
@@ -152,7 +153,7 @@ def test_denial_reports_the_longest_wait(clock: Clock) -> None:
     c.add_usage("k1", "x", T0, 1, 0, 0)
     d = c.check("k1", "x")
     assert d.limit == "requests_per_hour"
-    assert d.reset_at == (T0 // 60) * 60 + 3660, "the hour window's 60 s bucket frees last"
+    assert d.reset_at == (T0 // 30) * 30 + 3630, "the hour window's 30 s bucket frees last"
 
 
 @pytest.mark.parametrize("mode", ["open", "closed", "local"])
@@ -192,7 +193,7 @@ def test_denial_carries_the_limits_figures_and_usage_lists_every_limit(
     rows = {u.name: u for u in cache.usage("k1", "small")}
     assert rows["tokens_per_minute"].used == 950 and rows["tokens_per_minute"].remaining == 50
     assert rows["requests_per_minute"].used == 2
-    assert rows["requests_per_minute"].reset_at == T0 + 61
+    assert rows["requests_per_minute"].reset_at == T0 + 60.5
 
 
 def test_state_usage_frees_as_its_buckets_expire(clock: Clock) -> None:
@@ -212,8 +213,15 @@ def test_state_usage_frees_as_its_buckets_expire(clock: Clock) -> None:
     assert c.check("k1", requests=5).allowed
 
 
+class Unlucky(Random):
+    """Every chance admission fails: a share admits only calls that fit in it."""
+
+    def random(self) -> float:
+        return 0.9999
+
+
 def test_budget_share_caps_admissions_until_the_next_state(clock: Clock) -> None:
-    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock)
+    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock, rng=Unlucky())
     c.mark_heard()
     # 60 counted, 40 left; this instance holds a quarter of it until the next state
     c.apply_state(state("k1", T0, 60, 0, 0, {}, shares={"me": 0.25, "b": 0.5, "c": 0.25}))
@@ -228,8 +236,28 @@ def test_budget_share_caps_admissions_until_the_next_state(clock: Clock) -> None
     assert c.check("k1", requests=2).allowed and not c.check("k1", requests=3).allowed
 
 
+def test_a_call_larger_than_what_is_left_of_the_share_is_admitted_by_chance(
+    clock: Clock,
+) -> None:
+    admitted = 0
+    for seed in range(400):
+        c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock, rng=Random(seed))
+        c.mark_heard()
+        # 2 left, a quarter each: half a call's worth for this instance
+        c.apply_state(state("k1", T0, 98, 0, 0, {}, shares={"me": 0.25, "b": 0.75}))
+        d = c.check("k1")
+        assert d.allowed or d.reason == "share"
+        admitted += d.allowed
+    assert 160 <= admitted <= 240, admitted  # ~50 %
+    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock, rng=Random(0))
+    c.mark_heard()
+    c.apply_state(state("k1", T0, 90, 0, 0, {"me": T0}, shares={"me": 0.25, "b": 0.75}))
+    c.add_usage("k1", "x", T0 + 1, 3, 0, 0)  # 3 > its share of 2.5: no more chances
+    assert all(c.check("k1").reason == "share" for _ in range(50))
+
+
 def test_share_of_a_newcomer_and_of_a_key_without_state(clock: Clock) -> None:
-    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock)
+    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock, rng=Unlucky())
     c.mark_heard()
     c.note_fleet("worker-1", 10)
     assert c.check("k9", requests=10).allowed and not c.check("k9", requests=11).allowed

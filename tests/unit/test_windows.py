@@ -41,19 +41,19 @@ def test_seconds_until_reset_stays_within_one_window() -> None:
 
 
 def test_buckets_slide_each_window_in_small_steps() -> None:
-    assert (bucket_size(MINUTE), bucket_size(HOUR), bucket_size(DAY)) == (1, 60, 900)
-    assert bucket_start(125.7, MINUTE) == 125
-    # at 125.7 the counted buckets start in [65, 125]: they cover [65, 126) ⊇ (65.7, 125.7]
-    assert sliding_floor(125.7, MINUTE) == 65
-    assert bucket_expires_at(65, MINUTE) == 126
+    assert (bucket_size(MINUTE), bucket_size(HOUR), bucket_size(DAY)) == (0.5, 30, 900)
+    assert bucket_start(125.7, MINUTE) == 125.5
+    # at 125.7 the counted buckets start in [65.5, 125.5]: they cover [65.5, 126) ⊇ (65.7, 125.7]
+    assert sliding_floor(125.7, MINUTE) == 65.5
+    assert bucket_expires_at(65.5, MINUTE) == 126
 
 
 def test_bucket_expires_only_after_grace() -> None:
-    # bucket [60, 61) of a minute window counts until 121; with 10 s grace it accepts records
-    # until the watermark reaches 131
-    assert not is_expired(60, MINUTE, watermark=130.9, grace=10)
-    assert is_expired(60, MINUTE, watermark=131.0, grace=10)
-    assert is_expired(60, MINUTE, watermark=121.0, grace=0)
+    # bucket [60, 60.5) of a minute window counts until 120.5; with 10 s grace it accepts
+    # records until the watermark reaches 130.5
+    assert not is_expired(60, MINUTE, watermark=130.4, grace=10)
+    assert is_expired(60, MINUTE, watermark=130.5, grace=10)
+    assert is_expired(60, MINUTE, watermark=120.5, grace=0)
 
 
 @given(
