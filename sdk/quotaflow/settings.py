@@ -111,6 +111,8 @@ class WorkerSettings(BaseModel):
     data_dir: Path = Path(".quotaflow") / "worker"
     #: Event-time seconds a window keeps accepting late records after it ends.
     grace_seconds: float = Field(default=10.0, ge=0)
+    #: Seconds a record id is remembered: a record with the same id within it counts once.
+    dedup_horizon: float = Field(default=86400.0, gt=0)
     #: Seconds between heartbeats on the decisions topic (followers measure staleness by them).
     heartbeat_interval: float = Field(default=1.0, gt=0)
     #: Seconds between publications of the keys whose usage changed: a key's state goes out at

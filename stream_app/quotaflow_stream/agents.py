@@ -41,6 +41,7 @@ class Counters:
         self.records = 0
         self.dlq = 0
         self.late = 0
+        self.duplicates = 0
         self.forwarded = 0
         self.states_published = 0
         self.heartbeats = 0
@@ -140,15 +141,20 @@ class UsagePipeline:
             )
             c.forwarded += len(recs)
         grace = self.settings.worker.grace_seconds
+        horizon = self.settings.worker.dedup_horizon
         if by_key and c.first_record_at is None:
             c.first_record_at = time.time()
         sources = self._sources
         for key, recs in by_key.items():
             for r in recs:
                 sources[r.source] = now
-            entry, late = add_records(self.table.get(key), recs, self._scopes_for, grace)
+            entry = self.table.get(key)
+            dups_before = entry.get("dup", 0) if entry else 0
+            entry, late = add_records(entry, recs, self._scopes_for, grace, horizon)
             self.table[key] = entry
-            c.records += len(recs)
+            duplicates = entry["dup"] - dups_before
+            c.duplicates += duplicates
+            c.records += len(recs) - duplicates
             c.late += late
             self._active[key] = [now, now]
             self._dirty.add(key)

@@ -12,7 +12,19 @@ Entry layout::
                 "3600": [...], "86400": [...]}},                        # 30 s, 15 min buckets
      "src": {"svc-a-17": [1700000000.5, 3.2]}, # per source: newest event time, recent requests
      "t": [records, requests, prompt, completion],
-     "late": 3}                                # records too late for at least one window
+     "late": 3,                                # records too late for at least one window
+     "dup": 2,                                 # duplicate records dropped (same id)
+     "ids": {"3f2a9c0d1e4b5a69": [0x1a2f, 0xffff, 1700000000.5]},  # see _is_duplicate
+     "xid": {"gw-req-77": 1700000000.2}}       # other ids, one by one, within the horizon
+
+Records count once: a record whose ``id`` the key has seen within the dedup horizon is dropped
+(producer retries, redelivery after a worker restart, replayed logs). Ids in the SDK's format,
+``<16 hex instance prefix>-<hex counter>``, cost a few bytes per instance: the newest counter
+per instance and a 64-bit window below it (the anti-replay window of IPsec), which tolerates
+records of one instance arriving up to 64 counter values out of order; a counter further behind
+is taken as already counted. Other ids are remembered one by one (at most
+:data:`MAX_FOREIGN_IDS` per key). Both are kept in the entry, so they are changelog-backed and
+survive restarts like the counts.
 
 A source's "recent requests" decays with a half-life of :data:`RATE_HALF_LIFE` seconds of event
 time; budget shares are drawn from it (see :mod:`quotaflow_stream.evaluate`).
@@ -20,6 +32,7 @@ time; budget shares are drawn from it (see :mod:`quotaflow_stream.evaluate`).
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,16 +54,31 @@ SOURCE_HORIZON = 3600.0
 #: Half-life (event-time seconds) of a source's recent-request weight.
 RATE_HALF_LIFE = 10.0
 
+#: Seconds a record id is remembered for deduplication (the worker's default).
+DEDUP_HORIZON = 86400.0
+
+#: Counter values below an instance's newest that are still told apart (one bit each).
+ID_WINDOW = 64
+_ID_MASK = (1 << ID_WINDOW) - 1
+_SDK_ID = re.compile(r"([0-9a-f]{16})-([0-9a-f]{1,16})")
+
+#: Ids not in the SDK's format remembered per key (oldest forgotten first beyond this).
+MAX_FOREIGN_IDS = 10_000
+
 Entry = dict[str, Any]
 ScopesFor = Callable[[str, str], Iterable[str]]
 
 
 def new_entry() -> Entry:
-    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0], "late": 0}
+    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0], "late": 0, "dup": 0}
 
 
 def add_records(
-    entry: Entry | None, records: Iterable[UsageRecord], scopes_for: ScopesFor, grace: float
+    entry: Entry | None,
+    records: Iterable[UsageRecord],
+    scopes_for: ScopesFor,
+    grace: float,
+    horizon: float = DEDUP_HORIZON,
 ) -> tuple[Entry, int]:
     """Fold records of one key into its entry, in place; returns (entry, records late for a
     window). The caller assigns the entry back to its table, which is what persists it.
@@ -58,7 +86,8 @@ def add_records(
     ``scopes_for(key, model)`` names the scopes a record counts in (always ``""``, plus the model
     where a model policy binds it). A record whose bucket no longer counts in a window at the
     key's watermark, even allowing ``grace`` seconds, is left out of that window but still counts
-    in the others and in the totals, and is reported as late.
+    in the others and in the totals, and is reported as late. A duplicate (an id seen within
+    ``horizon`` seconds) is not counted at all; ``entry["dup"]`` counts them.
     """
     # In place: copying a busy key's buckets on every message cost more than folding the records.
     e: Entry = new_entry() if entry is None else entry
@@ -66,8 +95,13 @@ def add_records(
     totals = e["t"]
     src = e["src"]
     late = 0
+    ids = e.setdefault("ids", {})
+    foreign = e.setdefault("xid", {})
     for r in records:
         ts = r.ts
+        if _is_duplicate(ids, foreign, r.id, ts):
+            e["dup"] = e.get("dup", 0) + 1
+            continue
         if ts > e["wm"]:
             e["wm"] = ts
         wm = e["wm"]
@@ -109,8 +143,40 @@ def add_records(
         if was_late:
             late += 1
     e["late"] += late
-    prune(e, grace)
+    prune(e, grace, horizon)
     return e, late
+
+
+def _is_duplicate(
+    ids: dict[str, list[Any]], foreign: dict[str, float], rid: str, ts: float
+) -> bool:
+    """Whether this key has counted ``rid`` already; remembers it if not."""
+    m = _SDK_ID.fullmatch(rid)
+    if m is None:
+        if rid in foreign:
+            return True
+        if len(foreign) >= MAX_FOREIGN_IDS:
+            del foreign[next(iter(foreign))]
+        foreign[rid] = ts
+        return False
+    counter = int(m.group(2), 16)
+    seen = ids.get(m.group(1))
+    if seen is None:
+        ids[m.group(1)] = [counter, 1, ts]
+        return False
+    newest, window = seen[0], seen[1]
+    if ts > seen[2]:
+        seen[2] = ts
+    if counter > newest:
+        shift = counter - newest
+        seen[0] = counter
+        seen[1] = ((window << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1
+        return False
+    behind = newest - counter
+    if behind >= ID_WINDOW or (window >> behind) & 1:
+        return True
+    seen[1] = window | (1 << behind)
+    return False
 
 
 def _note_source(src: dict[str, Any], source: str, ts: float, requests: int) -> None:
@@ -128,8 +194,9 @@ def _note_source(src: dict[str, Any], source: str, ts: float, requests: int) -> 
         seen[1] += requests
 
 
-def prune(entry: Entry, grace: float) -> None:
-    """Drop buckets that no longer count (allowing ``grace``) and long-silent sources."""
+def prune(entry: Entry, grace: float, horizon: float = DEDUP_HORIZON) -> None:
+    """Drop buckets that no longer count (allowing ``grace``), long-silent sources, and ids
+    older than the dedup ``horizon``."""
     wm = entry["wm"]
     for windows in entry["s"].values():
         for field, size, b in _WINDOWS:
@@ -139,6 +206,16 @@ def prune(entry: Entry, grace: float) -> None:
     src = entry["src"]
     for source in [s for s, seen in src.items() if source_ts(seen) < wm - SOURCE_HORIZON]:
         del src[source]
+    forget = wm - horizon
+    ids = entry.get("ids")
+    if ids:
+        for prefix in [p for p, seen in ids.items() if seen[2] < forget]:
+            del ids[prefix]
+    foreign = entry.get("xid")
+    if foreign:
+        # insertion order is arrival order: the oldest sit in front
+        while foreign and next(iter(foreign.values())) < forget:
+            del foreign[next(iter(foreign))]
 
 
 def source_ts(seen: Any) -> float:

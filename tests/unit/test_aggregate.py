@@ -142,3 +142,38 @@ def test_state_json_round_trip() -> None:
     assert again == state
     assert again.denied_by == "big/tokens_per_minute"
     assert again.shares == {"a": 1.0}
+
+
+def sdk_rec(counter: int, ts: float, prefix: str = "0123456789abcdef") -> UsageRecord:
+    return UsageRecord(
+        id=f"{prefix}-{counter:x}", ts=ts, key="k1", model="small", prompt_tokens=10, source="a"
+    )
+
+
+def test_a_record_id_counts_once() -> None:
+    recs = [sdk_rec(i, M0 + i / 10) for i in range(5)]
+    entry, _ = add_records(None, recs, SCOPES, 10)
+    entry, _ = add_records(entry, [*recs[1:3], sdk_rec(5, M0 + 1)], SCOPES, 10)  # redelivery
+    assert entry["t"][0] == 6 and entry["dup"] == 2
+    entry, _ = add_records(entry, [rec(1, M0 + 1), rec(1, M0 + 1)], SCOPES, 10)  # other ids
+    assert entry["t"][0] == 7 and entry["dup"] == 3
+
+
+def test_sdk_ids_may_arrive_out_of_order_within_the_window() -> None:
+    entry, _ = add_records(None, [sdk_rec(100, M0)], SCOPES, 10)
+    late_ones = [sdk_rec(100 - k, M0) for k in (1, 5, 63)]
+    entry, _ = add_records(entry, late_ones, SCOPES, 10)
+    assert entry["t"][0] == 4 and entry["dup"] == 0
+    entry, _ = add_records(entry, [*late_ones, sdk_rec(100 - 64, M0)], SCOPES, 10)
+    assert entry["t"][0] == 4 and entry["dup"] == 4, "64 behind is taken as counted"
+    # another instance's counters are its own
+    entry, _ = add_records(entry, [sdk_rec(1, M0, prefix="fedcba9876543210")], SCOPES, 10)
+    assert entry["t"][0] == 5
+
+
+def test_ids_are_forgotten_after_the_horizon() -> None:
+    entry, _ = add_records(None, [rec(1, M0), sdk_rec(7, M0)], SCOPES, 10, horizon=100)
+    entry, _ = add_records(entry, [rec(2, M0 + 50)], SCOPES, 10, horizon=100)
+    assert "1" in entry["xid"] and entry["ids"]
+    entry, _ = add_records(entry, [rec(3, M0 + 101)], SCOPES, 10, horizon=100)
+    assert "1" not in entry["xid"] and "2" in entry["xid"] and not entry["ids"]
