@@ -1,4 +1,4 @@
-"""``quotaflow demo`` and ``quotaflow simulate``."""
+"""``quotaflow demo``, ``quotaflow simulate`` and ``quotaflow replay``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,48 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=1, help="seed of the offered load (1)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_simulate)
+
+
+def register_replay(sub: Any) -> None:
+    p = sub.add_parser("replay", help="import usage logs (JSONL or CSV) into the usage topic")
+    p.add_argument("file", help="a .jsonl or .csv file of usage records")
+    p.add_argument("--format", choices=("jsonl", "csv"), default=None, help="default: by suffix")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_replay)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from quotaflow.settings import load_settings
+    from quotaflow_producers.replay import replay
+
+    settings = load_settings()
+    columns = (SpinnerColumn(), TextColumn("replaying {task.completed} rows"))
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("replay", total=None)
+        report = replay(
+            settings, Path(args.file), args.format,
+            progress=lambda n: bar.update(task, completed=n),
+        )  # fmt: skip
+    for problem in report.invalid:
+        print(problem, file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(
+            f"replay: {report.sent} of {report.rows} rows sent to {settings.topics.usage}, "
+            f"{len(report.invalid)} invalid (skipped, listed above), "
+            f"{report.undelivered} undelivered; {report.late_minute} too late for their minute "
+            f"window and {report.late_all_windows} for every window (kept in the audit trail "
+            "and the totals)"
+        )
+    return 1 if report.invalid or report.undelivered else 0
 
 
 def _count(text: str) -> int:

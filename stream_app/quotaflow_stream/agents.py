@@ -150,7 +150,7 @@ class UsagePipeline:
                 sources[r.source] = now
             entry = self.table.get(key)
             dups_before = entry.get("dup", 0) if entry else 0
-            entry, late = add_records(entry, recs, self._scopes_for, grace, horizon)
+            entry, late = add_records(entry, recs, self._scopes_for, grace, horizon, now)
             self.table[key] = entry
             duplicates = entry["dup"] - dups_before
             c.duplicates += duplicates

@@ -14,8 +14,8 @@ Entry layout::
      "t": [records, requests, prompt, completion],
      "late": 3,                                # records too late for at least one window
      "dup": 2,                                 # duplicate records dropped (same id)
-     "ids": {"3f2a9c0d1e4b5a69": [0x1a2f, 0xffff, 1700000000.5]},  # see _is_duplicate
-     "xid": {"gw-req-77": 1700000000.2}}       # other ids, one by one, within the horizon
+     "ids": {"3f2a9c0d1e4b5a69": [6703, 65535, 1700000000.5]},  # newest, window, arrived
+     "xid": {"gw-req-77": 1700000000.2}}       # other ids: when each arrived
 
 Records count once: a record whose ``id`` the key has seen within the dedup horizon is dropped
 (producer retries, redelivery after a worker restart, replayed logs). Ids in the SDK's format,
@@ -79,6 +79,7 @@ def add_records(
     scopes_for: ScopesFor,
     grace: float,
     horizon: float = DEDUP_HORIZON,
+    now: float | None = None,
 ) -> tuple[Entry, int]:
     """Fold records of one key into its entry, in place; returns (entry, records late for a
     window). The caller assigns the entry back to its table, which is what persists it.
@@ -86,8 +87,10 @@ def add_records(
     ``scopes_for(key, model)`` names the scopes a record counts in (always ``""``, plus the model
     where a model policy binds it). A record whose bucket no longer counts in a window at the
     key's watermark, even allowing ``grace`` seconds, is left out of that window but still counts
-    in the others and in the totals, and is reported as late. A duplicate (an id seen within
-    ``horizon`` seconds) is not counted at all; ``entry["dup"]`` counts them.
+    in the others and in the totals, and is reported as late. A duplicate (an id that arrived
+    within ``horizon`` seconds before ``now``, the worker's clock; event time if not given) is
+    not counted at all; ``entry["dup"]`` counts them. Arrival time, not event time, bounds the
+    horizon, so replaying an old log twice still counts it once.
     """
     # In place: copying a busy key's buckets on every message cost more than folding the records.
     e: Entry = new_entry() if entry is None else entry
@@ -99,7 +102,7 @@ def add_records(
     foreign = e.setdefault("xid", {})
     for r in records:
         ts = r.ts
-        if _is_duplicate(ids, foreign, r.id, ts):
+        if _is_duplicate(ids, foreign, r.id, ts if now is None else now):
             e["dup"] = e.get("dup", 0) + 1
             continue
         if ts > e["wm"]:
@@ -143,30 +146,30 @@ def add_records(
         if was_late:
             late += 1
     e["late"] += late
-    prune(e, grace, horizon)
+    prune(e, grace, horizon, now)
     return e, late
 
 
 def _is_duplicate(
-    ids: dict[str, list[Any]], foreign: dict[str, float], rid: str, ts: float
+    ids: dict[str, list[Any]], foreign: dict[str, float], rid: str, arrived: float
 ) -> bool:
-    """Whether this key has counted ``rid`` already; remembers it if not."""
+    """Whether this key has counted ``rid`` already; remembers it (and when) if not."""
     m = _SDK_ID.fullmatch(rid)
     if m is None:
         if rid in foreign:
             return True
         if len(foreign) >= MAX_FOREIGN_IDS:
             del foreign[next(iter(foreign))]
-        foreign[rid] = ts
+        foreign[rid] = arrived
         return False
     counter = int(m.group(2), 16)
     seen = ids.get(m.group(1))
     if seen is None:
-        ids[m.group(1)] = [counter, 1, ts]
+        ids[m.group(1)] = [counter, 1, arrived]
         return False
     newest, window = seen[0], seen[1]
-    if ts > seen[2]:
-        seen[2] = ts
+    if arrived > seen[2]:
+        seen[2] = arrived
     if counter > newest:
         shift = counter - newest
         seen[0] = counter
@@ -194,9 +197,11 @@ def _note_source(src: dict[str, Any], source: str, ts: float, requests: int) -> 
         seen[1] += requests
 
 
-def prune(entry: Entry, grace: float, horizon: float = DEDUP_HORIZON) -> None:
+def prune(
+    entry: Entry, grace: float, horizon: float = DEDUP_HORIZON, now: float | None = None
+) -> None:
     """Drop buckets that no longer count (allowing ``grace``), long-silent sources, and ids
-    older than the dedup ``horizon``."""
+    that arrived longer than the dedup ``horizon`` before ``now`` (default: the watermark)."""
     wm = entry["wm"]
     for windows in entry["s"].values():
         for field, size, b in _WINDOWS:
@@ -206,7 +211,7 @@ def prune(entry: Entry, grace: float, horizon: float = DEDUP_HORIZON) -> None:
     src = entry["src"]
     for source in [s for s, seen in src.items() if source_ts(seen) < wm - SOURCE_HORIZON]:
         del src[source]
-    forget = wm - horizon
+    forget = (wm if now is None else now) - horizon
     ids = entry.get("ids")
     if ids:
         for prefix in [p for p, seen in ids.items() if seen[2] < forget]:

@@ -177,3 +177,14 @@ def test_ids_are_forgotten_after_the_horizon() -> None:
     assert "1" in entry["xid"] and entry["ids"]
     entry, _ = add_records(entry, [rec(3, M0 + 101)], SCOPES, 10, horizon=100)
     assert "1" not in entry["xid"] and "2" in entry["xid"] and not entry["ids"]
+
+
+def test_an_old_record_replayed_twice_counts_once() -> None:
+    """The horizon runs on arrival (worker clock), not event time: a two-day-old log line
+    replayed twice within a day counts once, in the totals only (it is late for every window)."""
+    old = rec(1, M0 - 2 * 86400)
+    entry, late = add_records(None, [rec(0, M0)], SCOPES, 10, now=M0)
+    entry, late = add_records(entry, [old], SCOPES, 10, now=M0 + 5)
+    assert late == 1
+    entry, _ = add_records(entry, [old], SCOPES, 10, now=M0 + 3600)
+    assert entry["t"][0] == 2 and entry["dup"] == 1
