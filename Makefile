@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit integration e2e schema clean
+.PHONY: install browser demo test lint unit integration e2e schema clean
 
 install: $(STAMP)
 
@@ -16,6 +16,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The dashboard's browser test drives Debian's Chromium (not a downloaded browser build).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+browser:
+	@[ -x $(CHROMIUM) ] || { echo "installing Debian's chromium for the dashboard test"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 demo: install
 	$(BIN)/quotaflow demo $(ARGS)
 
@@ -24,7 +33,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install lint
+test: install browser lint
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 unit: install
@@ -33,7 +42,7 @@ unit: install
 integration: install
 	$(BIN)/python -m pytest -q tests/integration
 
-e2e: install
+e2e: install browser
 	$(BIN)/python -m pytest -q tests/e2e
 
 # Regenerate the checked-in JSON Schema after changing the usage record model.

@@ -116,7 +116,7 @@ def run_demo(
     worker = WorkerProcess(settings, run_dir / "worker.log", loglevel="warn").start()
     say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
     say(f"quotaflow demo: kafka {stack.kafka_bootstrap}, redis {stack.redis_url}")
-    say(f"worker API {worker.base_url}/api/stats, logs in {run_dir}")
+    say(f"dashboard {worker.base_url}/  (API {worker.base_url}/api/keys), logs in {run_dir}")
     fleet: list[TrafficInstance] = []
     observer = QuotaClient(settings, policies=policies)
     try:

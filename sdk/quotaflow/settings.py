@@ -108,6 +108,10 @@ class WorkerSettings(BaseModel):
     app_id: str = "quotaflow"
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=6066, ge=0, le=65535)
+    #: When set, the dashboard, API and metrics ask for ``Authorization: Bearer <token>``.
+    api_token: SecretStr | None = None
+    #: Seconds between two dashboard updates (server-sent events).
+    dashboard_interval: float = Field(default=1.0, gt=0)
     data_dir: Path = Path(".quotaflow") / "worker"
     #: Event-time seconds a window keeps accepting late records after it ends.
     grace_seconds: float = Field(default=10.0, ge=0)

@@ -99,6 +99,8 @@ class QuotaState:
     instances: int = 0
     shares: dict[str, float] = field(default_factory=dict)
     totals: Totals = Totals()
+    #: Lifetime totals per model, for dashboards and audits.
+    models: dict[str, Totals] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
         doc = {
@@ -127,6 +129,10 @@ class QuotaState:
                 "requests": self.totals.requests,
                 "prompt_tokens": self.totals.prompt_tokens,
                 "completion_tokens": self.totals.completion_tokens,
+            },
+            "models": {
+                m: [t.records, t.requests, t.prompt_tokens, t.completion_tokens]
+                for m, t in self.models.items()
             },
         }
         return json.dumps(doc, separators=(",", ":")).encode()
@@ -166,6 +172,10 @@ class QuotaState:
             sources={str(k): float(v) for k, v in doc.get("sources", {}).items()},
             instances=int(doc.get("instances", 0)),
             shares={str(k): float(v) for k, v in doc.get("shares", {}).items()},
+            models={
+                str(m): Totals(int(t[0]), int(t[1]), int(t[2]), int(t[3]))
+                for m, t in doc.get("models", {}).items()
+            },
             totals=Totals(
                 records=int(totals.get("records", 0)),
                 requests=int(totals.get("requests", 0)),

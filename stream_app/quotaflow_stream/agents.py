@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +22,7 @@ from quotaflow.partitioner import partition_for
 from quotaflow.policies import PolicySet
 from quotaflow.record import Rejected, UsageRecord, encode_records, parse_usage_value
 from quotaflow.settings import QuotaflowSettings
-from quotaflow.state import HEARTBEAT_KEY, heartbeat_json
+from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_json
 from quotaflow_stream.aggregate import add_records
 from quotaflow_stream.evaluate import ACTIVE_SOURCE_SECONDS, evaluate, scopes_for
 from quotaflow_stream.snapshot import SnapshotWriter
@@ -91,17 +91,12 @@ class UsagePipeline:
         app.timer(settings.worker.heartbeat_interval)(self._refresh)
         app.timer(settings.worker.publish_interval)(self._publish_dirty)
         app.timer(settings.worker.snapshot_interval)(self._flush_snapshot)
-        # Faust views want plain functions ``(web, request, **params)``, not bound methods.
-        pipeline = self
-
-        async def stats_page(web: Any, request: Any) -> Any:
-            return await pipeline._stats_page(web, request)
-
-        async def key_page(web: Any, request: Any, key: str) -> Any:
-            return await pipeline._key_page(web, request, key)
-
-        app.page("/api/stats")(stats_page)
-        app.page("/api/keys/{key}")(key_page)
+        #: The latest state published per key this worker owns (the API and dashboard read it).
+        self.latest: dict[str, QuotaState] = {}
+        #: Newest record's event time to its state's publication, for recent states (ms).
+        self.latencies_ms: deque[float] = deque(maxlen=2000)
+        #: Times a key went from open to throttled.
+        self.throttle_onsets = 0
 
     # -- the agent ---------------------------------------------------------------------------
 
@@ -170,14 +165,38 @@ class UsagePipeline:
         for key in dirty:
             entry = self.table.get(key)
             if entry is not None:
-                await self._publish(key, entry, now)
+                state = await self._publish(key, entry, now)
+                self.latencies_ms.append(max(now - state.watermark, 0.0) * 1000)
 
-    async def _publish(self, key: str, entry: dict[str, Any], now: float) -> None:
+    async def _publish(self, key: str, entry: dict[str, Any], now: float) -> QuotaState:
         state = evaluate(key, entry, self.policies, now)
+        before = self.latest.get(key)
+        if state.throttled and (before is None or not before.throttled):
+            self.throttle_onsets += 1
+        self.latest[key] = state
         payload = state.to_json()
         await self.decisions_topic.send(key=key.encode(), value=payload)
         self.snapshot.put(key, payload)
         self.counters.states_published += 1
+        return state
+
+    def current_state(self, key: str) -> QuotaState | None:
+        """The key's state now, if this worker owns it (evaluated afresh: windows slide)."""
+        entry = self.table.get(key)
+        if entry is None:
+            return None
+        return evaluate(key, entry, self.policies, self.clock())
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.counters.as_dict()
+        stats.update(
+            ready=self.ready,
+            snapshot_written=self.snapshot.written,
+            snapshot_pending=self.snapshot.pending,
+            snapshot_healthy=self.snapshot.healthy,
+            active_keys=len(self._active),
+        )
+        return stats
 
     async def _dead_letter(self, message: Any, rejected: Rejected) -> None:
         origin = f"{message.topic}/{message.partition}/{message.offset}"
@@ -243,23 +262,3 @@ class UsagePipeline:
 
     async def _flush_snapshot(self) -> None:
         await self.snapshot.flush()
-
-    # -- pages -------------------------------------------------------------------------------
-
-    async def _stats_page(self, web: Any, request: Any) -> Any:
-        stats = self.counters.as_dict()
-        stats.update(
-            ready=self.ready,
-            snapshot_written=self.snapshot.written,
-            snapshot_pending=self.snapshot.pending,
-            snapshot_healthy=self.snapshot.healthy,
-            active_keys=len(self._active),
-        )
-        return web.json(stats)
-
-    async def _key_page(self, web: Any, request: Any, key: str) -> Any:
-        entry = self.table.get(key)
-        if entry is None:
-            return web.json({"error": f"no usage for key {key!r} on this worker"}, status=404)
-        state = evaluate(key, entry, self.policies, self.clock())
-        return web.bytes(state.to_json(), content_type="application/json")

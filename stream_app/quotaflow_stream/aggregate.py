@@ -12,6 +12,7 @@ Entry layout::
                 "3600": [...], "86400": [...]}},                        # 30 s, 15 min buckets
      "src": {"svc-a-17": [1700000000.5, 3.2]}, # per source: newest event time, recent requests
      "t": [records, requests, prompt, completion],
+     "m": {"gpt-4o": [records, requests, prompt, completion]},  # lifetime totals per model
      "late": 3,                                # records too late for at least one window
      "dup": 2,                                 # duplicate records dropped (same id)
      "ids": {"3f2a9c0d1e4b5a69": [6703, 65535, 1700000000.5]},  # newest, window, arrived
@@ -100,6 +101,7 @@ def add_records(
     late = 0
     ids = e.setdefault("ids", {})
     foreign = e.setdefault("xid", {})
+    models = e.setdefault("m", {})
     for r in records:
         ts = r.ts
         if _is_duplicate(ids, foreign, r.id, ts if now is None else now):
@@ -112,6 +114,13 @@ def add_records(
         totals[1] += r.requests
         totals[2] += r.prompt_tokens
         totals[3] += r.completion_tokens
+        by_model = models.get(r.model)
+        if by_model is None:
+            by_model = models[r.model] = [0, 0, 0, 0]
+        by_model[0] += 1
+        by_model[1] += r.requests
+        by_model[2] += r.prompt_tokens
+        by_model[3] += r.completion_tokens
         _note_source(src, r.source, ts, r.requests)
         was_late = False
         for scope in scopes_for(r.key, r.model):

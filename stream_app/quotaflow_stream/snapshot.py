@@ -59,5 +59,13 @@ class SnapshotWriter:
         self.written += len(items)
         return len(items)
 
+    async def read_all(self) -> dict[str, bytes] | None:
+        """Every key's state in the snapshot (all workers' keys); None if Redis is away."""
+        try:
+            raw = await self._client.hgetall(self.states_hash)
+        except Exception:  # redis errors and connection errors alike
+            return None
+        return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+
     async def close(self) -> None:
         await self._client.aclose()

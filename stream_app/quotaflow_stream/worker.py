@@ -13,6 +13,7 @@ from quotaflow_stream.agents import UsagePipeline
 from quotaflow_stream.app import build_app
 from quotaflow_stream.snapshot import SnapshotWriter
 from quotaflow_stream.topics import ensure_topics
+from quotaflow_stream.web import WebApi
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,11 @@ def create_pipeline(settings: QuotaflowSettings) -> UsagePipeline:
     app = build_app(settings)
     redis_client = aioredis.Redis.from_url(settings.redis.url, **settings.redis.client_kwargs())
     snapshot = SnapshotWriter(redis_client, settings.redis.states_hash)
-    return UsagePipeline(
+    pipeline = UsagePipeline(
         app, settings, policies, snapshot, usage_partitions=counts[settings.topics.usage]
     )
+    WebApi(pipeline)
+    return pipeline
 
 
 def run_worker(settings: QuotaflowSettings, loglevel: str = "info") -> None:

@@ -1,0 +1,107 @@
+"""What the dashboard shows, computed from quota states (pure: no I/O, clock injected).
+
+One summary a tick: every key's usage against its limits, current throttles with their wait,
+the top consumers of the last minute, the split by model, and the worker's own figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from quotaflow.state import QuotaState
+from quotaflow.windows import MINUTE
+
+#: Keys listed in a summary (the busiest first); the JSON API lists them all.
+TOP_KEYS = 50
+
+
+def key_row(state: QuotaState, now: float) -> dict[str, Any]:
+    """One key as the API and the dashboard show it."""
+    minute = state.scopes.get("", {}).get(MINUTE)
+    t = state.totals
+    return {
+        "key": state.key,
+        "policy": state.scope_policies.get(""),
+        "throttled": state.throttled,
+        "denied_by": state.denied_by,
+        "retry_after": _retry_after(state, now),
+        "limits": [
+            {
+                "name": lim.name if not lim.scope else f"{lim.scope}/{lim.name}",
+                "limit": lim.limit,
+                "used": lim.used,
+                "remaining": lim.remaining,
+                "percent": round(100 * lim.used / lim.limit, 1) if lim.limit else 0.0,
+                "reset_at": lim.reset_at,
+            }
+            for lim in state.limits
+        ],
+        "last_minute": {
+            "requests": minute[1] if minute else 0,
+            "tokens": minute[2] + minute[3] if minute else 0,
+        },
+        "totals": {
+            "records": t.records,
+            "requests": t.requests,
+            "prompt_tokens": t.prompt_tokens,
+            "completion_tokens": t.completion_tokens,
+        },
+        "instances": state.instances,
+        "published_at": state.published_at,
+    }
+
+
+def _retry_after(state: QuotaState, now: float) -> float:
+    if not state.throttled:
+        return 0.0
+    waited = now - state.published_at
+    return round(max(state.retry_after - waited, 0.0), 1)
+
+
+def summary(
+    states: Sequence[QuotaState],
+    now: float,
+    worker: dict[str, Any],
+    latencies_ms: Sequence[float] = (),
+    top: int = TOP_KEYS,
+) -> dict[str, Any]:
+    """The dashboard's whole view at ``now``."""
+    rows = [key_row(s, now) for s in states]
+    rows.sort(key=lambda r: (-max((x["percent"] for x in r["limits"]), default=0.0), r["key"]))
+    models: dict[str, dict[str, int]] = {}
+    for s in states:
+        for model, t in s.models.items():
+            m = models.setdefault(model, {"requests": 0, "tokens": 0})
+            m["requests"] += t.requests
+            m["tokens"] += t.tokens
+    consumers = sorted(rows, key=lambda r: (-r["last_minute"]["tokens"], r["key"]))
+    ordered = sorted(latencies_ms)
+    return {
+        "now": now,
+        "keys": rows[:top],
+        "key_count": len(rows),
+        "throttled": [
+            {"key": r["key"], "denied_by": r["denied_by"], "retry_after": r["retry_after"]}
+            for r in rows
+            if r["throttled"]
+        ],
+        "top_consumers": [
+            {"key": r["key"], **r["last_minute"]}
+            for r in consumers[:10]
+            if r["last_minute"]["tokens"]
+        ],
+        "models": dict(sorted(models.items(), key=lambda kv: -kv[1]["tokens"])),
+        "decision_latency_ms": {
+            "p50": _pct(ordered, 0.50),
+            "p99": _pct(ordered, 0.99),
+            "count": len(ordered),
+        },
+        "worker": worker,
+    }
+
+
+def _pct(ordered: Sequence[float], q: float) -> float | None:
+    if not ordered:
+        return None
+    return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 1)

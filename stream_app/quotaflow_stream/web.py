@@ -1,0 +1,270 @@
+"""The worker's web server: the live dashboard, its JSON API, server-sent events and
+Prometheus metrics.
+
+    GET /                 the dashboard (static files from this package: works offline)
+    GET /api/stats        the worker's counters and readiness
+    GET /api/keys         every key: usage against limits, throttle, totals
+    GET /api/keys/{key}   one key's full quota state
+    GET /api/events       server-sent events: the dashboard's summary once per tick
+    GET /metrics          Prometheus metrics
+
+Keys this worker owns come from its own latest states; keys of other workers from the Redis
+snapshot, so every worker answers for every key. The server binds to 127.0.0.1 unless told
+otherwise; with ``worker.api_token`` set every data route asks for ``Authorization: Bearer
+<token>`` (or ``?token=`` for the browser's event stream, which cannot set headers); the page
+and its script carry no data and load without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from quotaflow.state import QuotaState
+from quotaflow_stream import dashboard
+
+if TYPE_CHECKING:
+    from quotaflow_stream.agents import UsagePipeline
+
+STATIC = Path(__file__).parent / "static"
+_STATIC_FILES = {
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+
+
+class WebApi:
+    """Registers the pages on the pipeline's Faust app."""
+
+    def __init__(self, pipeline: UsagePipeline) -> None:
+        self.pipeline = pipeline
+        self.app = pipeline.app
+        w = pipeline.settings.worker
+        self.token = w.api_token.get_secret_value() if w.api_token else None
+        self.tick = w.dashboard_interval
+        self.metrics = _Metrics(pipeline)
+        self._rate = _Rate()
+        api = self
+
+        # Faust views want plain functions ``(web, request, **params)``, not bound methods.
+        # The page and its script carry no data: they load without the token, and the script
+        # sends it (from the page's ?token=) with every data request.
+        async def index(web: Any, request: Any) -> Any:
+            return await api._index(web, request)
+
+        async def static(web: Any, request: Any, name: str) -> Any:
+            return await api._static(web, name)
+
+        async def stats(web: Any, request: Any) -> Any:
+            return await api._guard(web, request, api._stats)
+
+        async def keys(web: Any, request: Any) -> Any:
+            return await api._guard(web, request, api._keys)
+
+        async def key(web: Any, request: Any, key: str) -> Any:
+            return await api._guard(web, request, lambda w, r: api._key(w, key))
+
+        async def events(web: Any, request: Any) -> Any:
+            return await api._guard(web, request, api._events)
+
+        async def metrics(web: Any, request: Any) -> Any:
+            return await api._guard(web, request, api._metrics)
+
+        self.app.page("/")(index)
+        self.app.page("/static/{name}")(static)
+        self.app.page("/api/stats")(stats)
+        self.app.page("/api/keys")(keys)
+        self.app.page("/api/keys/{key}")(key)
+        self.app.page("/api/events")(events)
+        self.app.page("/metrics")(metrics)
+
+    # -- access --------------------------------------------------------------------------
+
+    async def _guard(self, web: Any, request: Any, handler: Any) -> Any:
+        if self.token is not None and not self._authorized(request):
+            return web.json(
+                {"error": "unauthorized: send Authorization: Bearer <worker.api_token>"},
+                status=401,
+            )
+        return await handler(web, request)
+
+    def _authorized(self, request: Any) -> bool:
+        assert self.token is not None
+        given = request.headers.get("Authorization", "")
+        if given.startswith("Bearer "):
+            given = given[len("Bearer ") :]
+        else:
+            given = request.query.get("token", "")
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    # -- pages ---------------------------------------------------------------------------
+
+    async def _index(self, web: Any, request: Any) -> Any:
+        return web.html((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    async def _static(self, web: Any, name: str) -> Any:
+        kind = _STATIC_FILES.get(name)
+        if kind is None:
+            return web.json({"error": f"no static file {name!r}"}, status=404)
+        return web.bytes((STATIC / name).read_bytes(), content_type=kind)
+
+    async def _stats(self, web: Any, request: Any) -> Any:
+        return web.json(self.pipeline.stats())
+
+    async def _keys(self, web: Any, request: Any) -> Any:
+        now = time.time()
+        states = await self.all_states()
+        rows = sorted((dashboard.key_row(s, now) for s in states), key=lambda r: r["key"])
+        return web.json({"keys": rows, "count": len(rows)})
+
+    async def _key(self, web: Any, key: str) -> Any:
+        state = self.pipeline.current_state(key)
+        if state is None:
+            raw = (await self.pipeline.snapshot.read_all() or {}).get(key)
+            if raw is None:
+                return web.json({"error": f"no usage recorded for key {key!r}"}, status=404)
+            return web.bytes(raw, content_type="application/json")
+        return web.bytes(state.to_json(), content_type="application/json")
+
+    async def _events(self, web: Any, request: Any) -> Any:
+        from aiohttp import web as aioweb
+
+        response = aioweb.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            while True:
+                body = json.dumps(await self.summary(), separators=(",", ":"))
+                await response.write(f"event: summary\ndata: {body}\n\n".encode())
+                await asyncio.sleep(self.tick)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return response
+
+    async def _metrics(self, web: Any, request: Any) -> Any:
+        payload, content_type = self.metrics.render(await self._lag())
+        return web.bytes(payload, content_type=content_type.split(";")[0])
+
+    # -- data ----------------------------------------------------------------------------
+
+    async def all_states(self) -> list[QuotaState]:
+        """This worker's latest states, plus the snapshot's for keys other workers own."""
+        mine = dict(self.pipeline.latest)
+        others = await self.pipeline.snapshot.read_all() or {}
+        for key, raw in others.items():
+            if key not in mine:
+                try:
+                    mine[key] = QuotaState.from_json(raw)
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return list(mine.values())
+
+    async def summary(self) -> dict[str, Any]:
+        now = time.time()
+        c = self.pipeline.counters
+        worker = {
+            "records": c.records,
+            "records_per_s": self._rate.update(c.records, now),
+            "duplicates": c.duplicates,
+            "late": c.late,
+            "dlq": c.dlq,
+            "states_published": c.states_published,
+            "consumer_lag": sum((await self._lag()).values()),
+            "ready": self.pipeline.ready,
+        }
+        return dashboard.summary(
+            await self.all_states(), now, worker, list(self.pipeline.latencies_ms)
+        )
+
+    async def _lag(self) -> dict[int, int]:
+        """Messages behind the end of each usage partition this worker consumes."""
+        app = self.app
+        lag: dict[int, int] = {}
+        try:
+            consumer = app.consumer
+            for tp in consumer.assignment():
+                if tp.topic != self.pipeline.usage_topic.get_topic_name():
+                    continue
+                position = await consumer.position(tp)
+                if position is not None:
+                    lag[tp.partition] = max(consumer.highwater(tp) - position, 0)
+        except Exception:  # not started, rebalancing: no figure rather than an error page
+            return lag
+        return lag
+
+
+class _Rate:
+    """Records per second between two summaries."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, float] | None = None
+        self.value = 0.0
+
+    def update(self, count: int, now: float) -> float:
+        if self._last is not None and now > self._last[1]:
+            self.value = round((count - self._last[0]) / (now - self._last[1]), 1)
+        self._last = (count, now)
+        return self.value
+
+
+class _Metrics:
+    """Prometheus metrics, read from the pipeline's counters at each scrape."""
+
+    def __init__(self, pipeline: UsagePipeline) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.pipeline = pipeline
+        self._lag: dict[int, int] = {}
+        self._rate = _Rate()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(self)
+
+    def render(self, lag: dict[int, int]) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self._lag = lag
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self.pipeline.counters
+        for name, value, doc in (
+            ("quotaflow_records", c.records, "Usage records aggregated (duplicates excluded)."),
+            ("quotaflow_messages", c.messages, "Usage messages consumed."),
+            ("quotaflow_duplicate_records", c.duplicates, "Records dropped as duplicates."),
+            ("quotaflow_late_records", c.late, "Records too late for at least one window."),
+            ("quotaflow_dlq_records", c.dlq, "Records sent to the dead-letter topic."),
+            ("quotaflow_states_published", c.states_published, "Quota states published."),
+            ("quotaflow_denials", self.pipeline.throttle_onsets, "Keys that became throttled."),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "quotaflow_records_per_second", "Records aggregated per second since the last scrape.",
+            value=self._rate.update(c.records, time.time()),
+        )  # fmt: skip
+        throttled = sum(1 for s in self.pipeline.latest.values() if s.throttled)
+        yield GaugeMetricFamily(
+            "quotaflow_throttled_keys", "Keys of this worker at a limit now.", value=throttled
+        )
+        lag = GaugeMetricFamily(
+            "quotaflow_consumer_lag", "Usage messages not yet consumed.", labels=["partition"]
+        )
+        for partition, value in sorted(self._lag.items()):
+            lag.add_metric([str(partition)], value)
+        yield lag
+        ordered = sorted(self.pipeline.latencies_ms)
+        latency = GaugeMetricFamily(
+            "quotaflow_decision_latency_ms",
+            "Newest record's event time to its state's publication (recent states).",
+            labels=["quantile"],
+        )
+        for q in (0.5, 0.99):
+            if ordered:
+                latency.add_metric([str(q)], ordered[min(int(q * len(ordered)), len(ordered) - 1)])
+        yield latency
