@@ -92,12 +92,13 @@ def _count(text: str) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from quotaflow_producers.simulate import run_simulate_command
+    from quotaflow_producers.simulate import SimulationPlan, run_simulate_command
 
-    return run_simulate_command(
+    plan = SimulationPlan(
         instances=args.instances, keys_per_arm=args.keys, load=args.load,
-        duration=args.duration, rpm=args.rpm, tpm=args.tpm, seed=args.seed, as_json=args.json,
+        duration=args.duration, rpm=args.rpm, tpm=args.tpm, seed=args.seed,
     )  # fmt: skip
+    return run_simulate_command(plan, args.json)
 
 
 def _positive(text: str) -> float:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +21,7 @@ from quotaflow.policies import load_policies
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
 from quotaflow_producers.traffic import DEFAULT_PROFILES, KeyTally, TrafficInstance
-from quotaflow_stream.devstack import embedded_stack, run_settings, stop_stack
+from quotaflow_stream.devstack import DevStack, embedded_run
 from quotaflow_stream.launcher import WorkerProcess
 from quotaflow_stream.topics import ensure_topics
 
@@ -107,10 +105,25 @@ def _throttle_cell(state: QuotaState | None) -> str:
 def run_demo(
     duration: float | None, instances: int, rate: float, as_json: bool, seed: int | None = None
 ) -> int:
-    run_id = uuid.uuid4().hex[:8]
-    run_dir = Path(tempfile.mkdtemp(prefix=f"quotaflow-demo-{run_id}-"))
-    stack, own_stack = embedded_stack(run_dir)
-    settings = run_settings(stack, run_dir, f"demo-{run_id}")
+    with embedded_run("demo") as (stack, settings, run_dir):
+        summary = _demo(stack, settings, run_dir, duration, instances, rate, as_json, seed)
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0 if summary["totals_match"] else 1
+
+
+def _demo(
+    stack: DevStack,
+    settings: QuotaflowSettings,
+    run_dir: Path,
+    duration: float | None,
+    instances: int,
+    rate: float,
+    as_json: bool,
+    seed: int | None,
+) -> dict[str, Any]:
     policies = load_policies(settings.policies_file)
     ensure_topics(settings)
     worker = WorkerProcess(settings, run_dir / "worker.log", loglevel="warn").start()
@@ -127,7 +140,7 @@ def run_demo(
             TrafficInstance(
                 settings,
                 policies,
-                f"demo-{run_id}-{i}",
+                f"demo-{run_dir.name}-{i}",
                 rate,
                 seed=None if seed is None else seed + i,
             )
@@ -146,7 +159,7 @@ def run_demo(
             inst.close()
         sent = _sum_tallies(fleet)
         matched = _wait_for_totals(observer, sent, timeout=30.0)
-        summary = _summary(
+        return _summary(
             settings, worker, observer, fleet, sent, matched, time.monotonic() - started
         )
     finally:
@@ -155,13 +168,6 @@ def run_demo(
                 inst.close()
         observer.close()
         worker.stop()
-        if own_stack:
-            stop_stack(stack)
-    if as_json:
-        print(json.dumps(summary, indent=2))
-    else:
-        _print_summary(summary)
-    return 0 if matched else 1
 
 
 def _run_until(

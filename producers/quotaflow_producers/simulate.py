@@ -14,10 +14,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import sys
-import tempfile
 import time
-import uuid
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,20 @@ from quotaflow_producers.traffic import mean_tokens
 
 WINDOW = 60.0
 ARMS = ("shares", "async")
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """What a run offers: ``instances`` processes, ``keys_per_arm`` keys in each arm, each
+    instance offering ``load`` times its fair share of every key's limit for ``duration`` s."""
+
+    instances: int = 20
+    keys_per_arm: int = 2
+    load: float = 5.0
+    duration: float = 90.0
+    rpm: int = 1200
+    tpm: int = 800_000
+    seed: int = 1
 
 
 def sim_keys(keys_per_arm: int) -> list[tuple[str, str, str]]:
@@ -61,20 +74,11 @@ def policies_yaml(rpm: int, tpm: int) -> str:
 
 
 def run_simulation(
-    settings: QuotaflowSettings,
-    run_dir: Path,
-    *,
-    instances: int,
-    keys_per_arm: int,
-    load: float,
-    duration: float,
-    rpm: int,
-    tpm: int,
-    seed: int,
-    progress: bool = True,
+    settings: QuotaflowSettings, run_dir: Path, plan: SimulationPlan, *, progress: bool = True
 ) -> dict[str, Any]:
     """Run the fleet against a worker already following ``settings`` and return the report."""
-    keys = sim_keys(keys_per_arm)
+    instances, rpm, tpm, duration = plan.instances, plan.rpm, plan.tpm, plan.duration
+    keys = sim_keys(plan.keys_per_arm)
     per_call = mean_tokens()
     plans = []
     for i in range(instances):
@@ -82,7 +86,7 @@ def run_simulation(
         for key, _, bound in keys:
             # this instance's fair share of the limit, per second, times the offered load
             calls_per_min = rpm if bound == "requests" else tpm / per_call
-            sims.append(SimKey(key, load * calls_per_min / 60 / instances))
+            sims.append(SimKey(key, plan.load * calls_per_min / 60 / instances))
         plans.append(
             InstancePlan(
                 index=i,
@@ -93,7 +97,7 @@ def run_simulation(
                 ready_file=run_dir / f"instance-{i}.ready",
                 start_file=run_dir / "start",
                 duration=duration,
-                seed=seed + i,
+                seed=plan.seed + i,
                 instances=instances,
             )
         )
@@ -124,14 +128,8 @@ def run_simulation(
     logs = [json.loads(p.out.read_text()) for p in plans]
     result = analyse(logs, keys, rpm, tpm, started, started + duration, instances)
     result["run"] = {
-        "instances": instances,
-        "keys_per_arm": keys_per_arm,
-        "load": load,
-        "duration_s": duration,
-        "requests_per_minute": rpm,
-        "tokens_per_minute": tpm,
+        **asdict(plan),
         "mean_tokens_per_call": round(per_call),
-        "seed": seed,
         "fleet_seen_by_instances_at_start": min(fleet_seen),
         "undelivered": sum(log["undelivered"] for log in logs),
     }
@@ -251,52 +249,39 @@ def _show_progress(started: float, duration: float, procs: list[Any], show: bool
         bar.update(task, completed=duration)
 
 
-def run_simulate_command(
-    *,
-    instances: int,
-    keys_per_arm: int,
-    load: float,
-    duration: float,
-    rpm: int,
-    tpm: int,
-    seed: int,
-    as_json: bool,
-) -> int:
+def run_simulate_command(plan: SimulationPlan, as_json: bool) -> int:
     """``quotaflow simulate``: on the embedded stack (the running ``dev up`` one, or private)."""
-    from quotaflow_stream.devstack import embedded_stack, run_settings, stop_stack
+    from quotaflow_stream.devstack import embedded_run
     from quotaflow_stream.launcher import WorkerProcess
     from quotaflow_stream.topics import ensure_topics
 
-    run_id = uuid.uuid4().hex[:8]
-    run_dir = Path(tempfile.mkdtemp(prefix=f"quotaflow-sim-{run_id}-"))
-    stack, own_stack = embedded_stack(run_dir)
-    settings = run_settings(stack, run_dir, f"sim-{run_id}")
-    settings.policies_file = run_dir / "policies.yaml"
-    settings.policies_file.write_text(policies_yaml(rpm, tpm))
-    ensure_topics(settings)
-    say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
-    say(f"quotaflow simulate: {instances} instances on {stack.kafka_bootstrap}, logs in {run_dir}")
-    worker = WorkerProcess(settings, run_dir / "worker.log", loglevel="warn").start()
-    try:
-        worker.wait_ready(90)
-        result = run_simulation(
-            settings, run_dir, instances=instances, keys_per_arm=keys_per_arm, load=load,
-            duration=duration, rpm=rpm, tpm=tpm, seed=seed,
-        )  # fmt: skip
-        result["worker"] = {
-            k: v
-            for k, v in (worker.stats() or {}).items()
-            if k in ("records", "messages", "states_published", "dlq", "late")
-        }
-    finally:
-        worker.stop()
-        if own_stack:
-            stop_stack(stack)
+    with embedded_run("sim") as (stack, settings, run_dir):
+        settings.policies_file = run_dir / "policies.yaml"
+        settings.policies_file.write_text(policies_yaml(plan.rpm, plan.tpm))
+        ensure_topics(settings)
+        say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
+        say(f"quotaflow simulate: {plan.instances} instances on {stack.kafka_bootstrap}, "
+            f"logs in {run_dir}")  # fmt: skip
+        worker = WorkerProcess(settings, run_dir / "worker.log", loglevel="warn").start()
+        try:
+            worker.wait_ready(90)
+            result = run_simulation(settings, run_dir, plan)
+            result["worker"] = {
+                k: v
+                for k, v in (worker.stats() or {}).items()
+                if k in ("records", "messages", "states_published", "dlq", "late")
+            }
+        finally:
+            worker.stop()
     if as_json:
         print(json.dumps(result, indent=2))
     else:
         _print(result)
     return 0
+
+
+def _cell(value: Any, missing: str = "-") -> str:
+    return missing if value is None else str(value)
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -321,9 +306,9 @@ def _print(result: dict[str, Any]) -> None:
             table.add_row(
                 name,
                 bound,
-                str(arm[bound]["overshoot_pct_max"]),
-                str(arm[bound]["under_admission_pct_mean"]),
-                f"{prop['p50']}/{prop['p99']}",
+                _cell(arm[bound]["overshoot_pct_max"]),
+                _cell(arm[bound]["under_admission_pct_mean"], "- (run < 60 s)"),
+                f"{_cell(prop['p50'])} / {_cell(prop['p99'])}",
             )
     console = Console()
     console.print(table)

@@ -13,7 +13,11 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,6 +180,21 @@ def embedded_stack(run_dir: Path) -> tuple[DevStack, bool]:
     if stack is not None and stack_alive(stack):
         return stack, False
     return start_stack(run_dir / "stack"), True
+
+
+@contextmanager
+def embedded_run(kind: str) -> Iterator[tuple[DevStack, QuotaflowSettings, Path]]:
+    """A run of ``kind`` (``demo``, ``sim``, ``bench``...) on the embedded stack: the running
+    ``dev up`` stack or a private one, stopped at the end. Yields the stack, settings with
+    topics, app id and Redis prefix of the run's own, and a fresh directory for its files."""
+    run_id = uuid.uuid4().hex[:8]
+    run_dir = Path(tempfile.mkdtemp(prefix=f"quotaflow-{kind}-{run_id}-"))
+    stack, owned = embedded_stack(run_dir)
+    try:
+        yield stack, run_settings(stack, run_dir, f"{kind}-{run_id}"), run_dir
+    finally:
+        if owned:
+            stop_stack(stack)
 
 
 def run_settings(stack: DevStack, run_dir: Path, run_id: str) -> QuotaflowSettings:

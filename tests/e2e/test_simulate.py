@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_producers.simulate import policies_yaml, run_simulation
+from quotaflow_producers.simulate import SimulationPlan, policies_yaml, run_simulation
 from quotaflow_stream.devstack import DevStack
 from quotaflow_stream.launcher import WorkerProcess
 from tests.conftest import pipeline_settings, running_worker
@@ -42,10 +42,8 @@ def test_fleet_of_processes_reports_both_arms(
     run_dir = workdir / "run"
     run_dir.mkdir()
     # 20x offered load: the limits are reached within the first few seconds
-    result = run_simulation(
-        settings, run_dir, instances=3, keys_per_arm=2, load=20, duration=12,
-        rpm=RPM, tpm=TPM, seed=7, progress=False,
-    )  # fmt: skip
+    plan = SimulationPlan(instances=3, keys_per_arm=2, load=20, duration=12, rpm=RPM, tpm=TPM)
+    result = run_simulation(settings, run_dir, plan, progress=False)
     run = result["run"]
     assert run["fleet_seen_by_instances_at_start"] == 3 and run["undelivered"] == 0
     for arm in ("with_shares", "baseline_without_shares"):
