@@ -26,6 +26,23 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_topics(sub: Any) -> None:
+    p = sub.add_parser(
+        "topics", help="create the topics (partitions, retention, compaction) if missing"
+    )
+    p.add_argument("action", choices=["create"], help="create what is missing; keep what exists")
+    p.set_defaults(func=_cmd_topics)
+
+
+def _cmd_topics(args: argparse.Namespace) -> int:
+    from quotaflow_stream.topics import ensure_topics
+
+    settings = load_settings()
+    for name, partitions in ensure_topics(settings).items():
+        print(f"{name}: {partitions} partitions")
+    return 0
+
+
 def register_dev(sub: Any) -> None:
     p = sub.add_parser("dev", help="the embedded broker and Redis for local use")
     dev = p.add_subparsers(dest="dev_command", metavar="ACTION")
