@@ -43,6 +43,23 @@ def _cmd_topics(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_doctor(sub: Any) -> None:
+    p = sub.add_parser(
+        "doctor", help="check broker, topics, Redis, consumer lag and clocks; print fixes"
+    )
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per check (5)")
+    p.set_defaults(func=_cmd_doctor)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from quotaflow_stream.doctor import as_json, render, run_checks
+
+    checks = run_checks(load_settings(), timeout=args.timeout)
+    print(as_json(checks) if args.json else render(checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 def register_dev(sub: Any) -> None:
     p = sub.add_parser("dev", help="the embedded broker and Redis for local use")
     dev = p.add_subparsers(dest="dev_command", metavar="ACTION")

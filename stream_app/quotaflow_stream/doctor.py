@@ -1,0 +1,309 @@
+"""``quotaflow doctor``: check a deployment the way an operator would, and say how to fix it.
+
+Checks the broker connection, the topics (present, partitions, compaction on decisions,
+retention on usage), the Redis connection, the workers' consumer lag and clock skew (this
+machine against Redis and against the workers' heartbeats).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, cast
+
+from quotaflow.emitter import ClientLog
+from quotaflow.settings import QuotaflowSettings
+from quotaflow.state import HEARTBEAT_KEY
+
+Status = Literal["ok", "warn", "fail"]
+
+#: Clock skew beyond this many seconds is a warning (windows and staleness go by clocks).
+SKEW_WARN = 1.0
+#: Consumer lag (messages) beyond this is a warning.
+LAG_WARN = 10_000
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def run_checks(settings: QuotaflowSettings, timeout: float = 5.0) -> list[Check]:
+    checks: list[Check] = []
+    admin = _broker(settings, timeout, checks)
+    if admin is not None:
+        _topics(settings, admin, timeout, checks)
+        _lag(settings, timeout, checks)
+        _worker_clock(settings, timeout, checks)
+    _redis(settings, checks)
+    return checks
+
+
+def _broker(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> Any:
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    conf = settings.kafka.confluent_config()
+    admin = AdminClient(
+        {**conf, "socket.connection.setup.timeout.ms": int(timeout * 1000)}, logger=ClientLog()
+    )
+    try:
+        meta = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        checks.append(
+            Check(
+                "broker",
+                "fail",
+                f"{settings.kafka.bootstrap_servers}: {exc.args[0]}",
+                "check QUOTAFLOW_KAFKA__BOOTSTRAP_SERVERS and, with SASL/SSL, "
+                "QUOTAFLOW_KAFKA__SECURITY_PROTOCOL, __SASL_* and __SSL_*",
+            )
+        )
+        return None
+    checks.append(
+        Check("broker", "ok", f"{settings.kafka.bootstrap_servers}: {len(meta.brokers)} broker(s)")
+    )
+    return admin
+
+
+def _topics(settings: QuotaflowSettings, admin: Any, timeout: float, checks: list[Check]) -> None:
+    from confluent_kafka.admin import ConfigResource
+
+    t = settings.topics
+    meta = admin.list_topics(timeout=timeout)
+    counts: dict[str, int] = {}
+    for name in (t.usage, t.decisions, t.dlq):
+        topic = meta.topics.get(name)
+        if topic is None or topic.error is not None:
+            checks.append(
+                Check(
+                    f"topic {name}",
+                    "fail",
+                    "missing",
+                    "run `quotaflow topics create` (or start a worker once)",
+                )
+            )
+            continue
+        counts[name] = len(topic.partitions)
+        checks.append(Check(f"topic {name}", "ok", f"{counts[name]} partitions"))
+    if t.usage in counts and t.decisions in counts and counts[t.usage] != counts[t.decisions]:
+        checks.append(
+            Check(
+                "partitions",
+                "fail",
+                f"usage has {counts[t.usage]}, decisions {counts[t.decisions]}",
+                "give both topics the same partition count: a key's state must live where its "
+                "usage is counted",
+            )
+        )
+    wanted = {t.decisions: ("cleanup.policy", "compact"), t.usage: ("cleanup.policy", "delete")}
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, n) for n in wanted if n in counts]
+    if not resources:
+        return
+    try:
+        futures = admin.describe_configs(resources, request_timeout=timeout)
+        for resource, future in futures.items():
+            config = future.result(timeout=timeout)
+            key, value = wanted[resource.name]
+            entry = config.get(key)
+            actual = entry.value if entry is not None else None
+            if actual is not None and value not in actual:
+                checks.append(
+                    Check(
+                        f"{resource.name} {key}",
+                        "fail",
+                        f"is {actual}, should be {value}",
+                        f"kafka-configs --alter --entity-type topics --entity-name {resource.name} "
+                        f"--add-config {key}={value}",
+                    )
+                )
+            else:
+                checks.append(Check(f"{resource.name} {key}", "ok", actual or "(broker default)"))
+    except Exception as exc:  # brokers without DescribeConfigs (some dev brokers)
+        checks.append(
+            Check(
+                "topic configs",
+                "warn",
+                f"cannot read topic configs: {exc}",
+                "check them with your broker's tools",
+            )
+        )
+
+
+def _lag(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    group = settings.worker.app_id
+    consumer = Consumer(
+        {**settings.kafka.confluent_config(), "group.id": group, "enable.auto.commit": False},
+        logger=ClientLog(),
+    )
+    try:
+        meta = consumer.list_topics(settings.topics.usage, timeout=timeout)
+        topic = meta.topics.get(settings.topics.usage)
+        if topic is None or topic.error is not None:
+            return
+        tps = [TopicPartition(settings.topics.usage, p) for p in topic.partitions]
+        committed = consumer.committed(tps, timeout=timeout)
+        lag = 0
+        unseen = 0
+        for tp in committed:
+            _, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            if tp.offset < 0:
+                unseen += 1
+                continue
+            lag += max(high - tp.offset, 0)
+    except Exception as exc:
+        checks.append(Check("consumer lag", "warn", f"cannot read group {group!r}: {exc}"))
+        return
+    finally:
+        consumer.close()
+    if unseen == len(tps):
+        checks.append(
+            Check(
+                "consumer lag",
+                "warn",
+                f"group {group!r} has committed nothing yet",
+                "start a worker: `quotaflow worker`",
+            )
+        )
+    elif lag > LAG_WARN:
+        checks.append(
+            Check(
+                "consumer lag",
+                "warn",
+                f"{lag} messages behind",
+                "add workers (up to the partition count) or find what slows them",
+            )
+        )
+    else:
+        checks.append(Check("consumer lag", "ok", f"{lag} messages behind"))
+
+
+def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> None:
+    """Skew between this machine and the workers, from their newest heartbeat."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {
+            **settings.kafka.confluent_config(),
+            "group.id": "quotaflow-doctor",
+            "enable.auto.commit": False,
+        },
+        logger=ClientLog(),
+    )
+    newest: float | None = None
+    try:
+        meta = consumer.list_topics(settings.topics.decisions, timeout=timeout)
+        topic = meta.topics.get(settings.topics.decisions)
+        if topic is None or topic.error is not None:
+            return
+        tps = []
+        for p in topic.partitions:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(settings.topics.decisions, p), timeout=timeout
+            )
+            tps.append(TopicPartition(settings.topics.decisions, p, max(low, high - 50)))
+        consumer.assign(tps)
+        deadline = time.monotonic() + min(timeout, 3.0)
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None or msg.error() is not None:
+                continue
+            if msg.key() == HEARTBEAT_KEY.encode():
+                beat = json.loads(msg.value() or b"{}")
+                received = time.time()
+                skew = received - float(beat["published_at"])
+                newest = skew if newest is None else min(newest, skew)
+    except Exception:
+        return
+    finally:
+        consumer.close()
+    if newest is None:
+        checks.append(
+            Check(
+                "worker clock",
+                "warn",
+                "no recent worker heartbeat",
+                "start a worker; SDKs apply their fail mode without one",
+            )
+        )
+    elif abs(newest) > SKEW_WARN + 1.0:  # a heartbeat read back can be up to ~1 s old
+        checks.append(
+            Check(
+                "worker clock",
+                "warn",
+                f"this machine is {newest:+.1f} s from a worker's clock",
+                "run NTP (chrony, systemd-timesyncd) on every host",
+            )
+        )
+    else:
+        checks.append(Check("worker clock", "ok", f"within {abs(newest):.2f} s of a worker"))
+
+
+def _redis(settings: QuotaflowSettings, checks: list[Check]) -> None:
+    import redis
+
+    client = redis.Redis.from_url(settings.redis.url, **settings.redis.client_kwargs())
+    try:
+        before = time.time()
+        seconds, micros = cast(tuple[int, int], client.time())
+        after = time.time()
+        skew = (before + after) / 2 - (seconds + micros / 1e6)
+        checks.append(Check("redis", "ok", _redacted_url(settings.redis.url)))
+        status: Status = "ok" if abs(skew) <= SKEW_WARN else "warn"
+        checks.append(
+            Check(
+                "clock vs redis",
+                status,
+                f"{skew:+.3f} s",
+                "" if status == "ok" else "run NTP on every host",
+            )
+        )
+    except redis.AuthenticationError:
+        checks.append(
+            Check(
+                "redis",
+                "fail",
+                "authentication failed",
+                "set QUOTAFLOW_REDIS__PASSWORD to the server's password",
+            )
+        )
+    except redis.RedisError as exc:
+        checks.append(
+            Check(
+                "redis",
+                "fail",
+                f"{_redacted_url(settings.redis.url)}: {exc}",
+                "check QUOTAFLOW_REDIS__URL (rediss:// for TLS) and that Redis runs; "
+                "workers keep aggregating without it, SDKs read the topic instead",
+            )
+        )
+    finally:
+        client.close()
+
+
+def _redacted_url(url: str) -> str:
+    """A Redis URL without its password, for output."""
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def render(checks: list[Check]) -> str:
+    marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+    lines = []
+    for c in checks:
+        lines.append(f"[{marks[c.status]}] {c.name}: {c.detail}")
+        if c.fix:
+            lines.append(f"       fix: {c.fix}")
+    return "\n".join(lines)
+
+
+def as_json(checks: list[Check]) -> str:
+    return json.dumps([asdict(c) for c in checks], indent=2)
