@@ -188,6 +188,15 @@ class Rejected:
     reason: str
 
 
+def looks_like_secret(text: str | bytes | None) -> bool:
+    """Whether a key or id looks like a raw API credential (``sk-...``, ``Bearer ...``)."""
+    if text is None:
+        return False
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return _SECRET_LIKE.match(text) is not None
+
+
 def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line per problem, each naming the field path: ``[2].prompt_tokens: must be >= 0``."""
     parts = []
@@ -238,7 +247,7 @@ def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[UsageRecord],
         return [_record_adapter.validate_python(doc)], []
     except ValidationError as exc:
         key = doc.get("key")
-        if isinstance(key, str) and _SECRET_LIKE.match(key):
+        if isinstance(key, str) and looks_like_secret(key):
             # Do not spread a leaked credential further: the dead letter keeps a redacted copy.
             raw = json.dumps({**doc, "key": REDACTED}, separators=(",", ":")).encode()
         return [], [Rejected(raw, describe_validation_error(exc, prefix))]

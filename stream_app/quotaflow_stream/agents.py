@@ -20,7 +20,14 @@ import faust
 
 from quotaflow.partitioner import partition_for
 from quotaflow.policies import PolicySet
-from quotaflow.record import Rejected, UsageRecord, encode_records, parse_usage_value
+from quotaflow.record import (
+    REDACTED,
+    Rejected,
+    UsageRecord,
+    encode_records,
+    looks_like_secret,
+    parse_usage_value,
+)
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_json
 from quotaflow_stream.aggregate import add_records
@@ -201,8 +208,10 @@ class UsagePipeline:
     async def _dead_letter(self, message: Any, rejected: Rejected) -> None:
         origin = f"{message.topic}/{message.partition}/{message.offset}"
         log.warning("usage rejected to DLQ (%s): %s", origin, rejected.reason)
+        # A producer that keyed its message by a raw credential must not see it copied on.
+        key = REDACTED.encode() if looks_like_secret(message.key) else message.key
         await self.dlq_topic.send(
-            key=message.key,
+            key=key,
             value=rejected.raw,
             headers={
                 DLQ_REASON_HEADER: rejected.reason.encode(),
