@@ -238,3 +238,59 @@ def test_restarted_worker_recovers_its_table(
         assert st is not None
         assert st.totals.records == 4 and st.totals.prompt_tokens == 28
     assert (worker.stats() or {}).get("duplicates") == 1
+
+
+def test_a_fuzzed_usage_topic_never_stops_the_worker(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    """Generated garbage (random bytes, wrong types, negative, huge and NaN numbers, junk
+    nesting, keys that are not UTF-8) beside valid records: the worker keeps running, every
+    rejection reaches the DLQ and every valid record counts."""
+    import random
+
+    from quotaflow.record import parse_usage_value
+
+    rng = random.Random(20261122)
+    junk: list[object] = [None, -1, -(10**20), 10**30, 1e308, "x" * 300, [], {}, [[[]]], True,
+                          {"nested": {"deep": [1, {"x": None}]}}, "NaN", 3.5]  # fmt: skip
+    fields = ["id", "ts", "key", "model", "source", "requests", "prompt_tokens",
+              "completion_tokens", "status", "attrs", "estimated", "unknown"]  # fmt: skip
+    before = (worker.stats() or {}).get("dlq", 0)
+    p = producer(settings)
+    expected_dead = 0
+    for i in range(150):
+        kind = rng.random()
+        if kind < 0.25:
+            value = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        elif kind < 0.5:
+            doc = record_doc(i, "fuzz-other")
+            doc[rng.choice(fields)] = rng.choice(junk)
+            value = json.dumps(doc).encode()
+        elif kind < 0.75:
+            docs = [record_doc(i * 10 + j, "fuzz-other") for j in range(3)]
+            docs[rng.randrange(3)][rng.choice(fields)] = rng.choice(junk)
+            value = json.dumps(docs).encode()
+        else:
+            value = json.dumps(rng.choice(junk)).encode()
+        records, rejected = parse_usage_value(value)
+        horizon = time.time() + settings.worker.max_future_skew  # the worker's own rule
+        expected_dead += len(rejected) + sum(1 for r in records if r.ts > horizon)
+        key = bytes(rng.randrange(128, 256) for _ in range(4)) if rng.random() < 0.3 else b"fz"
+        p.produce(settings.topics.usage, key=key, value=value)
+    for i in range(20):
+        p.produce(settings.topics.usage, key=b"fuzz-valid",
+                  value=json.dumps(record_doc(i, "fuzz-valid")).encode())  # fmt: skip
+    assert p.flush(10) == 0
+    assert expected_dead > 50
+    wait_for(
+        lambda: (worker.stats() or {}).get("dlq", 0) - before >= expected_dead,
+        what=f"{expected_dead} dead letters",
+    )
+    with QuotaClient(settings) as client:
+        st = wait_for(
+            lambda: (s := client.cache.state("fuzz-valid")) and s.totals.records == 20 and s,
+            what="the valid records",
+        )
+        assert st.totals.records == 20
+    assert (worker.stats() or {}).get("dlq", 0) - before == expected_dead
+    assert worker.proc is not None and worker.proc.poll() is None, "worker kept running"

@@ -1,0 +1,147 @@
+"""Bad input at every boundary, generated (hypothesis): usage messages, policy files and
+command lines. Each case gets a clear error or a dead letter; nothing raises anything else."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quotaflow._exceptions import ConfigError
+from quotaflow.cli import build_parser
+from quotaflow.policies import load_policies, parse_policies
+from quotaflow.record import MAX_MESSAGE_BYTES, parse_usage_value
+
+VALID = {"id": "r1", "ts": 1.7e9, "key": "k", "model": "m", "source": "s", "prompt_tokens": 3}
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+# a valid record with one field replaced by something arbitrary (wrong types, negative or huge
+# numbers, NaN, nested junk)
+mutated = st.builds(
+    lambda field, value: {**VALID, field: value},
+    st.sampled_from([*sorted(VALID), "requests", "completion_tokens", "status", "attrs", "x"]),
+    json_values | st.integers(min_value=-(10**30), max_value=10**30),
+)
+
+
+@given(st.binary(max_size=300))
+def test_random_bytes_never_raise(raw: bytes) -> None:
+    records, rejected = parse_usage_value(raw)
+    assert records or rejected
+    for bad in rejected:
+        assert bad.reason
+
+
+@given(mutated)
+def test_a_broken_field_goes_to_the_dlq_naming_it(doc: dict[str, Any]) -> None:
+    raw = json.dumps(doc).encode()
+    records, rejected = parse_usage_value(raw)
+    if rejected:
+        assert len(rejected) == 1 and rejected[0].reason
+    else:  # the change was valid: it parsed as the record it describes
+        (r,) = records
+        assert r.id == str(doc["id"]) and math.isfinite(r.ts) and r.prompt_tokens >= 0
+
+
+@given(st.lists(st.one_of(mutated, st.just(VALID)), min_size=1, max_size=8))
+def test_valid_records_survive_their_bad_neighbours(docs: list[dict[str, Any]]) -> None:
+    records, rejected = parse_usage_value(json.dumps(docs).encode())
+    assert len(records) + len(rejected) == len(docs)
+    assert sum(1 for d in docs if d == VALID) <= len(records)
+    for bad in rejected:
+        assert bad.reason.startswith("[")  # names the element: "[3].prompt_tokens: ..."
+
+
+def test_oversized_and_non_utf8_messages() -> None:
+    records, rejected = parse_usage_value(b"[" + b" " * MAX_MESSAGE_BYTES + b"]")
+    assert not records and "exceeds" in rejected[0].reason
+    records, rejected = parse_usage_value(b'{"id": "\xff\xfe", "key": "\xc3"}')
+    assert not records and rejected[0].reason.startswith("not JSON")
+
+
+policy_docs = st.recursive(
+    st.none() | st.integers(min_value=-5, max_value=10**6) | st.text(max_size=10) | st.booleans(),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "version",
+                    "policies",
+                    "name",
+                    "keys",
+                    "limits",
+                    "models",
+                    "default",
+                    "fail_mode",
+                    "requests_per_minute",
+                    "tokens_per_day",
+                    "max_staleness",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=15,
+)
+
+
+@given(policy_docs)
+def test_any_policy_document_is_a_policy_set_or_a_config_error(doc: Any) -> None:
+    try:
+        parse_policies(doc, source="fuzz.yaml")
+    except ConfigError as exc:
+        assert str(exc).startswith("fuzz.yaml")
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(st.text(max_size=200))
+def test_any_policy_file_text_loads_or_names_the_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(text, encoding="utf-8")
+    try:
+        load_policies(path)
+    except ConfigError as exc:
+        assert str(exc).startswith(str(path))
+
+
+def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_bytes(b"\xff\xfe policies")
+    with pytest.raises(ConfigError, match="cannot read policy file"):
+        load_policies(path)
+    assert yaml  # the loader is yaml.safe_load: no object construction from tags
+
+
+COMMANDS = ["tokens", "policies", "schema", "key-id", "audit", "replay", "simulate", "doctor",
+            "topics", "bench", "demo", "gateway", "worker", "dev"]  # fmt: skip
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(COMMANDS), st.lists(st.text(max_size=12), max_size=4))
+def test_command_lines_parse_or_fail_with_usage(
+    capsys: pytest.CaptureFixture[str], command: str, args: list[str]
+) -> None:
+    """Random arguments either parse or exit 2 with a usage error naming the problem (parsed
+    only: a command line that parses is not run)."""
+    try:
+        build_parser().parse_args([command, *args])
+    except SystemExit as exc:
+        out = capsys.readouterr()
+        if exc.code == 0:  # the arguments held a help flag (or an abbreviation of one)
+            assert out.out.startswith("usage:")
+        else:
+            assert exc.code == 2 and "error:" in out.err and "Traceback" not in out.err
