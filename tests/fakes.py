@@ -15,11 +15,14 @@ class MemoryTransport:
         self.sent: list[tuple[str, int | None, bytes, bytes]] = []
         self._partitions = partitions
         self.refuse = refuse  # refuse this many sends with TransportFull first
+        self.down = False  # refuse every send, as a producer whose broker is away fills up
         self.flushed = False
         self.lock = threading.Lock()
 
     def send(self, topic: str, partition: int | None, key: bytes, value: bytes) -> None:
         with self.lock:
+            if self.down:
+                raise TransportFull("broker away")
             if self.refuse:
                 self.refuse -= 1
                 raise TransportFull("queue full")

@@ -29,6 +29,7 @@ from quotaflow.cache import Clock, QuotaCache
 from quotaflow.decision import Decision
 from quotaflow.emitter import KafkaTransport, Transport, UsageEmitter
 from quotaflow.follower import DecisionsFollower
+from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
@@ -103,6 +104,9 @@ class QuotaClient:
             max_batch=c.max_batch,
             flush_interval=c.flush_interval,
             max_buffered=c.max_buffered,
+            journal=Journal(c.journal_dir / c.source, c.journal_max_bytes, c.journal_fsync)
+            if c.journal
+            else None,
         )
         self.emitter.start()
         if self.follower is not None:

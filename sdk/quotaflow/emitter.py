@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from quotaflow.journal import Journal
 from quotaflow.partitioner import partition_for
 from quotaflow.record import Encodable, encode_records
 
@@ -74,6 +75,8 @@ class KafkaTransport:
             # librdkafka defaults to crc32; Kafka's Java client and aiokafka use murmur2.
             "partitioner": "murmur2_random",
             "queue.buffering.max.messages": 100_000,
+            # never expire a queued message while the broker is away: the journal bounds memory
+            "message.timeout.ms": 0,
             **config,
         }
         self._producer = Producer(conf, logger=ClientLog())
@@ -97,6 +100,9 @@ class KafkaTransport:
                     topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery
                 )
         except BufferError as exc:
+            # The queue counts messages until their delivery reports are served: serve them,
+            # or a queue that filled during an outage stays "full" after the broker is back.
+            self._producer.poll(0)
             raise TransportFull(str(exc)) from None
         self._producer.poll(0)
 
@@ -133,6 +139,7 @@ class UsageEmitter:
         flush_interval: float = 0.02,
         max_buffered: int = 1_000_000,
         on_overflow: Callable[[Encodable], None] | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.transport = transport
         self.topic = topic
@@ -140,6 +147,13 @@ class UsageEmitter:
         self.flush_interval = flush_interval
         self.max_buffered = max_buffered
         self._on_overflow = on_overflow
+        self.journal = journal
+        # Past the memory bound records wait here for the emitter thread to journal them
+        # (emit() never touches the disk); while the journal holds records, every new record
+        # follows them there, so order is kept.
+        self._spill: deque[Encodable] = deque()
+        self._spilling = bool(journal)
+        self._mode = threading.Lock()
         self._buffer: deque[Encodable] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -154,7 +168,13 @@ class UsageEmitter:
 
     def emit(self, record: Encodable) -> None:
         """Queue a record; never blocks."""
-        if len(self._buffer) >= self.max_buffered:
+        if self.journal is not None and (self._spilling or len(self._buffer) >= self.max_buffered):
+            with self._mode:
+                if self._spilling or len(self._buffer) >= self.max_buffered:
+                    self._spilling = True
+                    self._spill.append(record)
+                    return
+        elif len(self._buffer) >= self.max_buffered:
             self.overflowed += 1
             if self._on_overflow is not None:
                 self._on_overflow(record)
@@ -177,8 +197,27 @@ class UsageEmitter:
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval)
             self._wake.clear()
+            if self.journal is not None:
+                self._journal_tick()
             self._drain()
         self._drain()
+
+    def _journal_tick(self) -> None:
+        """Journal what spilled; once memory is drained into the producer, replay the oldest
+        journaled records; leave spill mode when nothing is left on disk."""
+        journal = self.journal
+        assert journal is not None
+        if self._spill:
+            spilled = [self._spill.popleft() for _ in range(len(self._spill))]
+            journal.append(spilled)
+        if journal and not self._buffer:
+            records, offset = journal.read(self.max_batch * 8)
+            self._buffer.extend(records)
+            journal.commit(offset, len(records))
+        if not journal:
+            with self._mode:
+                if not self._spill:
+                    self._spilling = False
 
     def _drain(self) -> None:
         if not self._buffer:
@@ -225,9 +264,20 @@ class UsageEmitter:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        # A full transport puts records back; keep handing them over until the deadline.
-        while self._buffer and time.monotonic() < deadline:
+        # A full transport puts records back; keep handing them over (journaled ones too, in
+        # order) until the deadline.
+        while (self._buffer or self._spill or self.journal) and time.monotonic() < deadline:
+            if self.journal is not None:
+                self._journal_tick()
             self._drain()
+        if self.journal is not None and (self._buffer or self._spill):
+            # the broker is away: keep them on disk for the next process rather than lose them;
+            # memory holds what is older than the journal, the spill what is newer
+            self.journal.prepend(list(self._buffer))
+            self.journal.append(list(self._spill))
+            self._buffer.clear()
+            self._spill.clear()
         left = self.transport.flush(max(deadline - time.monotonic(), 0.0)) + len(self._buffer)
         self.transport.close()
-        return left
+        # records kept on disk are not lost, but not delivered either
+        return left + (self.journal.pending if self.journal is not None else 0)

@@ -150,6 +150,14 @@ class ClientSettings(BaseModel):
     #: Longest a decisions fetch waits at the broker: bounds how late a state arrives when the
     #: topic is quiet, at the cost of one fetch request per interval per instance.
     fetch_max_wait_ms: int = Field(default=50, ge=1, le=5000)
+    #: Records past ``max_buffered`` (a long broker outage) go to an append-only journal in
+    #: ``journal_dir/<source>`` and are replayed in order once the broker is back; a stable
+    #: ``source`` lets a restarted process replay what its predecessor journaled.
+    journal: bool = True
+    journal_dir: Path = Path(".quotaflow") / "journal"
+    journal_max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    #: never | batch (fsync each batch written, every flush interval) | always (each record)
+    journal_fsync: Literal["never", "batch", "always"] = "batch"
     #: A reservation not settled within this many seconds is settled as estimated.
     reservation_ttl: float = Field(default=600.0, gt=0)
 
