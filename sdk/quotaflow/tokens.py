@@ -232,7 +232,20 @@ def count_request(body: dict[str, Any], model: str | None = None) -> TokenCount:
         messages = body["messages"]
         if not isinstance(messages, list):
             raise ValueError("'messages' must be a list")
-        return count_chat_prompt(messages, model, body.get("tools"), body.get("functions"))
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"messages[{i}]: expected an object, got {type(message).__name__}")
+        tools, functions = body.get("tools"), body.get("functions")
+        for name, defs in (("tools", tools), ("functions", functions)):
+            if defs is not None and not (
+                isinstance(defs, list) and all(isinstance(d, dict) for d in defs)
+            ):
+                raise ValueError(f"'{name}' must be a list of objects")
+        try:
+            return count_chat_prompt(messages, model, tools, functions)
+        except (AttributeError, TypeError, KeyError) as exc:
+            # a malformed nested part (tool_calls, a content part): the request is bad, not us
+            raise ValueError(f"malformed chat request: {exc}") from None
     return count_inputs(body["prompt" if kind == "completion" else "input"], model)
 
 
@@ -241,5 +254,6 @@ def max_output_tokens(body: dict[str, Any]) -> int | None:
     for field in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         value = body.get(field)
         if isinstance(value, int) and value >= 0:
-            return value * int(body.get("n") or 1)
+            n = body.get("n")
+            return value * (n if isinstance(n, int) and n > 0 else 1)
     return None

@@ -145,3 +145,21 @@ def test_command_lines_parse_or_fail_with_usage(
             assert out.out.startswith("usage:")
         else:
             assert exc.code == 2 and "error:" in out.err and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "gpt-4o", "messages": [None]},
+        {"model": "gpt-4o", "messages": [{"role": "user", "tool_calls": [1]}]},
+        {"model": "gpt-4o", "messages": [{"role": "user", "tool_calls": [{"function": 3}]}]},
+        {"model": "gpt-4o", "messages": [], "tools": [1]},
+    ],
+)
+def test_malformed_chat_requests_are_value_errors(body: dict[str, Any]) -> None:
+    """Found by fuzzing the gateway: such bodies once raised AttributeError (a 500)."""
+    from quotaflow.tokens import count_request, max_output_tokens
+
+    with pytest.raises(ValueError):
+        count_request(body)
+    assert max_output_tokens({"max_tokens": 10, "n": "many"}) == 10
