@@ -98,7 +98,7 @@ def test_thirty_seconds_without_the_broker(
         time.sleep(5)
         stop.set()
         thread.join()
-        assert slowest < 0.05, f"record() took {slowest * 1000:.1f} ms at worst"
+        assert slowest < 0.1, f"record() took {slowest * 1000:.1f} ms at worst"
         emitter = client.emitter
         assert emitter is not None
         left = client.close(timeout=60)
