@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from quotaflow.stats import percentile
+
 POLICY = """
 version: 1
 policies:
@@ -56,11 +58,6 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     st.add_argument("--json", action="store_true", help="print JSON only")
     st.set_defaults(func=_cmd_stream)
-
-
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:
@@ -116,7 +113,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         stats = {
             name: {
                 "p50_ms": round(statistics.median(values), 3),
-                "p99_ms": round(_percentile(values, 0.99), 3),
+                "p99_ms": round(percentile(values, 99) or 0.0, 3),
                 "mean_ms": round(statistics.fmean(values), 3),
             }
             for name, values in samples.items()
@@ -161,7 +158,7 @@ def _latencies(fn: Any, keys: list[str], samples: int) -> list[int]:
 def _summary_us(rounds: list[list[int]]) -> dict[str, float]:
     """Median over rounds of each round's p50 and p99, in microseconds."""
     p50 = statistics.median(statistics.median(r) for r in rounds) / 1000
-    p99 = statistics.median(_percentile([float(x) for x in r], 0.99) for r in rounds) / 1000
+    p99 = statistics.median(percentile(r, 99) or 0.0 for r in rounds) / 1000
     return {"p50_us": round(p50, 3), "p99_us": round(p99, 3), "rounds": len(rounds)}
 
 

@@ -16,12 +16,13 @@ its size). Against it:
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
+
+from quotaflow.stats import percentile
 
 #: A denial counts as "blocked with budget" only if this much of the limit (plus the call) was
 #: still free: shares round down and a few units are always in flight.
@@ -36,15 +37,6 @@ class Calls:
     admitted_size: Sequence[int]
     denied_at: Sequence[float]
     denied_size: Sequence[int]
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (nearest rank) of ``values``, or None if there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(math.ceil(q / 100 * len(ordered)) - 1, 0)
-    return ordered[min(rank, len(ordered) - 1)]
 
 
 def sliding_totals(at: Sequence[float], size: Sequence[int], window: float) -> list[int]:

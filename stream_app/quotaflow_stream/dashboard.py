@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from quotaflow.state import QuotaState
+from quotaflow.stats import percentile
 from quotaflow.windows import MINUTE
 
 #: Keys listed in a summary (the busiest first); the JSON API lists them all.
@@ -76,7 +77,6 @@ def summary(
             m["requests"] += t.requests
             m["tokens"] += t.tokens
     consumers = sorted(rows, key=lambda r: (-r["last_minute"]["tokens"], r["key"]))
-    ordered = sorted(latencies_ms)
     return {
         "now": now,
         "keys": rows[:top],
@@ -93,15 +93,13 @@ def summary(
         ],
         "models": dict(sorted(models.items(), key=lambda kv: -kv[1]["tokens"])),
         "decision_latency_ms": {
-            "p50": _pct(ordered, 0.50),
-            "p99": _pct(ordered, 0.99),
-            "count": len(ordered),
+            "p50": _rounded(percentile(latencies_ms, 50)),
+            "p99": _rounded(percentile(latencies_ms, 99)),
+            "count": len(latencies_ms),
         },
         "worker": worker,
     }
 
 
-def _pct(ordered: Sequence[float], q: float) -> float | None:
-    if not ordered:
-        return None
-    return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 1)
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)

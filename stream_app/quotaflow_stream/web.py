@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quotaflow.state import QuotaState
+from quotaflow.stats import percentile
 from quotaflow_stream import dashboard
 
 if TYPE_CHECKING:
@@ -258,13 +259,14 @@ class _Metrics:
         for partition, value in sorted(self._lag.items()):
             lag.add_metric([str(partition)], value)
         yield lag
-        ordered = sorted(self.pipeline.latencies_ms)
+        latencies = list(self.pipeline.latencies_ms)
         latency = GaugeMetricFamily(
             "quotaflow_decision_latency_ms",
             "Newest record's event time to its state's publication (recent states).",
             labels=["quantile"],
         )
-        for q in (0.5, 0.99):
-            if ordered:
-                latency.add_metric([str(q)], ordered[min(int(q * len(ordered)), len(ordered) - 1)])
+        for q in (50, 99):
+            ms = percentile(latencies, q)
+            if ms is not None:
+                latency.add_metric([str(q / 100)], ms)
         yield latency
