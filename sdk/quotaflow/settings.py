@@ -112,6 +112,12 @@ class WorkerSettings(BaseModel):
     api_token: SecretStr | None = None
     #: Seconds between two dashboard updates (server-sent events).
     dashboard_interval: float = Field(default=1.0, gt=0)
+
+    def api_headers(self) -> dict[str, str]:
+        """Headers a client of this worker's API sends (the bearer token, when one is set)."""
+        token = self.api_token
+        return {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+
     data_dir: Path = Path(".quotaflow") / "worker"
     #: Event-time seconds a window keeps accepting late records after it ends.
     grace_seconds: float = Field(default=10.0, ge=0)

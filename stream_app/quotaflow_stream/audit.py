@@ -355,7 +355,7 @@ def snapshot_totals(settings: QuotaflowSettings) -> dict[str, Sums | None]:
 
 
 def worker_totals(
-    base_url: str, keys: Iterable[str], timeout: float = 5.0
+    base_url: str, keys: Iterable[str], headers: dict[str, str], timeout: float = 5.0
 ) -> dict[str, Sums | None]:
     """Lifetime totals per key from a worker's ``/api/keys/{key}`` (None where it has none)."""
     import urllib.error
@@ -368,7 +368,8 @@ def worker_totals(
     for key in keys:
         url = f"{base_url}/api/keys/{urllib.parse.quote(key, safe='')}"
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            request = urllib.request.Request(url, headers=headers)
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 out[key] = _sums(QuotaState.from_json(resp.read()))
         except urllib.error.HTTPError as exc:
             if exc.code != 404:

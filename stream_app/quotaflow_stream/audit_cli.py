@@ -156,7 +156,9 @@ def _reconcile(args: argparse.Namespace) -> int:
     while True:
         diffs = audit.compare(by_key, audit.snapshot_totals(settings), "snapshot")
         if not args.no_worker:
-            diffs += audit.compare(by_key, audit.worker_totals(base, by_key), "worker")
+            diffs += audit.compare(
+                by_key, audit.worker_totals(base, by_key, settings.worker.api_headers()), "worker"
+            )
         if not diffs or time.monotonic() >= deadline:
             break
         time.sleep(0.5)

@@ -45,9 +45,9 @@ class WorkerProcess:
 
     def stats(self, timeout: float = 2.0) -> dict[str, Any] | None:
         """The worker's ``/api/stats``, or None if it does not answer."""
-        token = self.settings.worker.api_token
-        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
-        request = urllib.request.Request(f"{self.base_url}/api/stats", headers=headers)
+        request = urllib.request.Request(
+            f"{self.base_url}/api/stats", headers=self.settings.worker.api_headers()
+        )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return dict(json.loads(resp.read()))
