@@ -54,7 +54,7 @@ def probe_sdk(count: int) -> dict[str, float]:
 
 
 def probe_worker(key_windows: int) -> dict[str, float]:
-    from quotaflow.record import UsageRecord
+    from quotaflow.record import WireRecord
     from quotaflow_stream.aggregate import WINDOW_SIZES, add_records
 
     keys = key_windows // len(WINDOW_SIZES)  # each key holds a minute, hour and day window
@@ -64,7 +64,7 @@ def probe_worker(key_windows: int) -> dict[str, float]:
     before = rss_bytes()
     for i in range(keys):
         key = f"key-{i:07d}"
-        rec = UsageRecord(id=str(i), ts=now, key=key, model="gpt-4o", prompt_tokens=100,
+        rec = WireRecord(id=str(i), ts=now, key=key, model="gpt-4o", prompt_tokens=100,
                           completion_tokens=20, source=f"svc-{i % 20}")  # fmt: skip
         table[key], _ = add_records(None, [rec], lambda k, m: ("",), grace=10)
     gc.collect()

@@ -20,6 +20,7 @@ from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, lo
 from quotaflow.record import (
     RecordedUsage,
     UsageRecord,
+    WireRecord,
     parse_usage_value,
     usage_record_json_schema,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "TransportFull",
     "UsageEmitter",
     "UsageRecord",
+    "WireRecord",
     "__version__",
     "count_chat_prompt",
     "count_inputs",

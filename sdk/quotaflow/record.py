@@ -4,6 +4,12 @@ A message on the usage topic holds one record (a JSON object) or several (a JSON
 counter keys all hash to the message's partition. :func:`parse_usage_value` turns such a message
 into valid records plus a rejection for each invalid part, so one bad record never costs the
 valid ones beside it.
+
+The pydantic model :class:`UsageRecord` is the schema (and its JSON Schema export) and what
+explains a rejection. Decoding a busy topic goes through :class:`WireRecord`, a msgspec struct
+with the same fields and constraints that decodes a message in one call at about a tenth of the
+cost; whatever it refuses (or accepts only in pydantic's lax reading, like ``"12"`` for 12) is
+decided by the model, so both readings accept and refuse the same records.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
@@ -86,7 +93,43 @@ class UsageRecord(BaseModel):
 
 
 _record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
-_records_adapter: TypeAdapter[list[UsageRecord]] = TypeAdapter(list[UsageRecord])
+
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKENS)]
+
+
+class WireRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=False):
+    """A usage record as decoded from a usage message: :class:`UsageRecord`'s fields and
+    constraints, in a msgspec struct (what the worker, audit and replay read)."""
+
+    id: _Id
+    ts: Annotated[float, msgspec.Meta(gt=0)]
+    key: Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+    model: _Id
+    requests: Annotated[int, msgspec.Meta(ge=0, le=_MAX_REQUESTS)] = 1
+    prompt_tokens: _Count = 0
+    completion_tokens: _Count = 0
+    estimated: bool = False
+    status: Status = "ok"
+    source: _Id
+    attrs: Annotated[
+        dict[str, Annotated[str, msgspec.Meta(max_length=128)]], msgspec.Meta(max_length=16)
+    ] = {}
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> bytes:
+        return _wire_encoder.encode(self)
+
+    @classmethod
+    def of(cls, record: UsageRecord) -> WireRecord:
+        return cls(**record.model_dump())
+
+
+_wire_encoder = msgspec.json.Encoder()
+_wire_decoder = msgspec.json.Decoder(WireRecord | list[WireRecord])
 _STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
 _SECRET_PREFIXES = ("sk-", "sk_", "rk-", "SK-", "SK_", "RK-", "Bearer ", "bearer ")
 
@@ -209,12 +252,20 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
-def parse_usage_value(value: bytes | None) -> tuple[list[UsageRecord], list[Rejected]]:
+def parse_usage_value(value: bytes | None) -> tuple[list[WireRecord], list[Rejected]]:
     """Split a usage message into valid records and rejections (never raises)."""
     if value is None:
         return [], [Rejected(b"", "empty message (null value)")]
     if len(value) > MAX_MESSAGE_BYTES:
         return [], [Rejected(value, f"message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}")]
+    try:  # the common case, every record plainly valid: one call into msgspec
+        decoded = _wire_decoder.decode(value)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        pass
+    else:
+        records = decoded if isinstance(decoded, list) else [decoded]
+        if records and all(_plainly_valid(r) for r in records):
+            return records, []
     try:
         doc = json.loads(value)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -224,27 +275,27 @@ def parse_usage_value(value: bytes | None) -> tuple[list[UsageRecord], list[Reje
     if isinstance(doc, list):
         if not doc:
             return [], [Rejected(value, "empty array: no records")]
-        try:  # the common case, all valid: one call into pydantic's core for the whole array
-            return _records_adapter.validate_python(doc), []
-        except ValidationError:
-            pass
-        records: list[UsageRecord] = []
+        records = []
         rejected: list[Rejected] = []
         for index, item in enumerate(doc):
-            try:
-                records.append(_record_adapter.validate_python(item))
-            except ValidationError:
-                raw = json.dumps(item, separators=(",", ":")).encode()
-                rejected.extend(_validate_one(item, raw, f"[{index}]")[1])
+            raw = json.dumps(item, separators=(",", ":")).encode()
+            good, bad = _validate_one(item, raw, f"[{index}]")
+            records.extend(good)
+            rejected.extend(bad)
         return records, rejected
     return [], [Rejected(value, f"expected a JSON object or array, got {type(doc).__name__}")]
 
 
-def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[UsageRecord], list[Rejected]]:
+def _plainly_valid(r: WireRecord) -> bool:
+    """The checks msgspec's constraints cannot state (the model's own validators)."""
+    return r.ts < math.inf and not _SECRET_LIKE.match(r.key)
+
+
+def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[WireRecord], list[Rejected]]:
     if not isinstance(doc, dict):
         return [], [Rejected(raw, f"{prefix or 'record'}: expected an object")]
     try:
-        return [_record_adapter.validate_python(doc)], []
+        return [WireRecord.of(_record_adapter.validate_python(doc))], []
     except ValidationError as exc:
         key = doc.get("key")
         if isinstance(key, str) and looks_like_secret(key):

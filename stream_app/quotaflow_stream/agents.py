@@ -23,7 +23,7 @@ from quotaflow.policies import PolicySet
 from quotaflow.record import (
     REDACTED,
     Rejected,
-    UsageRecord,
+    WireRecord,
     encode_records,
     looks_like_secret,
     parse_usage_value,
@@ -124,11 +124,11 @@ class UsagePipeline:
             await self._dead_letter(message, bad)
         now = self.clock()
         skew = self.settings.worker.max_future_skew
-        by_key: dict[str, list[UsageRecord]] = defaultdict(list)
-        misrouted: dict[int, list[UsageRecord]] = defaultdict(list)
+        by_key: dict[str, list[WireRecord]] = defaultdict(list)
+        misrouted: dict[int, list[WireRecord]] = defaultdict(list)
         for record in records:
             if record.ts > now + skew:
-                raw = record.model_dump_json().encode()
+                raw = record.to_json()
                 reason = f"ts: {record.ts} is more than {skew:g}s ahead of the worker clock"
                 await self._dead_letter(message, Rejected(raw, reason))
                 continue

@@ -38,7 +38,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from quotaflow.record import UsageRecord
+from quotaflow.record import WireRecord
 from quotaflow.windows import DAY, HOUR, MINUTE, bucket_size
 
 #: Every scope keeps these windows, whatever its policy limits, so dashboards can show them.
@@ -76,7 +76,7 @@ def new_entry() -> Entry:
 
 def add_records(
     entry: Entry | None,
-    records: Iterable[UsageRecord],
+    records: Iterable[WireRecord],
     scopes_for: ScopesFor,
     grace: float,
     horizon: float = DEDUP_HORIZON,

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.record import UsageRecord, parse_usage_value
+from quotaflow.record import WireRecord, parse_usage_value
 from quotaflow.settings import QuotaflowSettings
 
 #: Columns of query and export output, in order.
@@ -95,7 +95,7 @@ def scan_usage(
     progress: Progress | None = None,
     timeout: float = 30.0,
     idle: float = 1.0,
-) -> Iterator[UsageRecord]:
+) -> Iterator[WireRecord]:
     """Every record in the usage topic up to its end, once per id.
 
     The end is each partition's high watermark when the scan starts, and then no message for
@@ -167,7 +167,7 @@ def scan_usage(
         consumer.close()
 
 
-def _unique(msg: Any, seen: set[str], stats: ScanStats, skew: float) -> Iterator[UsageRecord]:
+def _unique(msg: Any, seen: set[str], stats: ScanStats, skew: float) -> Iterator[WireRecord]:
     records, rejected = parse_usage_value(msg.value())
     stats.invalid += len(rejected)
     kind, appended_ms = msg.timestamp()
@@ -185,13 +185,13 @@ def _unique(msg: Any, seen: set[str], stats: ScanStats, skew: float) -> Iterator
 
 
 def matching(
-    records: Iterable[UsageRecord],
+    records: Iterable[WireRecord],
     *,
     key: str | None = None,
     model: str | None = None,
     since: float | None = None,
     until: float | None = None,
-) -> Iterator[UsageRecord]:
+) -> Iterator[WireRecord]:
     for r in records:
         if key is not None and r.key != key:
             continue
@@ -204,7 +204,7 @@ def matching(
         yield r
 
 
-def row(r: UsageRecord) -> dict[str, Any]:
+def row(r: WireRecord) -> dict[str, Any]:
     return {
         "id": r.id,
         "time": iso(r.ts),
@@ -225,7 +225,7 @@ Sums = list[int]
 
 
 def totals(
-    records: Iterable[UsageRecord], by: tuple[str, ...], window: str | None
+    records: Iterable[WireRecord], by: tuple[str, ...], window: str | None
 ) -> dict[tuple[Any, ...], Sums]:
     """Sums grouped by the ``by`` fields and, with ``window``, by UTC hour or day."""
     size = WINDOWS[window] if window else None

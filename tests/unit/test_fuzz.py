@@ -3,20 +3,30 @@ command lines. Each case gets a clear error or a dead letter; nothing raises any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from quotaflow._exceptions import ConfigError
 from quotaflow.cli import build_parser
 from quotaflow.policies import load_policies, parse_policies
-from quotaflow.record import MAX_MESSAGE_BYTES, parse_usage_value
+from quotaflow.record import (
+    MAX_MESSAGE_BYTES,
+    UsageRecord,
+    WireRecord,
+    _wire_decoder,
+    looks_like_secret,
+    parse_usage_value,
+)
 
 VALID = {"id": "r1", "ts": 1.7e9, "key": "k", "model": "m", "source": "s", "prompt_tokens": 3}
 
@@ -62,6 +72,29 @@ def test_valid_records_survive_their_bad_neighbours(docs: list[dict[str, Any]]) 
     assert sum(1 for d in docs if d == VALID) <= len(records)
     for bad in rejected:
         assert bad.reason.startswith("[")  # names the element: "[3].prompt_tokens: ..."
+
+
+@settings(max_examples=400)
+@given(st.one_of(mutated, st.lists(st.one_of(mutated, st.just(VALID)), min_size=1, max_size=4)))
+def test_the_fast_decoder_agrees_with_the_model(doc: Any) -> None:
+    """msgspec decodes the busy path; pydantic is the schema. Whatever the fast path accepts,
+    the model accepts with the same values, and a message either refuses comes out the same."""
+    raw = json.dumps(doc).encode()
+    records, rejected = parse_usage_value(raw)
+    docs = doc if isinstance(doc, list) else [doc]
+    by_model = []
+    for d in docs:
+        with contextlib.suppress(ValidationError):
+            by_model.append(WireRecord.of(UsageRecord.model_validate(d)))
+    assert records == by_model
+    assert len(rejected) == len(docs) - len(by_model)
+    try:
+        fast = _wire_decoder.decode(raw)
+    except msgspec.ValidationError:
+        return
+    for r in fast if isinstance(fast, list) else [fast]:
+        if math.isfinite(r.ts) and not looks_like_secret(r.key):
+            assert WireRecord.of(UsageRecord.model_validate(msgspec.to_builtins(r))) == r
 
 
 def test_oversized_and_non_utf8_messages() -> None:

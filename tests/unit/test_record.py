@@ -6,6 +6,7 @@ from pydantic import ValidationError
 from quotaflow.record import (
     MAX_MESSAGE_BYTES,
     UsageRecord,
+    WireRecord,
     encode_records,
     parse_usage_value,
 )
@@ -99,8 +100,10 @@ def test_parse_rejects_oversized_message_without_parsing() -> None:
 
 def test_encode_round_trips() -> None:
     many = [UsageRecord.model_validate(rec(id=str(i))) for i in range(3)]
-    assert parse_usage_value(encode_records(many))[0] == many
-    assert parse_usage_value(encode_records(many[:1]))[0] == many[:1]
+    wire = [WireRecord.of(r) for r in many]
+    assert parse_usage_value(encode_records(many))[0] == wire
+    assert parse_usage_value(encode_records(many[:1]))[0] == wire[:1]
+    assert parse_usage_value(encode_records(wire))[0] == wire
     assert encode_records(many[:1]).startswith(b"{")
 
 
@@ -131,7 +134,7 @@ def test_fast_record_encodes_exactly_like_the_model() -> None:
     assert isinstance(r, RecordedUsage) and r.total_tokens == 120
     model = r.validated()
     assert json.loads(r.to_json()) == json.loads(model.model_dump_json())
-    assert parse_usage_value(r.to_json())[0] == [model]
+    assert parse_usage_value(r.to_json())[0] == [WireRecord.of(model)]
 
 
 @pytest.mark.parametrize(
