@@ -128,6 +128,11 @@ class WorkerSettings(BaseModel):
     #: Seconds between publications of the keys whose usage changed: a key's state goes out at
     #: most once per interval, however many messages touched it.
     publish_interval: float = Field(default=0.01, gt=0)
+    #: Seconds between saves of the changed aggregates to the table's changelog; a usage
+    #: message is acked (and its offset committed) only after the save that covers it.
+    save_interval: float = Field(default=0.2, gt=0)
+    #: Save as soon as this many records are folded but unsaved (bounds redelivery work).
+    save_every_records: int = Field(default=50_000, gt=0)
     #: An active key's state is re-published at least this often, even without new usage.
     refresh_interval: float = Field(default=5.0, gt=0)
     #: Seconds between Redis snapshot flushes.

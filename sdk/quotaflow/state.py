@@ -32,6 +32,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 STATE_VERSION = 2
 HEARTBEAT_KEY = "__quotaflow_heartbeat__"
 
@@ -82,6 +84,9 @@ class Totals:
         return self.prompt_tokens + self.completion_tokens
 
 
+_encode = msgspec.json.Encoder().encode
+
+
 @dataclass(frozen=True, slots=True)
 class QuotaState:
     """The latest quota state of one counter key."""
@@ -111,9 +116,7 @@ class QuotaState:
             "scopes": {
                 scope: {
                     "policy": self.scope_policies.get(scope),
-                    "windows": {
-                        str(size): [*w[:4], [list(x) for x in w[4]]] for size, w in windows.items()
-                    },
+                    "windows": {str(size): [*w[:4], w[4]] for size, w in windows.items()},
                 }
                 for scope, windows in self.scopes.items()
             },
@@ -135,7 +138,8 @@ class QuotaState:
                 for m, t in self.models.items()
             },
         }
-        return json.dumps(doc, separators=(",", ":")).encode()
+        # msgspec: a busy worker encodes thousands of states a second (~4x json.dumps)
+        return _encode(doc)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> QuotaState:

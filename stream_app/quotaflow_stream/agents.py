@@ -1,15 +1,19 @@
-"""The worker's moving parts on a Faust app: the usage agent, the refresh timer, the snapshot
-timer and the stats page.
+"""The worker's moving parts on a Faust app: the usage agent, the save, publication, refresh
+and snapshot timers, and the stats page.
 
-Per usage message the agent parses every record (bad ones to the DLQ with a reason) and folds
-each key's records into its table entry with one write; a fast timer publishes the new state of
-every key that changed, once per tick however many messages touched it. Records
-whose key does not hash to the message's partition are forwarded to the right one, so each key's
-counters live on exactly one partition (and one worker) however a producer routed them.
+Per usage message the agent decodes every record (bad ones to the DLQ with a reason) and folds
+them into the live entries of their keys (:mod:`quotaflow_stream.store`); it does not ack the
+message yet. A save timer writes each changed entry to the table's changelog once, waits for
+the broker to have them, and only then acks the messages folded before it, so Faust commits
+offsets whose counts are durable. A fast timer publishes the new state of every key that
+changed, once per tick however many messages touched it. Records whose key does not hash to the
+message's partition are forwarded to the right one, so each key's counters live on exactly one
+partition (and one worker) however a producer routed them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import defaultdict, deque
@@ -23,21 +27,29 @@ from quotaflow.policies import PolicySet
 from quotaflow.record import (
     REDACTED,
     Rejected,
-    WireRecord,
     encode_records,
     looks_like_secret,
     parse_usage_value,
 )
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_json
-from quotaflow_stream.aggregate import add_records
+from quotaflow_stream.aggregate import fold_records
 from quotaflow_stream.evaluate import ACTIVE_SOURCE_SECONDS, evaluate, scopes_for
+from quotaflow_stream.output import BulkProducer
 from quotaflow_stream.snapshot import SnapshotWriter
+from quotaflow_stream.store import AggregateStore, aggregate_table
 
 log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "quotaflow-dlq-reason"
 DLQ_ORIGIN_HEADER = "quotaflow-dlq-origin"
+
+#: Publication may take at most this share of the worker's time: under a backlog the states of
+#: busy keys coalesce over longer ticks instead of starving the aggregation.
+PUBLISH_SHARE = 0.3
+
+#: Keys whose partition is remembered before the memo starts afresh.
+_HOME_MEMO_SIZE = 1_000_000
 
 
 class Counters:
@@ -92,12 +104,27 @@ class UsagePipeline:
         t = settings.topics
         self.usage_topic = self._raw_topic(t.usage, usage_partitions)
         self.decisions_topic = self._raw_topic(t.decisions, usage_partitions)
+        self.decisions_name = t.decisions
         self.dlq_topic = self._raw_topic(t.dlq, None)
-        self.table = app.Table("aggregates", default=None, partitions=usage_partitions)
+        self.output = BulkProducer(settings)
+        self.store = AggregateStore(
+            aggregate_table(app, usage_partitions), usage_partitions, self.output
+        )
+        # usage messages folded but not acked yet (acked once their entries are saved)
+        self._unacked: list[Any] = []
+        self._unacked_records = 0
+        self._ack_stream: Any = None
+        self._save_lock = asyncio.Lock()
+        self._home: dict[str, int] = {}
+        # monotonic time before which the next publication tick is skipped (see PUBLISH_SHARE)
+        self._publish_after = 0.0
         app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
         app.timer(settings.worker.heartbeat_interval)(self._refresh)
         app.timer(settings.worker.publish_interval)(self._publish_dirty)
+        app.timer(settings.worker.save_interval)(self.save)
         app.timer(settings.worker.snapshot_interval)(self._flush_snapshot)
+        app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
         #: The latest state published per key this worker owns (the API and dashboard read it).
         self.latest: dict[str, QuotaState] = {}
         #: Newest record's event time to its state's publication, for recent states (ms).
@@ -108,13 +135,19 @@ class UsagePipeline:
     # -- the agent ---------------------------------------------------------------------------
 
     async def _aggregate(self, stream: Any) -> None:
-        async for event in stream.events():
+        # Acks are ours: a message is acked once the entries it changed are saved (see save).
+        self._ack_stream = manual = stream.noack()
+        save_at = self.settings.worker.save_every_records
+        async for event in manual.events():
             try:
                 await self.process_message(event.message, event.value)
             except Exception as exc:  # never let one message stop the worker
                 log.exception("unexpected error on usage message; sent to the DLQ")
                 reason = f"internal error: {type(exc).__name__}: {exc}"
                 await self._dead_letter(event.message, Rejected(event.value or b"", reason))
+            self._unacked.append(event)
+            if self._unacked_records >= save_at:
+                await self.save()
 
     async def process_message(self, message: Any, value: bytes | None) -> None:
         c = self.counters
@@ -122,74 +155,138 @@ class UsagePipeline:
         records, rejected = parse_usage_value(value)
         for bad in rejected:
             await self._dead_letter(message, bad)
+        if not records:
+            return
         now = self.clock()
-        skew = self.settings.worker.max_future_skew
-        by_key: dict[str, list[WireRecord]] = defaultdict(list)
-        misrouted: dict[int, list[WireRecord]] = defaultdict(list)
-        for record in records:
-            if record.ts > now + skew:
-                raw = record.to_json()
-                reason = f"ts: {record.ts} is more than {skew:g}s ahead of the worker clock"
-                await self._dead_letter(message, Rejected(raw, reason))
-                continue
-            home = partition_for(record.key.encode(), self.partitions)
-            if home != message.partition:
-                misrouted[home].append(record)
-            else:
-                by_key[record.key].append(record)
-        for home, recs in misrouted.items():
-            await self.usage_topic.send(
-                key=recs[0].key.encode(), value=encode_records(recs), partition=home
-            )
-            c.forwarded += len(recs)
-        grace = self.settings.worker.grace_seconds
-        horizon = self.settings.worker.dedup_horizon
-        if by_key and c.first_record_at is None:
+        ahead = now + self.settings.worker.max_future_skew
+        here = message.partition
+        home = self._home
+        for r in records:  # the common case is a clean message: check it without copying
+            if r.ts > ahead or home.get(r.key, -1) != here:
+                records = await self._set_aside(message, records, ahead)
+                break
+        if not records:
+            return
+        if c.first_record_at is None:
             c.first_record_at = time.time()
+        w = self.settings.worker
+        store = self.store
+        touched: set[str] = set()
+        late, duplicates = fold_records(
+            store.entries, records, self._scopes_for, w.grace_seconds, w.dedup_horizon, now,
+            touched, load=store.load,
+        )  # fmt: skip
+        store.unsaved |= touched
+        self._dirty |= touched
+        active = self._active
+        for key in touched:
+            active[key] = [now, now]
         sources = self._sources
-        for key, recs in by_key.items():
-            for r in recs:
-                sources[r.source] = now
-            entry = self.table.get(key)
-            dups_before = entry.get("dup", 0) if entry else 0
-            entry, late = add_records(entry, recs, self._scopes_for, grace, horizon, now)
-            self.table[key] = entry
-            duplicates = entry["dup"] - dups_before
-            c.duplicates += duplicates
-            c.records += len(recs) - duplicates
-            c.late += late
-            self._active[key] = [now, now]
-            self._dirty.add(key)
-        if by_key:
-            c.last_record_at = time.time()
+        for source in {r.source for r in records}:
+            sources[source] = now
+        c.duplicates += duplicates
+        c.records += len(records) - duplicates
+        c.late += late
+        self._unacked_records += len(records)
+        c.last_record_at = time.time()
+
+    async def _set_aside(self, message: Any, records: list[Any], ahead: float) -> list[Any]:
+        """Dead-letter records from the future, forward those of other partitions; returns the
+        records this partition counts."""
+        here = message.partition
+        home = self._home
+        if len(home) >= _HOME_MEMO_SIZE:
+            home.clear()
+        skew = self.settings.worker.max_future_skew
+        mine: list[Any] = []
+        misrouted: dict[int, list[Any]] = defaultdict(list)
+        for record in records:
+            if record.ts > ahead:
+                reason = f"ts: {record.ts} is more than {skew:g}s ahead of the worker clock"
+                await self._dead_letter(message, Rejected(record.to_json(), reason))
+                continue
+            part = home.get(record.key)
+            if part is None:
+                part = home[record.key] = partition_for(record.key.encode(), self.partitions)
+            if part == here:
+                mine.append(record)
+            else:
+                misrouted[part].append(record)
+        for part, recs in misrouted.items():
+            await self.usage_topic.send(
+                key=recs[0].key.encode(), value=encode_records(recs), partition=part
+            )
+            self.counters.forwarded += len(recs)
+        return mine
+
+    async def save(self) -> None:
+        """Write the changed entries to the changelog, then ack the messages folded into them
+        (Faust commits acked offsets only). If the broker does not take them, nothing is acked
+        and the next save tries again."""
+        async with self._save_lock:
+            events, self._unacked = self._unacked, []
+            records, self._unacked_records = self._unacked_records, 0
+            try:
+                await self.store.save()
+            except Exception as exc:
+                log.warning("saving aggregates failed (%s); retrying at the next save", exc)
+                self._unacked = events + self._unacked
+                self._unacked_records += records
+                return
+            stream = self._ack_stream
+            for event in events:
+                await stream.ack(event)
+
+    async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
+        """Save what is pending, then forget the entries of partitions that may move away
+        (Faust recovers them from the changelog if they come back)."""
+        await self.save()
+        mine = {tp.partition for tp in revoked if tp.topic == self.usage_topic.get_topic_name()}
+        dropped = self.store.forget(mine)
+        for key in [k for k in self._dirty if k not in self.store.entries]:
+            self._dirty.discard(key)
+        log.info("partitions %s revoked: %d live entries released", sorted(mine), dropped)
+
+    async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
+        name = self.usage_topic.get_topic_name()
+        self.store.release(tp.partition for tp in assigned if tp.topic == name)
 
     async def _publish_dirty(self) -> None:
-        """Publish the state of every key whose usage changed since the last tick."""
-        if not self._dirty:
+        """Publish the state of every key whose usage changed since the last tick.
+
+        Under a backlog a tick can hold thousands of keys; the next tick then waits so that
+        publication takes at most :data:`PUBLISH_SHARE` of the time, and the states of busy
+        keys coalesce instead of starving the aggregation."""
+        self.output.poll()
+        started = time.monotonic()
+        if not self._dirty or started < self._publish_after:
             return
         dirty, self._dirty = self._dirty, set()
         now = self.clock()
+        entries = self.store.entries
         for key in dirty:
-            entry = self.table.get(key)
+            entry = entries.get(key)
             if entry is not None:
-                state = await self._publish(key, entry, now)
+                state = self._publish(key, entry, now)
                 self.latencies_ms.append(max(now - state.watermark, 0.0) * 1000)
+        spent = time.monotonic() - started
+        self._publish_after = started + spent / PUBLISH_SHARE
 
-    async def _publish(self, key: str, entry: dict[str, Any], now: float) -> QuotaState:
+    def _publish(self, key: str, entry: dict[str, Any], now: float) -> QuotaState:
         state = evaluate(key, entry, self.policies, now)
         before = self.latest.get(key)
         if state.throttled and (before is None or not before.throttled):
             self.throttle_onsets += 1
         self.latest[key] = state
         payload = state.to_json()
-        await self.decisions_topic.send(key=key.encode(), value=payload)
+        self.output.send(self.decisions_name, key.encode(), payload)
         self.snapshot.put(key, payload)
         self.counters.states_published += 1
         return state
 
     def current_state(self, key: str) -> QuotaState | None:
         """The key's state now, if this worker owns it (evaluated afresh: windows slide)."""
-        entry = self.table.get(key)
+        entry = self.store.get(key)
         if entry is None:
             return None
         return evaluate(key, entry, self.policies, self.clock())
@@ -202,6 +299,9 @@ class UsagePipeline:
             snapshot_pending=self.snapshot.pending,
             snapshot_healthy=self.snapshot.healthy,
             active_keys=len(self._active),
+            unacked_messages=len(self._unacked),
+            output_failed=self.output.failed,
+            **self.store.stats(),
         )
         return stats
 
@@ -251,14 +351,15 @@ class UsagePipeline:
         now = self.clock()
         w = self.settings.worker
         horizon = now - w.active_horizon
+        entries = self.store.entries
         for key, times in list(self._active.items()):
-            entry = self.table.get(key) if times[0] >= horizon else None
+            entry = entries.get(key) if times[0] >= horizon else None
             if entry is None:
                 del self._active[key]
                 continue
             if now - times[1] >= w.refresh_interval:
                 times[1] = now
-                await self._publish(key, entry, now)
+                self._dirty.add(key)  # published by the next tick, within its time budget
         quiet = now - ACTIVE_SOURCE_SECONDS
         for source in [s for s, seen in self._sources.items() if seen < quiet]:
             del self._sources[source]

@@ -16,7 +16,8 @@ Entry layout::
      "late": 3,                                # records too late for at least one window
      "dup": 2,                                 # duplicate records dropped (same id)
      "ids": {"3f2a9c0d1e4b5a69": [6703, 65535, 1700000000.5]},  # newest, window, arrived
-     "xid": {"gw-req-77": 1700000000.2}}       # other ids: when each arrived
+     "xid": {"gw-req-77": 1700000000.2},      # other ids: when each arrived
+     "pa": 1700000005.5}                       # prune again once the watermark reaches this
 
 Records count once: a record whose ``id`` the key has seen within the dedup horizon is dropped
 (producer retries, redelivery after a worker restart, replayed logs). Ids in the SDK's format,
@@ -74,6 +75,12 @@ def new_entry() -> Entry:
     return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0], "late": 0, "dup": 0}
 
 
+#: Seconds between prunes of one entry (expired buckets, silent sources, old ids): pruning
+#: walks the whole entry, so it runs when due rather than on every batch; readers skip buckets
+#: that no longer count, so a bucket kept a little longer changes no figure.
+PRUNE_EVERY = 5.0
+
+
 def add_records(
     entry: Entry | None,
     records: Iterable[WireRecord],
@@ -83,7 +90,29 @@ def add_records(
     now: float | None = None,
 ) -> tuple[Entry, int]:
     """Fold records of one key into its entry, in place; returns (entry, records late for a
-    window). The caller assigns the entry back to its table, which is what persists it.
+    window). See :func:`fold_records`, which this applies to a single key."""
+    records = list(records)
+    if not records:
+        return (new_entry() if entry is None else entry), 0
+    entries = {} if entry is None else {records[0].key: entry}
+    late, _ = fold_records(entries, records, scopes_for, grace, horizon, now)
+    return entries[records[0].key], late
+
+
+def fold_records(
+    entries: dict[str, Entry],
+    records: Iterable[WireRecord],
+    scopes_for: ScopesFor,
+    grace: float,
+    horizon: float = DEDUP_HORIZON,
+    now: float | None = None,
+    touched: set[str] | None = None,
+    load: Callable[[str], Entry | None] | None = None,
+) -> tuple[int, int]:
+    """Fold records of any keys into their entries (created where missing), in place; returns
+    (records late for a window, duplicates dropped), and adds each key it saw to ``touched``.
+    A key missing from ``entries`` is looked up with ``load`` (the saved entry) before it is
+    started afresh. The caller persists the entries (the worker saves them to a changelog).
 
     ``scopes_for(key, model)`` names the scopes a record counts in (always ``""``, plus the model
     where a model policy binds it). A record whose bucket no longer counts in a window at the
@@ -93,37 +122,69 @@ def add_records(
     not counted at all; ``entry["dup"]`` counts them. Arrival time, not event time, bounds the
     horizon, so replaying an old log twice still counts it once.
     """
-    # In place: copying a busy key's buckets on every message cost more than folding the records.
-    e: Entry = new_entry() if entry is None else entry
-    scopes: dict[str, dict[str, list[list[float]]]] = e["s"]
-    totals = e["t"]
-    src = e["src"]
-    late = 0
-    ids = e.setdefault("ids", {})
-    foreign = e.setdefault("xid", {})
-    models = e.setdefault("m", {})
+    # In place, record by record in message order, every lookup hoisted: this loop is the
+    # worker's hot path (a few microseconds a record). Grouping a message by key first, or
+    # copying a busy key's buckets, cost more than the folding itself.
+    late_total = dup_total = 0
+    is_duplicate = _is_duplicate
+    mark = touched.add if touched is not None else None
+    key = None
+    e: Entry = {}
+    ids: dict[str, list[Any]] = {}
+    foreign: dict[str, float] = {}
+    models: dict[str, list[int]] = {}
+    scopes: dict[str, dict[str, list[list[float]]]] = {}
+    totals: list[int] = []
+    src: dict[str, Any] = {}
     for r in records:
+        if r.key != key:
+            key = r.key
+            found = entries.get(key)
+            if found is None:
+                found = load(key) if load is not None else None
+                entries[key] = found = new_entry() if found is None else found
+            e = found
+            ids = e.setdefault("ids", {})
+            foreign = e.setdefault("xid", {})
+            models = e.setdefault("m", {})
+            scopes = e["s"]
+            totals = e["t"]
+            src = e["src"]
         ts = r.ts
-        if _is_duplicate(ids, foreign, r.id, ts if now is None else now):
+        if mark is not None:
+            # duplicates too: an entry whose records all come again may hold changes that were
+            # never saved (a failed save before a rebalance); touching it saves them now
+            mark(key)
+        if is_duplicate(ids, foreign, r.id, ts if now is None else now):
             e["dup"] = e.get("dup", 0) + 1
+            dup_total += 1
             continue
-        if ts > e["wm"]:
-            e["wm"] = ts
         wm = e["wm"]
+        if ts > wm:
+            e["wm"] = wm = ts
+        req, pt, ct = r.requests, r.prompt_tokens, r.completion_tokens
         totals[0] += 1
-        totals[1] += r.requests
-        totals[2] += r.prompt_tokens
-        totals[3] += r.completion_tokens
+        totals[1] += req
+        totals[2] += pt
+        totals[3] += ct
         by_model = models.get(r.model)
         if by_model is None:
-            by_model = models[r.model] = [0, 0, 0, 0]
-        by_model[0] += 1
-        by_model[1] += r.requests
-        by_model[2] += r.prompt_tokens
-        by_model[3] += r.completion_tokens
-        _note_source(src, r.source, ts, r.requests)
+            models[r.model] = [1, req, pt, ct]
+        else:
+            by_model[0] += 1
+            by_model[1] += req
+            by_model[2] += pt
+            by_model[3] += ct
+        seen = src.get(r.source)
+        if seen is None or isinstance(seen, (int, float)):
+            _note_source(src, r.source, ts, req)
+        elif ts > seen[0]:
+            seen[1] = seen[1] * 0.5 ** ((ts - seen[0]) / RATE_HALF_LIFE) + req
+            seen[0] = ts
+        else:
+            seen[1] += req
         was_late = False
-        for scope in scopes_for(r.key, r.model):
+        for scope in scopes_for(key, r.model):
             windows = scopes.get(scope)
             if windows is None:
                 windows = scopes[scope] = {}
@@ -134,29 +195,35 @@ def add_records(
                     continue
                 buckets = windows.get(field)
                 if buckets is None:
-                    windows[field] = [[start, r.requests, r.prompt_tokens, r.completion_tokens]]
+                    windows[field] = [[start, req, pt, ct]]
                     continue
                 last = buckets[-1]
                 if last[0] == start:
                     bucket = last
                 elif last[0] < start:
-                    buckets.append([start, r.requests, r.prompt_tokens, r.completion_tokens])
+                    buckets.append([start, req, pt, ct])
                     continue
                 else:  # an older bucket: records arrive mostly in order, so this is rare
-                    i = bisect_left(buckets, start, key=lambda bk: float(bk[0]))
+                    i = bisect_left(buckets, start, key=_bucket_start)
                     if i < len(buckets) and buckets[i][0] == start:
                         bucket = buckets[i]
                     else:
-                        buckets.insert(i, [start, r.requests, r.prompt_tokens, r.completion_tokens])
+                        buckets.insert(i, [start, req, pt, ct])
                         continue
-                bucket[1] += r.requests
-                bucket[2] += r.prompt_tokens
-                bucket[3] += r.completion_tokens
+                bucket[1] += req
+                bucket[2] += pt
+                bucket[3] += ct
         if was_late:
-            late += 1
-    e["late"] += late
-    prune(e, grace, horizon, now)
-    return e, late
+            late_total += 1
+            e["late"] += 1
+        if wm >= e.get("pa", 0.0):
+            prune(e, grace, horizon, now)
+            e["pa"] = wm + PRUNE_EVERY
+    return late_total, dup_total
+
+
+def _bucket_start(bucket: list[float]) -> float:
+    return bucket[0]
 
 
 def _is_duplicate(
@@ -234,7 +301,7 @@ def prune(
 
 def source_ts(seen: Any) -> float:
     """A source's newest event time (entries from before weights were kept hold just that)."""
-    return float(seen) if isinstance(seen, (int, float)) else float(seen[0])
+    return float(seen[0]) if type(seen) is list else float(seen)
 
 
 def source_weight(seen: Any, at: float) -> float:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 from quotaflow.policies import DIMENSION_INDEX, KEY_SCOPE, PolicySet
@@ -28,14 +27,27 @@ from quotaflow_stream.aggregate import (
 ACTIVE_SOURCE_SECONDS = 60.0
 
 
-def scopes_for(policies: PolicySet) -> ScopesFor:
-    """The scopes a record counts in: key-wide always, plus its model if a model policy binds."""
+#: (key, model) pairs whose scopes are remembered before the memo starts afresh.
+SCOPES_MEMO_SIZE = 200_000
 
-    def scopes(key: str, model: str) -> Iterable[str]:
+
+def scopes_for(policies: PolicySet) -> ScopesFor:
+    """The scopes a record counts in: key-wide always, plus its model if a model policy binds.
+
+    Memoised per (key, model): resolving bindings walks the policies, and the aggregation asks
+    once per record."""
+    memo: dict[tuple[str, str], tuple[str, ...]] = {}
+
+    def scopes(key: str, model: str) -> tuple[str, ...]:
+        found = memo.get((key, model))
+        if found is not None:
+            return found
         bindings = policies.resolve(key, model)
-        if any(b.scope != KEY_SCOPE for b in bindings):
-            return (KEY_SCOPE, model)
-        return (KEY_SCOPE,)
+        found = (KEY_SCOPE, model) if any(b.scope != KEY_SCOPE for b in bindings) else (KEY_SCOPE,)
+        if len(memo) >= SCOPES_MEMO_SIZE:
+            memo.clear()
+        memo[(key, model)] = found
+        return found
 
     return scopes
 
