@@ -75,8 +75,11 @@ def test_duplicates_are_dropped_but_still_mark_their_key() -> None:
 def test_a_missing_key_is_loaded_before_it_starts_afresh() -> None:
     saved, _ = add_records(None, [rec(1, "k1")], SCOPES, 10, now=T0)
     entries: dict[str, Any] = {}
-    fold_records(entries, [rec(2, "k1"), rec(1, "k9")], SCOPES, 10, now=T0,
-                 load=lambda key: json.loads(json.dumps(saved)) if key == "k1" else None)  # fmt: skip
+
+    def load(key: str) -> Any:
+        return json.loads(json.dumps(saved)) if key == "k1" else None
+
+    fold_records(entries, [rec(2, "k1"), rec(1, "k9")], SCOPES, 10, now=T0, load=load)
     assert entries["k1"]["t"][0] == 2 and entries["k9"]["t"][0] == 1
 
 
