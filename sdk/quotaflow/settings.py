@@ -130,9 +130,9 @@ class WorkerSettings(BaseModel):
     publish_interval: float = Field(default=0.01, gt=0)
     #: Seconds between saves of the changed aggregates to the table's changelog; a usage
     #: message is acked (and its offset committed) only after the save that covers it.
-    save_interval: float = Field(default=0.2, gt=0)
+    save_interval: float = Field(default=2.0, gt=0)
     #: Save as soon as this many records are folded but unsaved (bounds redelivery work).
-    save_every_records: int = Field(default=50_000, gt=0)
+    save_every_records: int = Field(default=500_000, gt=0)
     #: An active key's state is re-published at least this often, even without new usage.
     refresh_interval: float = Field(default=5.0, gt=0)
     #: Seconds between Redis snapshot flushes.

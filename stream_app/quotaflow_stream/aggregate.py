@@ -127,6 +127,7 @@ def fold_records(
     # copying a busy key's buckets, cost more than the folding itself.
     late_total = dup_total = 0
     is_duplicate = _is_duplicate
+    sdk_id = _SDK_ID.fullmatch
     mark = touched.add if touched is not None else None
     key = None
     e: Entry = {}
@@ -155,7 +156,18 @@ def fold_records(
             # duplicates too: an entry whose records all come again may hold changes that were
             # never saved (a failed save before a rebalance); touching it saves them now
             mark(key)
-        if is_duplicate(ids, foreign, r.id, ts if now is None else now):
+        # The common case inline: an SDK id newer than its instance's newest on this key.
+        arrived = ts if now is None else now
+        m = sdk_id(r.id)
+        seen = ids.get(m[1]) if m is not None else None
+        counter = int(m[2], 16) if m is not None else 0
+        if seen is not None and counter > seen[0]:
+            shift = counter - seen[0]
+            seen[0] = counter
+            seen[1] = ((seen[1] << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1
+            if arrived > seen[2]:
+                seen[2] = arrived
+        elif is_duplicate(ids, foreign, r.id, arrived):
             e["dup"] = e.get("dup", 0) + 1
             dup_total += 1
             continue
@@ -216,7 +228,10 @@ def fold_records(
         if was_late:
             late_total += 1
             e["late"] += 1
-        if wm >= e.get("pa", 0.0):
+        prune_at = e.get("pa")
+        if prune_at is None:  # a new entry: nothing to prune yet
+            e["pa"] = wm + PRUNE_EVERY
+        elif wm >= prune_at:
             prune(e, grace, horizon, now)
             e["pa"] = wm + PRUNE_EVERY
     return late_total, dup_total

@@ -34,16 +34,29 @@ SCOPES_MEMO_SIZE = 200_000
 def scopes_for(policies: PolicySet) -> ScopesFor:
     """The scopes a record counts in: key-wide always, plus its model if a model policy binds.
 
-    Memoised per (key, model): resolving bindings walks the policies, and the aggregation asks
-    once per record."""
+    Asked once per record, so answered from memos: a model no model policy names counts
+    key-wide only whatever the key (most models, and every model when no policy names one);
+    other (key, model) pairs are resolved once each."""
+    model_policies = [p for p in policies.policies if p.models is not None]
+    key_only = (KEY_SCOPE,)
+    if not model_policies:
+        return lambda key, model: key_only
+    named: dict[str, bool] = {}
     memo: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def scopes(key: str, model: str) -> tuple[str, ...]:
+        is_named = named.get(model)
+        if is_named is None:
+            if len(named) >= SCOPES_MEMO_SIZE:
+                named.clear()
+            is_named = named[model] = any(p.matches_model(model) for p in model_policies)
+        if not is_named:
+            return key_only
         found = memo.get((key, model))
         if found is not None:
             return found
         bindings = policies.resolve(key, model)
-        found = (KEY_SCOPE, model) if any(b.scope != KEY_SCOPE for b in bindings) else (KEY_SCOPE,)
+        found = (KEY_SCOPE, model) if any(b.scope != KEY_SCOPE for b in bindings) else key_only
         if len(memo) >= SCOPES_MEMO_SIZE:
             memo.clear()
         memo[(key, model)] = found

@@ -39,7 +39,13 @@ def build(stats_path: Path, expected: int) -> faust.App:
         web_enabled=False,
         producer_linger_ms=5,
     )
-    usage = app.topic(settings.topics.usage, key_type=bytes, value_type=bytes)
+    usage = app.topic(
+        settings.topics.usage,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
     totals = app.Table("naive-totals", default=None)
     progress: dict[str, Any] = {"records": 0, "first_record_at": None, "last_record_at": None}
 
@@ -49,7 +55,7 @@ def build(stats_path: Path, expected: int) -> faust.App:
             record = UsageRecord.model_validate_json(value)
             if progress["first_record_at"] is None:
                 progress["first_record_at"] = time.time()
-            sums = totals[record.key] or [0, 0, 0]
+            sums = totals.get(record.key) or [0, 0, 0]
             totals[record.key] = [
                 sums[0] + record.requests,
                 sums[1] + record.prompt_tokens,
