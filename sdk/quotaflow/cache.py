@@ -153,7 +153,7 @@ class QuotaCache:
         with self._lock:
             self._pending.setdefault(key, []).append((ts, model, requests, prompt, completion))
             for binding in bindings:
-                for _, _, size, _, _ in binding.rows:
+                for size in binding.windows:  # once per window, however many limits share it
                     slot = (key, binding.scope, size)
                     start = int(ts // size) * size
                     own = self._own.get(slot)

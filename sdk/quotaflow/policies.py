@@ -173,11 +173,13 @@ DIMENSION_INDEX = {d: i for i, d in enumerate(DIMENSIONS)}
 @dataclass(frozen=True, slots=True)
 class Binding:
     """A policy applied to a call: ``scope`` is ``""`` for key-wide counters, else the model.
-    ``rows`` are its limits precomputed for the request path."""
+    ``rows`` are its limits precomputed for the request path; ``windows`` their distinct
+    window lengths (several limits can share one window)."""
 
     scope: str
     policy: Policy
     rows: tuple[LimitRow, ...] = ()
+    windows: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, scope: str, policy: Policy) -> Binding:
@@ -191,7 +193,7 @@ class Binding:
             )
             for spec in policy.specs
         )
-        return cls(scope, policy, rows)
+        return cls(scope, policy, rows, tuple(sorted({row[2] for row in rows})))
 
 
 class PolicySet:

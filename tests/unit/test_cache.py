@@ -176,6 +176,23 @@ def test_fail_modes_apply_once_the_stream_is_silent(clock: Clock, mode: str) -> 
         assert d.state_age == pytest.approx(6.0)
 
 
+def test_local_fail_mode_counts_each_call_once_with_two_limits_on_one_window(
+    clock: Clock,
+) -> None:
+    """Requests and tokens per minute share the minute window: one call is one request."""
+    c = QuotaCache(
+        policies(fail_mode="local", requests_per_minute=8, tokens_per_minute=10_000), "me",
+        clock=clock,
+    )  # fmt: skip
+    c.mark_heard()
+    c.add_usage("k1", "x", T0, 1, 100, 0)
+    clock.now = T0 + 6  # stale: this instance's own usage against limit / expected_instances
+    d = c.check("k1", "x", prompt_tokens=10)
+    assert d.allowed and d.reason == "stale_local"
+    assert d.remaining["requests_per_minute"] == 8 // 2 - 1 - 1
+    assert d.remaining["tokens_per_minute"] == 10_000 // 2 - 100 - 10
+
+
 def test_pending_usage_expires_if_never_acknowledged(clock: Clock) -> None:
     c = QuotaCache(policies(), "me", clock=clock, pending_ttl=30)
     c.add_usage("k1", "x", T0, 1, 0, 0)
