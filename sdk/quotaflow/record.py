@@ -162,18 +162,10 @@ class RecordedUsage(NamedTuple):
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return json.dumps(self._asdict(), separators=(",", ":")).encode()
+        return _wire_encoder.encode(self._asdict())
 
     def validated(self) -> UsageRecord:
         return _record_adapter.validate_python(self._asdict())
-
-
-def _short(value: object, limit: int) -> bool:
-    return type(value) is str and 0 < len(value) <= limit
-
-
-def _count(value: object, limit: int) -> bool:
-    return type(value) is int and 0 <= value <= limit
 
 
 def make_record(
@@ -190,19 +182,27 @@ def make_record(
     attrs: dict[str, str],
 ) -> RecordedUsage:
     """A checked record; raises pydantic's ``ValidationError`` naming the field otherwise."""
+    # checked inline (no helper calls): this is most of record()'s few microseconds
     if (
-        _short(id, 128)
+        type(id) is str
+        and 0 < len(id) <= 128
         and (type(ts) is float or type(ts) is int)
         and 0 < ts < math.inf
-        and _short(key, 256)
+        and type(key) is str
+        and 0 < len(key) <= 256
         and not key.startswith(_SECRET_PREFIXES)
-        and _short(model, 128)
-        and _count(requests, _MAX_REQUESTS)
-        and _count(prompt_tokens, _MAX_TOKENS)
-        and _count(completion_tokens, _MAX_TOKENS)
+        and type(model) is str
+        and 0 < len(model) <= 128
+        and type(requests) is int
+        and 0 <= requests <= _MAX_REQUESTS
+        and type(prompt_tokens) is int
+        and 0 <= prompt_tokens <= _MAX_TOKENS
+        and type(completion_tokens) is int
+        and 0 <= completion_tokens <= _MAX_TOKENS
         and type(estimated) is bool
         and status in _STATUSES
-        and _short(source, 128)
+        and type(source) is str
+        and 0 < len(source) <= 128
         and (
             not attrs
             or (
