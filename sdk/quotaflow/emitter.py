@@ -167,6 +167,9 @@ class UsageEmitter:
         self.overflowed = 0
         self._homes: dict[str, int] = {}  # key -> partition, for _homes_for partitions
         self._homes_for = 0
+        # Flush early once every partition's message could be full (before the topic's
+        # partitions are known: one message's worth).
+        self._full = max_batch
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="quotaflow-emitter", daemon=True)
@@ -192,7 +195,7 @@ class UsageEmitter:
                 )
             return
         self._buffer.append(record)
-        if len(self._buffer) >= self.max_batch:
+        if len(self._buffer) >= self._full:
             self._wake.set()
 
     @property
@@ -239,6 +242,7 @@ class UsageEmitter:
             if self._homes_for != partitions or len(homes) >= _HOMES_MAX:
                 homes.clear()
                 self._homes_for = partitions
+                self._full = self.max_batch * partitions
             for record in batch:
                 home = homes.get(record.key)
                 if home is None:

@@ -49,6 +49,9 @@ WINDOW_SIZES: tuple[int, ...] = (MINUTE, HOUR, DAY)
 _WINDOWS: tuple[tuple[str, int, float], ...] = tuple(
     (str(size), size, bucket_size(size)) for size in WINDOW_SIZES
 )
+_MINUTE_FIELD, _MINUTE_BUCKET = str(MINUTE), bucket_size(MINUTE)
+#: The longer windows, whose buckets are filled from minute buckets as those roll out.
+_COARSE = _WINDOWS[1:]
 
 #: Sources silent for this long (event time) are forgotten.
 SOURCE_HORIZON = 3600.0
@@ -196,35 +199,40 @@ def fold_records(
         else:
             seen[1] += req
         was_late = False
+        # Only the minute window per record: its 0.5 s buckets roll up into the hour and
+        # day windows when they leave it (prune), so a busy key's longer windows cost one
+        # update per bucket rather than per record. A record too late for the minute window
+        # goes to the longer ones directly.
+        start = (ts // _MINUTE_BUCKET) * _MINUTE_BUCKET
+        minute_late = start + _MINUTE_LATE + grace <= wm
+        was_late = minute_late
         for scope in scopes_for(key, r.model):
             windows = scopes.get(scope)
             if windows is None:
                 windows = scopes[scope] = {}
-            for field, size, b in _WINDOWS:
-                start = (ts // b) * b
-                if start + size + b + grace <= wm:
-                    was_late = True
+            if minute_late:
+                was_late = _add_coarse(windows, ts, req, pt, ct, wm, grace) or was_late
+                continue
+            buckets = windows.get(_MINUTE_FIELD)
+            if buckets is None:
+                windows[_MINUTE_FIELD] = [[start, req, pt, ct]]
+                continue
+            last = buckets[-1]
+            if last[0] == start:
+                bucket = last
+            elif last[0] < start:
+                buckets.append([start, req, pt, ct])
+                continue
+            else:  # an older bucket: records arrive mostly in order, so this is rare
+                i = bisect_left(buckets, start, key=_bucket_start)
+                if i < len(buckets) and buckets[i][0] == start:
+                    bucket = buckets[i]
+                else:
+                    buckets.insert(i, [start, req, pt, ct])
                     continue
-                buckets = windows.get(field)
-                if buckets is None:
-                    windows[field] = [[start, req, pt, ct]]
-                    continue
-                last = buckets[-1]
-                if last[0] == start:
-                    bucket = last
-                elif last[0] < start:
-                    buckets.append([start, req, pt, ct])
-                    continue
-                else:  # an older bucket: records arrive mostly in order, so this is rare
-                    i = bisect_left(buckets, start, key=_bucket_start)
-                    if i < len(buckets) and buckets[i][0] == start:
-                        bucket = buckets[i]
-                    else:
-                        buckets.insert(i, [start, req, pt, ct])
-                        continue
-                bucket[1] += req
-                bucket[2] += pt
-                bucket[3] += ct
+            bucket[1] += req
+            bucket[2] += pt
+            bucket[3] += ct
         if was_late:
             late_total += 1
             e["late"] += 1
@@ -239,6 +247,42 @@ def fold_records(
 
 def _bucket_start(bucket: list[float]) -> float:
     return bucket[0]
+
+
+#: A minute bucket beginning at ``start`` has left the minute window once the watermark reaches
+#: ``start + _MINUTE_LATE`` (plus grace).
+_MINUTE_LATE = MINUTE + _MINUTE_BUCKET
+
+
+def _add_coarse(
+    windows: dict[str, list[list[float]]],
+    ts: float,
+    req: float,
+    pt: float,
+    ct: float,
+    wm: float,
+    grace: float,
+) -> bool:
+    """Add usage at ``ts`` to the hour and day windows; True if it was too late for one."""
+    late = False
+    for field, size, b in _COARSE:
+        start = (ts // b) * b
+        if start + size + b + grace <= wm:
+            late = True
+            continue
+        buckets = windows.get(field)
+        if buckets is None:
+            windows[field] = [[start, req, pt, ct]]
+            continue
+        i = bisect_left(buckets, start, key=_bucket_start)
+        if i < len(buckets) and buckets[i][0] == start:
+            bucket = buckets[i]
+            bucket[1] += req
+            bucket[2] += pt
+            bucket[3] += ct
+        else:
+            buckets.insert(i, [start, req, pt, ct])
+    return late
 
 
 def _is_duplicate(
@@ -295,7 +339,16 @@ def prune(
     that arrived longer than the dedup ``horizon`` before ``now`` (default: the watermark)."""
     wm = entry["wm"]
     for windows in entry["s"].values():
-        for field, size, b in _WINDOWS:
+        minute = windows.get(_MINUTE_FIELD)
+        if minute and minute[0][0] + _MINUTE_LATE + grace <= wm:
+            # minute buckets leaving the minute window roll up into the longer windows
+            keep = 0
+            while keep < len(minute) and minute[keep][0] + _MINUTE_LATE + grace <= wm:
+                start, req, pt, ct = minute[keep]
+                _add_coarse(windows, start, req, pt, ct, wm, grace)
+                keep += 1
+            del minute[:keep]
+        for field, size, b in _COARSE:
             buckets = windows.get(field)
             if buckets and buckets[0][0] + size + b + grace <= wm:
                 windows[field] = [bk for bk in buckets if bk[0] + size + b + grace > wm]
@@ -335,14 +388,29 @@ def sliding_counts(
     Returns ``(bucket_start, requests, prompt, completion, expiries)``: the start of the bucket
     holding ``now``, the sums over every bucket that counts at ``now``, and the first
     ``max_expiries`` of those buckets as ``(expires_at, requests, prompt, completion)``, oldest
-    first, so a reader can subtract what has freed since ``now``.
+    first, so a reader can subtract what has freed since ``now``. The hour and day windows
+    include the minute buckets not rolled up into them yet.
     """
     b = bucket_size(size)
     current = (now // b) * b
     floor = current - size
+    windows = entry["s"].get(scope, {})
+    buckets = windows.get(str(size), ())
+    if size != MINUTE and windows.get(_MINUTE_FIELD):
+        merged: dict[float, list[int]] = {}
+        for bk in (*buckets, *windows[_MINUTE_FIELD]):
+            start = (bk[0] // b) * b
+            sums = merged.get(start)
+            if sums is None:
+                merged[start] = [start, bk[1], bk[2], bk[3]]
+            else:
+                sums[1] += bk[1]
+                sums[2] += bk[2]
+                sums[3] += bk[3]
+        buckets = sorted(merged.values())
     req = pt = ct = 0
     expiries: list[tuple[float, int, int, int]] = []
-    for bk in entry["s"].get(scope, {}).get(str(size), ()):
+    for bk in buckets:
         start = float(bk[0])
         if start < floor:
             continue

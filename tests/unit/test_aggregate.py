@@ -1,9 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
+from quotaflow.windows import bucket_size
 from quotaflow_stream.aggregate import add_records, sliding_counts
 from quotaflow_stream.evaluate import budget_shares, evaluate, scopes_for
 
@@ -188,3 +191,39 @@ def test_an_old_record_replayed_twice_counts_once() -> None:
     assert late == 1
     entry, _ = add_records(entry, [old], SCOPES, 10, now=M0 + 3600)
     assert entry["t"][0] == 2 and entry["dup"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.floats(0, 7300), st.integers(1, 3)), min_size=1, max_size=60),
+    st.floats(0, 4000),
+    st.integers(1, 4),
+)
+def test_sliding_counts_equal_a_recount_of_the_records_each_window_took(
+    arrivals: list[tuple[float, int]], after: float, per_message: int
+) -> None:
+    """However records arrive (out of order, late, in messages of any size), each window's
+    sliding count is the sum of the records its bucket admitted, as a brute-force recount."""
+    records = [rec(i, M0 + t, pt=n) for i, (t, n) in enumerate(arrivals)]
+    entry = None
+    for i in range(0, len(records), per_message):
+        entry, _ = add_records(entry, records[i : i + per_message], SCOPES, 10)
+    assert entry is not None
+    # the reference: a record counts in a window if its bucket was not yet past the window
+    # (plus grace) at the watermark when it arrived
+    wm = 0.0
+    taken: dict[int, list[tuple[float, int]]] = {60: [], 3600: [], 86400: []}
+    for r in records:
+        wm = max(wm, r.ts)
+        for size in taken:
+            b = bucket_size(size)
+            start = (r.ts // b) * b
+            if start + size + b + 10 > wm:
+                taken[size].append((start, r.prompt_tokens))
+    now = wm + after
+    for size, kept in taken.items():
+        floor = (now // bucket_size(size)) * bucket_size(size) - size
+        expected = sum(pt for start, pt in kept if start >= floor)
+        got = sliding_counts(entry, "", size, now, 1 << 30)
+        assert got[2] == expected, (size, now)
+        assert sum(x[2] for x in got[4]) == expected, "expiries add up to the count"
