@@ -1,23 +1,27 @@
 """Per-key aggregation: pure functions over a JSON-able dict (the table's value).
 
-One table entry per counter key holds the sliding-window buckets of every scope (key-wide and,
+One entry per counter key holds the sliding-window buckets of every scope (key-wide and,
 where a policy asks, per model), what each emitting instance sent lately, and lifetime totals.
-A whole message's records for a key are folded in at once, so the table is written once per key
-per message, however many records it carried.
 
 Entry layout::
 
     {"wm": 1700000000.5,                      # newest event time of this key (its watermark)
-     "s": {"": {"60": [[bucket_start, req, prompt, completion], ...],   # 0.5 s buckets
+     "s": {"": {"60": [start, req, prompt, completion, start, ...],     # 0.5 s buckets, flat
                 "3600": [...], "86400": [...]}},                        # 30 s, 15 min buckets
-     "src": {"svc-a-17": [1700000000.5, 3.2]}, # per source: newest event time, recent requests
+     "src": {"svc-a-17": (1700000000.5, 3.2)}, # per source: newest event time, recent requests
      "t": [records, requests, prompt, completion],
-     "m": {"gpt-4o": [records, requests, prompt, completion]},  # lifetime totals per model
+     "m": {"gpt-4o": (records, requests, prompt, completion)},  # lifetime totals per model
      "late": 3,                                # records too late for at least one window
      "dup": 2,                                 # duplicate records dropped (same id)
-     "ids": {"3f2a9c0d1e4b5a69": [6703, 65535, 1700000000.5]},  # newest, window, arrived
+     "ids": {"3f2a9c0d1e4b5a69": (6703, 65535, 1700000000.5)},  # newest, window, arrived
      "xid": {"gw-req-77": 1700000000.2},      # other ids: when each arrived
      "pa": 1700000005.5}                       # prune again once the watermark reaches this
+
+Buckets lie flat, four numbers each in start order, and per-instance figures are tuples
+replaced on update: a worker holds millions of these, and Python's cycle collector scans every
+list it tracks (nested bucket lists cost a quarter of the worker's time in collections). The
+hour and day windows are filled from minute buckets as those leave the minute window (see
+:func:`prune`); readers add the minute buckets not rolled up yet.
 
 Records count once: a record whose ``id`` the key has seen within the dedup horizon is dropped
 (producer retries, redelivery after a worker restart, replayed logs). Ids in the SDK's format,
@@ -35,7 +39,6 @@ time; budget shares are drawn from it (see :mod:`quotaflow_stream.evaluate`).
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -134,10 +137,10 @@ def fold_records(
     mark = touched.add if touched is not None else None
     key = None
     e: Entry = {}
-    ids: dict[str, list[Any]] = {}
+    ids: dict[str, Any] = {}
     foreign: dict[str, float] = {}
-    models: dict[str, list[int]] = {}
-    scopes: dict[str, dict[str, list[list[float]]]] = {}
+    models: dict[str, Any] = {}
+    scopes: dict[str, dict[str, list[float]]] = {}
     totals: list[int] = []
     src: dict[str, Any] = {}
     for r in records:
@@ -162,14 +165,16 @@ def fold_records(
         # The common case inline: an SDK id newer than its instance's newest on this key.
         arrived = ts if now is None else now
         m = sdk_id(r.id)
-        seen = ids.get(m[1]) if m is not None else None
+        prefix: str = m[1] if m is not None else ""
+        seen = ids.get(prefix) if m is not None else None
         counter = int(m[2], 16) if m is not None else 0
         if seen is not None and counter > seen[0]:
             shift = counter - seen[0]
-            seen[0] = counter
-            seen[1] = ((seen[1] << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1
-            if arrived > seen[2]:
-                seen[2] = arrived
+            ids[prefix] = (
+                counter,
+                ((seen[1] << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1,
+                arrived if arrived > seen[2] else seen[2],
+            )
         elif is_duplicate(ids, foreign, r.id, arrived):
             e["dup"] = e.get("dup", 0) + 1
             dup_total += 1
@@ -182,23 +187,20 @@ def fold_records(
         totals[1] += req
         totals[2] += pt
         totals[3] += ct
-        by_model = models.get(r.model)
-        if by_model is None:
-            models[r.model] = [1, req, pt, ct]
-        else:
-            by_model[0] += 1
-            by_model[1] += req
-            by_model[2] += pt
-            by_model[3] += ct
+        sums = models.get(r.model)
+        models[r.model] = (
+            (1, req, pt, ct)
+            if sums is None
+            else (sums[0] + 1, sums[1] + req, sums[2] + pt, sums[3] + ct)
+        )
         seen = src.get(r.source)
-        if seen is None or isinstance(seen, (int, float)):
-            _note_source(src, r.source, ts, req)
-        elif ts > seen[0]:
-            seen[1] = seen[1] * 0.5 ** ((ts - seen[0]) / RATE_HALF_LIFE) + req
-            seen[0] = ts
-        else:
-            seen[1] += req
-        was_late = False
+        src[r.source] = (
+            (ts, float(req))
+            if seen is None
+            else (ts, seen[1] * 0.5 ** ((ts - seen[0]) / RATE_HALF_LIFE) + req)
+            if ts > seen[0]
+            else (seen[0], seen[1] + req)
+        )
         # Only the minute window per record: its 0.5 s buckets roll up into the hour and
         # day windows when they leave it (prune), so a busy key's longer windows cost one
         # update per bucket rather than per record. A record too late for the minute window
@@ -214,25 +216,16 @@ def fold_records(
                 was_late = _add_coarse(windows, ts, req, pt, ct, wm, grace) or was_late
                 continue
             buckets = windows.get(_MINUTE_FIELD)
-            if buckets is None:
-                windows[_MINUTE_FIELD] = [[start, req, pt, ct]]
-                continue
-            last = buckets[-1]
-            if last[0] == start:
-                bucket = last
-            elif last[0] < start:
-                buckets.append([start, req, pt, ct])
-                continue
+            if not buckets:
+                windows[_MINUTE_FIELD] = [start, req, pt, ct]
+            elif buckets[-4] == start:
+                buckets[-3] += req
+                buckets[-2] += pt
+                buckets[-1] += ct
+            elif buckets[-4] < start:
+                buckets += (start, req, pt, ct)
             else:  # an older bucket: records arrive mostly in order, so this is rare
-                i = bisect_left(buckets, start, key=_bucket_start)
-                if i < len(buckets) and buckets[i][0] == start:
-                    bucket = buckets[i]
-                else:
-                    buckets.insert(i, [start, req, pt, ct])
-                    continue
-            bucket[1] += req
-            bucket[2] += pt
-            bucket[3] += ct
+                _add_bucket(buckets, start, req, pt, ct)
         if was_late:
             late_total += 1
             e["late"] += 1
@@ -245,8 +238,27 @@ def fold_records(
     return late_total, dup_total
 
 
-def _bucket_start(bucket: list[float]) -> float:
-    return bucket[0]
+def _first_at_or_after(buckets: list[float], start: float) -> int:
+    """Index of the first flat bucket beginning at or after ``start`` (a multiple of 4)."""
+    lo, hi = 0, len(buckets) // 4
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if buckets[mid * 4] < start:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo * 4
+
+
+def _add_bucket(buckets: list[float], start: float, req: float, pt: float, ct: float) -> None:
+    """Add usage to the flat bucket beginning at ``start``, inserting it in order if new."""
+    i = _first_at_or_after(buckets, start)
+    if i < len(buckets) and buckets[i] == start:
+        buckets[i + 1] += req
+        buckets[i + 2] += pt
+        buckets[i + 3] += ct
+    else:
+        buckets[i:i] = (start, req, pt, ct)
 
 
 #: A minute bucket beginning at ``start`` has left the minute window once the watermark reaches
@@ -255,7 +267,7 @@ _MINUTE_LATE = MINUTE + _MINUTE_BUCKET
 
 
 def _add_coarse(
-    windows: dict[str, list[list[float]]],
+    windows: dict[str, list[float]],
     ts: float,
     req: float,
     pt: float,
@@ -272,22 +284,13 @@ def _add_coarse(
             continue
         buckets = windows.get(field)
         if buckets is None:
-            windows[field] = [[start, req, pt, ct]]
-            continue
-        i = bisect_left(buckets, start, key=_bucket_start)
-        if i < len(buckets) and buckets[i][0] == start:
-            bucket = buckets[i]
-            bucket[1] += req
-            bucket[2] += pt
-            bucket[3] += ct
+            windows[field] = [start, req, pt, ct]
         else:
-            buckets.insert(i, [start, req, pt, ct])
+            _add_bucket(buckets, start, req, pt, ct)
     return late
 
 
-def _is_duplicate(
-    ids: dict[str, list[Any]], foreign: dict[str, float], rid: str, arrived: float
-) -> bool:
+def _is_duplicate(ids: dict[str, Any], foreign: dict[str, float], rid: str, arrived: float) -> bool:
     """Whether this key has counted ``rid`` already; remembers it (and when) if not."""
     m = _SDK_ID.fullmatch(rid)
     if m is None:
@@ -297,39 +300,26 @@ def _is_duplicate(
             del foreign[next(iter(foreign))]
         foreign[rid] = arrived
         return False
+    prefix = m.group(1)
     counter = int(m.group(2), 16)
-    seen = ids.get(m.group(1))
+    seen = ids.get(prefix)
     if seen is None:
-        ids[m.group(1)] = [counter, 1, arrived]
+        ids[prefix] = (counter, 1, arrived)
         return False
     newest, window = seen[0], seen[1]
-    if arrived > seen[2]:
-        seen[2] = arrived
+    latest = arrived if arrived > seen[2] else seen[2]
     if counter > newest:
         shift = counter - newest
-        seen[0] = counter
-        seen[1] = ((window << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1
+        ids[prefix] = (
+            counter, ((window << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1, latest
+        )  # fmt: skip
         return False
     behind = newest - counter
     if behind >= ID_WINDOW or (window >> behind) & 1:
+        ids[prefix] = (newest, window, latest)
         return True
-    seen[1] = window | (1 << behind)
+    ids[prefix] = (newest, window | (1 << behind), latest)
     return False
-
-
-def _note_source(src: dict[str, Any], source: str, ts: float, requests: int) -> None:
-    """Advance a source's newest event time and its decaying recent-request weight."""
-    seen = src.get(source)
-    if seen is None:
-        src[source] = [ts, float(requests)]
-        return
-    if isinstance(seen, (int, float)):  # an entry written before weights were kept
-        seen = src[source] = [float(seen), 0.0]
-    if ts > seen[0]:
-        seen[1] = seen[1] * 0.5 ** ((ts - seen[0]) / RATE_HALF_LIFE) + requests
-        seen[0] = ts
-    else:
-        seen[1] += requests
 
 
 def prune(
@@ -340,18 +330,21 @@ def prune(
     wm = entry["wm"]
     for windows in entry["s"].values():
         minute = windows.get(_MINUTE_FIELD)
-        if minute and minute[0][0] + _MINUTE_LATE + grace <= wm:
+        if minute and minute[0] + _MINUTE_LATE + grace <= wm:
             # minute buckets leaving the minute window roll up into the longer windows
-            keep = 0
-            while keep < len(minute) and minute[keep][0] + _MINUTE_LATE + grace <= wm:
-                start, req, pt, ct = minute[keep]
+            k, n = 0, len(minute)
+            while k < n and minute[k] + _MINUTE_LATE + grace <= wm:
+                start, req, pt, ct = minute[k : k + 4]
                 _add_coarse(windows, start, req, pt, ct, wm, grace)
-                keep += 1
-            del minute[:keep]
+                k += 4
+            del minute[:k]
         for field, size, b in _COARSE:
             buckets = windows.get(field)
-            if buckets and buckets[0][0] + size + b + grace <= wm:
-                windows[field] = [bk for bk in buckets if bk[0] + size + b + grace > wm]
+            if buckets and buckets[0] + size + b + grace <= wm:
+                k, n = 0, len(buckets)
+                while k < n and buckets[k] + size + b + grace <= wm:
+                    k += 4
+                del buckets[:k]
     src = entry["src"]
     for source in [s for s, seen in src.items() if source_ts(seen) < wm - SOURCE_HORIZON]:
         del src[source]
@@ -368,14 +361,12 @@ def prune(
 
 
 def source_ts(seen: Any) -> float:
-    """A source's newest event time (entries from before weights were kept hold just that)."""
-    return float(seen[0]) if type(seen) is list else float(seen)
+    """A source's newest event time."""
+    return float(seen[0])
 
 
 def source_weight(seen: Any, at: float) -> float:
     """A source's recent-request weight, decayed to event time ``at``."""
-    if isinstance(seen, (int, float)):
-        return 0.0
     ts, weight = seen
     return float(weight) * 0.5 ** (max(at - ts, 0.0) / RATE_HALF_LIFE)
 
@@ -395,28 +386,30 @@ def sliding_counts(
     current = (now // b) * b
     floor = current - size
     windows = entry["s"].get(scope, {})
-    buckets = windows.get(str(size), ())
+    buckets: Any = windows.get(str(size), ())
     if size != MINUTE and windows.get(_MINUTE_FIELD):
-        merged: dict[float, list[int]] = {}
-        for bk in (*buckets, *windows[_MINUTE_FIELD]):
-            start = (bk[0] // b) * b
-            sums = merged.get(start)
-            if sums is None:
-                merged[start] = [start, bk[1], bk[2], bk[3]]
-            else:
-                sums[1] += bk[1]
-                sums[2] += bk[2]
-                sums[3] += bk[3]
-        buckets = sorted(merged.values())
+        merged: dict[float, list[float]] = {}
+        for flat in (buckets, windows[_MINUTE_FIELD]):
+            for i in range(0, len(flat), 4):
+                start = (flat[i] // b) * b
+                sums = merged.get(start)
+                if sums is None:
+                    merged[start] = [start, flat[i + 1], flat[i + 2], flat[i + 3]]
+                else:
+                    sums[1] += flat[i + 1]
+                    sums[2] += flat[i + 2]
+                    sums[3] += flat[i + 3]
+        buckets = [x for bk in sorted(merged.values()) for x in bk]
     req = pt = ct = 0
     expiries: list[tuple[float, int, int, int]] = []
-    for bk in buckets:
-        start = float(bk[0])
+    for i in range(0, len(buckets), 4):
+        start = float(buckets[i])
         if start < floor:
             continue
-        req += int(bk[1])
-        pt += int(bk[2])
-        ct += int(bk[3])
+        r, p, c = int(buckets[i + 1]), int(buckets[i + 2]), int(buckets[i + 3])
+        req += r
+        pt += p
+        ct += c
         if len(expiries) < max_expiries:
-            expiries.append((start + size + b, int(bk[1]), int(bk[2]), int(bk[3])))
+            expiries.append((start + size + b, r, p, c))
     return current, req, pt, ct, tuple(expiries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 
 import faust
@@ -16,6 +17,12 @@ from quotaflow_stream.topics import ensure_topics
 from quotaflow_stream.web import WebApi
 
 log = logging.getLogger(__name__)
+
+#: Cycle-collector thresholds for the worker process. It holds millions of long-lived objects
+#: and allocates a few short-lived ones per record, so Python's default (a young collection
+#: every 700 allocations) spent ~25 % of its time collecting (bench stream: 62k -> 78k
+#: records/s). Collections still run, for the cycles asyncio and Faust do create.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def create_pipeline(settings: QuotaflowSettings) -> UsagePipeline:
@@ -34,6 +41,7 @@ def create_pipeline(settings: QuotaflowSettings) -> UsagePipeline:
 
 def run_worker(settings: QuotaflowSettings, loglevel: str = "info") -> None:
     """Block running a worker until SIGINT/SIGTERM."""
+    gc.set_threshold(*GC_THRESHOLDS)
     pipeline = create_pipeline(settings)
     settings.worker.data_dir.mkdir(parents=True, exist_ok=True)
     log.info(

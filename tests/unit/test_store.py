@@ -93,7 +93,7 @@ def test_save_writes_each_changed_key_once_to_its_partition() -> None:
     assert sorted(k for _, k, _, _ in out.sent) == [f"k{i}".encode() for i in range(5)]
     for _, key, value, part in out.sent:
         assert part == partition_for(key, PARTS)
-        assert json.loads(value) == s.entries[key.decode()]
+        assert json.loads(value) == json.loads(json.dumps(s.entries[key.decode()]))
     assert not s.unsaved and asyncio_run(s.save()) == 0, "nothing changed, nothing written"
 
 
