@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 DLQ_REASON_HEADER = "quotaflow-dlq-reason"
 DLQ_ORIGIN_HEADER = "quotaflow-dlq-origin"
 
+#: Seconds between checks whether a save is due (see UsagePipeline._save_tick).
+SAVE_TICK = 0.1
+
 #: Publication may take at most this share of the worker's time: under a backlog the states of
 #: busy keys coalesce over longer ticks instead of starving the aggregation.
 PUBLISH_SHARE = 0.2
@@ -99,8 +102,8 @@ class UsagePipeline:
         self.partitions = usage_partitions
         self.counters = Counters()
         self._scopes_for = scopes_for(policies)
-        # key -> [last usage (worker clock), last publication]
-        self._active: dict[str, list[float]] = {}
+        # key -> its last usage (worker clock); its last publication is latest[key].published_at
+        self._active: dict[str, float] = {}
         # source -> last usage from it (worker clock): the fleet size heartbeats announce
         self._sources: dict[str, float] = {}
         # keys whose usage changed since their state was last published
@@ -119,13 +122,20 @@ class UsagePipeline:
         self._unacked_records = 0
         self._ack_stream: Any = None
         self._save_lock = asyncio.Lock()
+        self._saved_at = time.monotonic()
+        # usage partitions assigned here, and whether their keys await a first publication
+        self._assigned: set[int] = set()
+        self._announce = False
+        #: Set when the worker stops: every message is then saved and acked as it is folded,
+        #: since Faust waits for all acks before it lets go of its partitions.
+        self.closing = False
         self._home: dict[str, int] = {}
         # monotonic time before which the next publication tick is skipped (see PUBLISH_SHARE)
         self._publish_after = 0.0
         app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
         app.timer(settings.worker.heartbeat_interval)(self._refresh)
         app.timer(settings.worker.publish_interval)(self._publish_dirty)
-        app.timer(settings.worker.save_interval)(self.save)
+        app.timer(min(SAVE_TICK, settings.worker.save_interval))(self._save_tick)
         app.timer(settings.worker.snapshot_interval)(self._flush_snapshot)
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
@@ -150,7 +160,7 @@ class UsagePipeline:
                 reason = f"internal error: {type(exc).__name__}: {exc}"
                 await self._dead_letter(event.message, Rejected(event.value or b"", reason))
             self._unacked.append(event)
-            if self._unacked_records >= save_at:
+            if self.closing or self._unacked_records >= save_at:
                 await self.save()
 
     async def process_message(self, message: Any, value: bytes | None) -> None:
@@ -182,9 +192,7 @@ class UsagePipeline:
         )  # fmt: skip
         store.unsaved |= touched
         self._dirty.update(dict.fromkeys(touched))
-        active = self._active
-        for key in touched:
-            active[key] = [now, now]
+        self._active.update(dict.fromkeys(touched, now))
         sources = self._sources
         for source in {r.source for r in records}:
             sources[source] = now
@@ -223,11 +231,18 @@ class UsagePipeline:
             self.counters.forwarded += len(recs)
         return mine
 
+    async def _save_tick(self) -> None:
+        """Save every ``save_interval``, and at once while a rebalance waits for our acks."""
+        due = time.monotonic() - self._saved_at >= self.settings.worker.save_interval
+        if self._unacked and (due or self.app.rebalancing or self.closing):
+            await self.save()
+
     async def save(self) -> None:
         """Write the changed entries to the changelog, then ack the messages folded into them
         (Faust commits acked offsets only). If the broker does not take them, nothing is acked
         and the next save tries again."""
         async with self._save_lock:
+            self._saved_at = time.monotonic()
             events, self._unacked = self._unacked, []
             records, self._unacked_records = self._unacked_records, 0
             try:
@@ -253,7 +268,18 @@ class UsagePipeline:
 
     async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         name = self.usage_topic.get_topic_name()
-        self.store.release(tp.partition for tp in assigned if tp.topic == name)
+        self._assigned = {tp.partition for tp in assigned if tp.topic == name}
+        self.store.release(self._assigned)
+        self._announce = True
+
+    def _announce_recovered(self) -> None:
+        """Once recovered, publish every key of the assigned partitions: the decisions topic
+        and the snapshot may hold an older state of keys taken over from a worker that died
+        between saving an entry and publishing it, and no message of theirs may come again."""
+        self._announce = False
+        keys = self.store.keys_in(self._assigned)
+        self._dirty.update(dict.fromkeys(keys))
+        log.info("recovered %d keys; publishing their states", len(keys))
 
     async def _publish_dirty(self) -> None:
         """Publish the state of every key whose usage changed since the last tick.
@@ -263,16 +289,18 @@ class UsagePipeline:
         one waits so that publication takes at most :data:`PUBLISH_SHARE` of the time: the
         states of busy keys coalesce instead of starving the aggregation."""
         self.output.poll()
+        if self._announce and self.ready:
+            self._announce_recovered()
         started = time.monotonic()
         if not self._dirty or started < self._publish_after:
             return
         now = self.clock()
-        entries = self.store.entries
+        store = self.store
         dirty = self._dirty
         stop_at = started + PUBLISH_SLICE * self.settings.worker.publish_interval
         done: list[str] = []
         for key in dirty:  # nothing folds meanwhile: this loop never awaits
-            entry = entries.get(key)
+            entry = store.get(key)
             if entry is not None:
                 state = self._publish(key, entry, now)
                 self.latencies_ms.append(max(now - state.watermark, 0.0) * 1000)
@@ -367,14 +395,15 @@ class UsagePipeline:
         w = self.settings.worker
         horizon = now - w.active_horizon
         entries = self.store.entries
-        for key, times in list(self._active.items()):
-            entry = entries.get(key) if times[0] >= horizon else None
-            if entry is None:
+        latest, dirty = self.latest, self._dirty
+        due = now - w.refresh_interval
+        for key, used in list(self._active.items()):
+            if used < horizon or key not in entries:
                 del self._active[key]
                 continue
-            if now - times[1] >= w.refresh_interval:
-                times[1] = now
-                self._dirty[key] = None  # published by a coming tick, within its time budget
+            state = latest.get(key)
+            if state is None or state.published_at <= due:
+                dirty[key] = None  # published by a coming tick, within its time budget
         quiet = now - ACTIVE_SOURCE_SECONDS
         for source in [s for s, seen in self._sources.items() if seen < quiet]:
             del self._sources[source]

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 #: The table's name (its changelog topic is ``<app id>-<name>-changelog``).
 TABLE_NAME = "usage-aggregates"
 
+#: Written alone after each save, to every partition it wrote (see AggregateStore.save).
+SAVE_MARKER = b"\x00quotaflow-save-marker"
+
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
@@ -99,6 +102,11 @@ class AggregateStore:
             messages.append((raw_key, _encode(entry), partition_for(raw_key, self.partitions)))
         try:
             await self.output.send_all(topic, messages)
+            # A one-record batch ends each partition written: Tansu (the embedded broker)
+            # reports a partition's high watermark as its last batch's base offset + 1, so a
+            # multi-record tail would end Faust's recovery short of the newest entries.
+            parts = {p for _, _, p in messages}
+            await self.output.send_all(topic, [(SAVE_MARKER, b"", p) for p in sorted(parts)])
         except Exception:
             self.unsaved |= keys
             raise
@@ -138,6 +146,15 @@ class AggregateStore:
             del self._parked[raw_key]
             data.pop(raw_key, None)
         return len(gone)
+
+    def keys_in(self, partitions: set[int]) -> list[str]:
+        """Every key of these partitions: live, or recovered and not loaded yet."""
+        parts = self.partitions
+        recovered = [
+            raw.decode() for raw in list(self.table.data)
+            if raw != SAVE_MARKER and partition_for(raw, parts) in partitions
+        ]  # fmt: skip
+        return [*self.entries, *(k for k in recovered if k not in self.entries)]
 
     def stats(self) -> dict[str, Any]:
         return {

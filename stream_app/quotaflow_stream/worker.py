@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import Any
 
 import faust
 import redis.asyncio as aioredis
@@ -52,5 +53,22 @@ def run_worker(settings: QuotaflowSettings, loglevel: str = "info") -> None:
         settings.worker.web_host,
         settings.worker.web_port,
     )
-    worker = faust.Worker(pipeline.app, loglevel=loglevel, quiet=True)
+    worker = PipelineWorker(pipeline, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
+
+
+class PipelineWorker(faust.Worker):
+    """Faust's worker, saving the pipeline's aggregates before it stops: Faust then waits for
+    every folded message to be acked, and the pipeline acks only what it has saved."""
+
+    def __init__(self, pipeline: UsagePipeline, **kwargs: Any) -> None:
+        super().__init__(pipeline.app, **kwargs)
+        self.pipeline = pipeline
+
+    async def stop(self) -> None:
+        self.pipeline.closing = True
+        try:
+            await self.pipeline.save()
+        except Exception:  # stopping goes on; unsaved messages are redelivered, counted once
+            log.exception("final save failed")
+        await super().stop()

@@ -11,7 +11,7 @@ import pytest
 from quotaflow.partitioner import partition_for
 from quotaflow.record import WireRecord
 from quotaflow_stream.aggregate import add_records, fold_records
-from quotaflow_stream.store import AggregateStore
+from quotaflow_stream.store import SAVE_MARKER, AggregateStore
 from tests.unit.test_aggregate import SCOPES
 
 PARTS = 4
@@ -90,8 +90,12 @@ def test_save_writes_each_changed_key_once_to_its_partition() -> None:
                  touched=touched)  # fmt: skip
     s.unsaved |= touched
     assert asyncio_run(s.save()) == 5
-    assert sorted(k for _, k, _, _ in out.sent) == [f"k{i}".encode() for i in range(5)]
-    for _, key, value, part in out.sent:
+    entries, markers = out.sent[:5], out.sent[5:]
+    assert sorted(k for _, k, _, _ in entries) == [f"k{i}".encode() for i in range(5)]
+    # then a marker alone on each partition written, so the log ends with a one-record batch
+    assert {p for _, _, _, p in markers} == {p for _, _, _, p in entries}
+    assert all(k == SAVE_MARKER for _, k, _, _ in markers) and len(markers) == len(set(markers))
+    for _, key, value, part in entries:
         assert part == partition_for(key, PARTS)
         assert json.loads(value) == json.loads(json.dumps(s.entries[key.decode()]))
     assert not s.unsaved and asyncio_run(s.save()) == 0, "nothing changed, nothing written"
@@ -131,3 +135,15 @@ def asyncio_run(coro: Any) -> Any:
     import asyncio
 
     return asyncio.run(coro)
+
+
+def test_keys_in_lists_live_and_recovered_keys_of_those_partitions_only() -> None:
+    s, table, _ = store()
+    keys = [f"k{i}" for i in range(30)]
+    fold_records(s.entries, [rec(i, k) for i, k in enumerate(keys[:10])], SCOPES, 10, now=T0)
+    for k in keys[10:]:  # recovered by Faust (or a standby's), not loaded yet
+        table.data[k.encode()] = b"{}"
+    table.data[SAVE_MARKER] = b""
+    mine = {0, 1}
+    recovered = {k for k in keys[10:] if partition_for(k.encode(), PARTS) in mine}
+    assert set(s.keys_in(mine)) == set(keys[:10]) | recovered
