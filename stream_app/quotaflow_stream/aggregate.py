@@ -134,6 +134,8 @@ def fold_records(
     late_total = dup_total = 0
     is_duplicate = _is_duplicate
     sdk_id = _SDK_ID.fullmatch
+    # scopes that do not depend on the record (no model policy): no call per record
+    constant_scopes: tuple[str, ...] | None = getattr(scopes_for, "constant", None)
     mark = touched.add if touched is not None else None
     key = None
     e: Entry = {}
@@ -208,7 +210,7 @@ def fold_records(
         start = (ts // _MINUTE_BUCKET) * _MINUTE_BUCKET
         minute_late = start + _MINUTE_LATE + grace <= wm
         was_late = minute_late
-        for scope in scopes_for(key, r.model):
+        for scope in constant_scopes or scopes_for(key, r.model):
             windows = scopes.get(scope)
             if windows is None:
                 windows = scopes[scope] = {}
