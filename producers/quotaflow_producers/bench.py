@@ -6,8 +6,9 @@ same run on the embedded stack, printed as JSON.
 - ``check``: ``QuotaClient.check()`` with 10k keys cached and a running follower, against the
   ``limits`` library's moving-window limiter on Redis (the same Valkey); ``record()`` with the
   broker up and unreachable; resident memory per cached key and per worker key-window.
-- ``stream``: records one worker aggregates per second from packed messages, against the naive
-  layout (one record per message, so one table update per record), counts verified exact.
+- ``stream``: records one worker aggregates per second from messages the SDK's emitter packed,
+  against a naive Faust worker (one record per message, one table update per record: see
+  :mod:`quotaflow_stream.naive_baseline`), both counts verified exact.
 
 Shared machines are noisy: latencies are medians over rounds, and ratios are what to compare."""
 
