@@ -58,8 +58,9 @@ def run_worker(settings: QuotaflowSettings, loglevel: str = "info") -> None:
 
 
 class PipelineWorker(faust.Worker):
-    """Faust's worker, saving the pipeline's aggregates before it stops: Faust then waits for
-    every folded message to be acked, and the pipeline acks only what it has saved."""
+    """Faust's worker, saving the pipeline's aggregates before it stops (Faust then waits for
+    every folded message to be acked, and the pipeline acks only what it has saved) and
+    flushing the Redis snapshot after."""
 
     def __init__(self, pipeline: UsagePipeline, **kwargs: Any) -> None:
         super().__init__(pipeline.app, **kwargs)
@@ -72,3 +73,7 @@ class PipelineWorker(faust.Worker):
         except Exception:  # stopping goes on; unsaved messages are redelivered, counted once
             log.exception("final save failed")
         await super().stop()
+        try:  # the states published since the last snapshot flush, so Redis ends current
+            await self.pipeline.snapshot.flush()
+        except Exception:
+            log.warning("final snapshot flush failed", exc_info=True)

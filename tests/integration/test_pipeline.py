@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -238,6 +239,46 @@ def test_restarted_worker_recovers_its_table(
         assert st is not None
         assert st.totals.records == 4 and st.totals.prompt_tokens == 28
     assert (worker.stats() or {}).get("duplicates") == 1
+
+
+def test_sigterm_saves_acks_and_flushes_what_no_timer_had_yet(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """With saves and snapshot flushes an hour apart, only the graceful stop can write them:
+    the worker exits 0, Redis holds the final state, and a restarted worker recovers the counts
+    from the changelog without reading the messages again (their offsets were committed) and
+    publishes the recovered key's state."""
+    settings = pipeline_settings(stack, tmp_path)
+    settings.worker.save_interval = 3600
+    settings.worker.snapshot_interval = 3600
+    gen = running_worker(settings)
+    worker = next(gen)
+    try:
+        with QuotaClient(settings) as client:
+            client.wait_ready(30)
+            for _ in range(5):
+                client.record("graceful", "gpt-4o-mini", prompt_tokens=3)
+            wait_for(lambda: (s := client.cache.state("graceful")) and s.totals.records == 5,
+                     what="five records counted")  # fmt: skip
+        assert snapshot_state(settings, "graceful") is None, "no flush before the stop"
+        assert (worker.stats() or {}).get("unacked_messages", 0) > 0, "nothing saved yet"
+        assert worker.stop() == 0, worker.log_tail()
+        final = snapshot_state(settings, "graceful")
+        assert final is not None and final.totals.records == 5
+        worker.start().wait_ready(90)
+        # the restarted worker holds the counts (its table recovered from the changelog) and
+        # publishes the recovered key's state once, with no record of its own
+        url = f"{worker.base_url}/api/keys/graceful"
+        request = urllib.request.Request(url, headers=settings.worker.api_headers())
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            state = QuotaState.from_json(resp.read())
+        assert state.totals.records == 5 and state.totals.prompt_tokens == 15
+        wait_for(lambda: (worker.stats() or {}).get("states_published", 0) >= 1,
+                 what="the recovered key's state published again")  # fmt: skip
+        time.sleep(1.0)  # a redelivery would show up as records counted by this worker
+        assert (worker.stats() or {}).get("records") == 0, "offsets were committed at the stop"
+    finally:
+        next(gen, None)
 
 
 def test_a_fuzzed_usage_topic_never_stops_the_worker(
