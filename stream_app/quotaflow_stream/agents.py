@@ -126,6 +126,7 @@ class UsagePipeline:
         # usage partitions assigned here, and whether their keys await a first publication
         self._assigned: set[int] = set()
         self._announce = False
+        self._swept_at = 0.0  # when _refresh last dropped old states from `latest`
         #: Set when the worker stops: every message is then saved and acked as it is folded,
         #: since Faust waits for all acks before it lets go of its partitions.
         self.closing = False
@@ -342,6 +343,7 @@ class UsagePipeline:
             snapshot_pending=self.snapshot.pending,
             snapshot_healthy=self.snapshot.healthy,
             active_keys=len(self._active),
+            published_keys=len(self.latest),
             unacked_messages=len(self._unacked),
             output_failed=self.output.failed,
             **self.store.stats(),
@@ -399,11 +401,21 @@ class UsagePipeline:
         due = now - w.refresh_interval
         for key, used in list(self._active.items()):
             if used < horizon or key not in entries:
+                # quiet (or moved away): the snapshot keeps its last state for the dashboard;
+                # dropping it here keeps memory to the keys in use
                 del self._active[key]
+                latest.pop(key, None)
                 continue
             state = latest.get(key)
             if state is None or state.published_at <= due:
                 dirty[key] = None  # published by a coming tick, within its time budget
+        if now - self._swept_at >= w.active_horizon / 4:
+            # states published without later usage (keys recovered, then quiet) go too
+            self._swept_at = now
+            active = self._active
+            for key in [k for k, st in latest.items() if st.published_at < horizon]:
+                if key not in active:
+                    del latest[key]
         quiet = now - ACTIVE_SOURCE_SECONDS
         for source in [s for s, seen in self._sources.items() if seen < quiet]:
             del self._sources[source]

@@ -281,6 +281,29 @@ def test_sigterm_saves_acks_and_flushes_what_no_timer_had_yet(
         next(gen, None)
 
 
+def test_quiet_keys_leave_the_workers_memory_of_published_states(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """A key with no usage for ``active_horizon`` stops being refreshed and its last state is
+    dropped from the worker's map (the snapshot keeps it), so that map stays the keys in use."""
+    settings = pipeline_settings(stack, tmp_path)
+    settings.worker.active_horizon = 1.0
+    gen = running_worker(settings)
+    worker = next(gen)
+    try:
+        with QuotaClient(settings) as client:
+            client.wait_ready(30)
+            client.record("briefly", "gpt-4o-mini", prompt_tokens=3)
+        wait_for(lambda: (worker.stats() or {}).get("published_keys") == 1,
+                 what="the key's state published")  # fmt: skip
+        wait_for(lambda: (st := worker.stats() or {}).get("published_keys") == 0
+                 and st.get("active_keys") == 0, what="the quiet key forgotten")  # fmt: skip
+        state = wait_for(lambda: snapshot_state(settings, "briefly"), what="the snapshot")
+        assert state.totals.records == 1, "the snapshot keeps the last state"
+    finally:
+        next(gen, None)
+
+
 def test_a_fuzzed_usage_topic_never_stops_the_worker(
     settings: QuotaflowSettings, worker: WorkerProcess
 ) -> None:
