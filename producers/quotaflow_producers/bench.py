@@ -400,9 +400,21 @@ def _cmd_stream(args: argparse.Namespace) -> int:
         try:
             worker.wait_ready(120)
             stats = wait_for("packed", len(records), worker.stats)
+            # and saved: every message acked once its entries are in the changelog
+            deadline = time.monotonic() + 30
+            while stats.get("unacked_messages") and time.monotonic() < deadline:
+                time.sleep(0.2)
+                stats = worker.stats() or stats
             exact = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
+            seconds = max(stats["last_record_at"] - stats["first_record_at"], 1e-9)
             return {
                 **rate(len(records), stats),
+                # where the worker's time went, as shares of the measured run (saving is wall
+                # time: folding goes on while the broker takes the changelog entries)
+                "time_shares": {
+                    part: round(stats.get(f"seconds_{part}", 0.0) / seconds, 3)
+                    for part in ("folding", "publishing", "saving")
+                },
                 "messages": stats["messages"],
                 "records_per_message": round(len(records) / max(stats["messages"], 1), 1),
                 "changelog_writes": stats.get("saved_entries"),

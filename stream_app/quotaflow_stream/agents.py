@@ -76,6 +76,11 @@ class Counters:
         #: over their difference, worker start-up excluded).
         self.first_record_at: float | None = None
         self.last_record_at: float | None = None
+        #: CPU-side seconds spent decoding and folding messages, saving entries to the
+        #: changelog and publishing states: where a busy worker's time goes.
+        self.seconds_folding = 0.0
+        self.seconds_saving = 0.0
+        self.seconds_publishing = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -167,6 +172,7 @@ class UsagePipeline:
     async def process_message(self, message: Any, value: bytes | None) -> None:
         c = self.counters
         c.messages += 1
+        started = time.perf_counter()
         records, rejected = parse_usage_value(value)
         for bad in rejected:
             await self._dead_letter(message, bad)
@@ -202,6 +208,7 @@ class UsagePipeline:
         c.late += late
         self._unacked_records += len(records)
         c.last_record_at = time.time()
+        c.seconds_folding += time.perf_counter() - started
 
     async def _set_aside(self, message: Any, records: list[Any], ahead: float) -> list[Any]:
         """Dead-letter records from the future, forward those of other partitions; returns the
@@ -246,6 +253,7 @@ class UsagePipeline:
             self._saved_at = time.monotonic()
             events, self._unacked = self._unacked, []
             records, self._unacked_records = self._unacked_records, 0
+            started = time.perf_counter()
             try:
                 await self.store.save()
             except Exception as exc:
@@ -256,6 +264,8 @@ class UsagePipeline:
             stream = self._ack_stream
             for event in events:
                 await stream.ack(event)
+            # wall time: it includes waiting for the broker, when other work runs meanwhile
+            self.counters.seconds_saving += time.perf_counter() - started
 
     async def _on_revoked(self, sender: Any, revoked: Any, **_: Any) -> None:
         """Save what is pending, then forget the entries of partitions that may move away
@@ -315,6 +325,7 @@ class UsagePipeline:
                 del dirty[key]
         spent = time.monotonic() - started
         self._publish_after = started + spent / PUBLISH_SHARE
+        self.counters.seconds_publishing += spent
 
     def _publish(self, key: str, entry: dict[str, Any], now: float) -> QuotaState:
         state = evaluate(key, entry, self.policies, now)

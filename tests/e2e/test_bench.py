@@ -64,3 +64,7 @@ def test_bench_stream_verifies_counts_for_both_layouts(tmp_path: Path) -> None:
     assert packed["counts_exact"] is True and naive["counts_exact"] is True
     assert packed["messages"] < packed["records"] and naive["messages"] == naive["records"]
     assert packed["records_per_s"] > 0 and naive["records_per_s"] > 0
+    # the worker reports where its time went while it aggregated
+    shares = packed["time_shares"]
+    assert set(shares) == {"folding", "publishing", "saving"} and shares["folding"] > 0
+    assert packed["changelog_writes"] > 0, "the bench waits for the worker to save"
