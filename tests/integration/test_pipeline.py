@@ -6,6 +6,7 @@ import json
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -251,9 +252,7 @@ def test_sigterm_saves_acks_and_flushes_what_no_timer_had_yet(
     settings = pipeline_settings(stack, tmp_path)
     settings.worker.save_interval = 3600
     settings.worker.snapshot_interval = 3600
-    gen = running_worker(settings)
-    worker = next(gen)
-    try:
+    with contextmanager(running_worker)(settings) as worker:
         with QuotaClient(settings) as client:
             client.wait_ready(30)
             for _ in range(5):
@@ -277,8 +276,6 @@ def test_sigterm_saves_acks_and_flushes_what_no_timer_had_yet(
                  what="the recovered key's state published again")  # fmt: skip
         time.sleep(1.0)  # a redelivery would show up as records counted by this worker
         assert (worker.stats() or {}).get("records") == 0, "offsets were committed at the stop"
-    finally:
-        next(gen, None)
 
 
 def test_quiet_keys_leave_the_workers_memory_of_published_states(
@@ -288,9 +285,7 @@ def test_quiet_keys_leave_the_workers_memory_of_published_states(
     dropped from the worker's map (the snapshot keeps it), so that map stays the keys in use."""
     settings = pipeline_settings(stack, tmp_path)
     settings.worker.active_horizon = 1.0
-    gen = running_worker(settings)
-    worker = next(gen)
-    try:
+    with contextmanager(running_worker)(settings) as worker:
         with QuotaClient(settings) as client:
             client.wait_ready(30)
             client.record("briefly", "gpt-4o-mini", prompt_tokens=3)
@@ -300,8 +295,6 @@ def test_quiet_keys_leave_the_workers_memory_of_published_states(
                  and st.get("active_keys") == 0, what="the quiet key forgotten")  # fmt: skip
         state = wait_for(lambda: snapshot_state(settings, "briefly"), what="the snapshot")
         assert state.totals.records == 1, "the snapshot keeps the last state"
-    finally:
-        next(gen, None)
 
 
 def test_a_fuzzed_usage_topic_never_stops_the_worker(
