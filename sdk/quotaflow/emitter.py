@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from quotaflow.journal import Journal
-from quotaflow.partitioner import partition_for
+from quotaflow.partitioner import partition_of
 from quotaflow.record import Encodable, encode_records
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,6 @@ class KafkaTransport:
         self._producer.flush(0)
 
 
-#: Keys whose partition the emitter remembers before it starts afresh.
-_HOMES_MAX = 100_000
-
-
 class UsageEmitter:
     """Non-blocking, batching, ordered sender of usage records."""
 
@@ -165,8 +161,6 @@ class UsageEmitter:
         self.sent_records = 0
         self.sent_messages = 0
         self.overflowed = 0
-        self._homes: dict[str, int] = {}  # key -> partition, for _homes_for partitions
-        self._homes_for = 0
         # Flush early once every partition's message could be full (before the topic's
         # partitions are known: one message's worth).
         self._full = max_batch
@@ -237,17 +231,9 @@ class UsageEmitter:
         partitions = self.transport.partitions(self.topic)
         groups: dict[Any, list[Encodable]] = {}
         if partitions:
-            # murmur2 in Python costs ~1.3 us a key, so a key's partition is remembered
-            homes = self._homes
-            if self._homes_for != partitions or len(homes) >= _HOMES_MAX:
-                homes.clear()
-                self._homes_for = partitions
-                self._full = self.max_batch * partitions
+            self._full = self.max_batch * partitions
             for record in batch:
-                home = homes.get(record.key)
-                if home is None:
-                    home = homes[record.key] = partition_for(record.key.encode(), partitions)
-                groups.setdefault(home, []).append(record)
+                groups.setdefault(partition_of(record.key, partitions), []).append(record)
         else:
             for record in batch:
                 groups.setdefault(record.key, []).append(record)

@@ -22,7 +22,7 @@ from typing import Any
 
 import faust
 
-from quotaflow.partitioner import partition_for
+from quotaflow.partitioner import partition_of
 from quotaflow.policies import PolicySet
 from quotaflow.record import (
     REDACTED,
@@ -54,9 +54,6 @@ PUBLISH_SHARE = 0.2
 #: Longest run of publications in one tick, as a share of the publication interval (Faust
 #: warns of a timer that overruns its interval; the event loop stays responsive).
 PUBLISH_SLICE = 0.8
-
-#: Keys whose partition is remembered before the memo starts afresh.
-_HOME_MEMO_SIZE = 1_000_000
 
 
 class Counters:
@@ -135,7 +132,6 @@ class UsagePipeline:
         #: Set when the worker stops: every message is then saved and acked as it is folded,
         #: since Faust waits for all acks before it lets go of its partitions.
         self.closing = False
-        self._home: dict[str, int] = {}
         # monotonic time before which the next publication tick is skipped (see PUBLISH_SHARE)
         self._publish_after = 0.0
         app.agent(self.usage_topic, name="aggregate-usage")(self._aggregate)
@@ -180,10 +176,9 @@ class UsagePipeline:
             return
         now = self.clock()
         ahead = now + self.settings.worker.max_future_skew
-        here = message.partition
-        home = self._home
+        here, parts = message.partition, self.partitions
         for r in records:  # the common case is a clean message: check it without copying
-            if r.ts > ahead or home.get(r.key, -1) != here:
+            if r.ts > ahead or partition_of(r.key, parts) != here:
                 records = await self._set_aside(message, records, ahead)
                 break
         if not records:
@@ -214,9 +209,6 @@ class UsagePipeline:
         """Dead-letter records from the future, forward those of other partitions; returns the
         records this partition counts."""
         here = message.partition
-        home = self._home
-        if len(home) >= _HOME_MEMO_SIZE:
-            home.clear()
         skew = self.settings.worker.max_future_skew
         mine: list[Any] = []
         misrouted: dict[int, list[Any]] = defaultdict(list)
@@ -225,9 +217,7 @@ class UsagePipeline:
                 reason = f"ts: {record.ts} is more than {skew:g}s ahead of the worker clock"
                 await self._dead_letter(message, Rejected(record.to_json(), reason))
                 continue
-            part = home.get(record.key)
-            if part is None:
-                part = home[record.key] = partition_for(record.key.encode(), self.partitions)
+            part = partition_of(record.key, self.partitions)
             if part == here:
                 mine.append(record)
             else:

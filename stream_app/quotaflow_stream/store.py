@@ -23,7 +23,7 @@ from typing import Any
 import faust
 import msgspec
 
-from quotaflow.partitioner import partition_for
+from quotaflow.partitioner import partition_of
 from quotaflow_stream.aggregate import Entry
 from quotaflow_stream.output import BulkProducer
 
@@ -99,7 +99,7 @@ class AggregateStore:
             if entry is None:  # forgotten meanwhile (partition revoked)
                 continue
             raw_key = key.encode()
-            messages.append((raw_key, _encode(entry), partition_for(raw_key, self.partitions)))
+            messages.append((raw_key, _encode(entry), partition_of(key, self.partitions)))
         try:
             await self.output.send_all(topic, messages)
             # A one-record batch ends each partition written: Tansu (the embedded broker)
@@ -129,7 +129,7 @@ class AggregateStore:
         dropped = 0
         for key in list(self.entries):
             raw_key = key.encode()
-            part = partition_for(raw_key, self.partitions)
+            part = partition_of(key, self.partitions)
             if part in gone:
                 data[raw_key] = _encode(self.entries.pop(key))
                 self._parked[raw_key] = part
@@ -151,8 +151,8 @@ class AggregateStore:
         """Every key of these partitions: live, or recovered and not loaded yet."""
         parts = self.partitions
         recovered = [
-            raw.decode() for raw in list(self.table.data)
-            if raw != SAVE_MARKER and partition_for(raw, parts) in partitions
+            key for key in (raw.decode() for raw in list(self.table.data) if raw != SAVE_MARKER)
+            if partition_of(key, parts) in partitions
         ]  # fmt: skip
         return [*self.entries, *(k for k in recovered if k not in self.entries)]
 

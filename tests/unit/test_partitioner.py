@@ -25,3 +25,11 @@ def test_partition_is_stable_and_in_range() -> None:
     parts = {partition_for(f"key-{i}".encode(), 8) for i in range(1000)}
     assert parts == set(range(8))
     assert partition_for(b"team-alpha", 8) == partition_for(b"team-alpha", 8)
+
+
+def test_partition_of_a_key_is_partition_for_its_bytes() -> None:
+    from quotaflow.partitioner import partition_for, partition_of
+
+    for key in ["tenant-1", "fault-0", "ü-key", "x" * 300]:
+        for parts in (1, 4, 8, 12):
+            assert partition_of(key, parts) == partition_for(key.encode(), parts)
