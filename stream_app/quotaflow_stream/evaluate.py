@@ -27,7 +27,8 @@ from quotaflow_stream.aggregate import (
 ACTIVE_SOURCE_SECONDS = 60.0
 
 
-#: (key, model) pairs whose scopes are remembered before the memo starts afresh.
+#: Model names whose standing (named by a model policy or not) is remembered before the memo
+#: starts afresh.
 SCOPES_MEMO_SIZE = 200_000
 
 
@@ -36,7 +37,7 @@ def scopes_for(policies: PolicySet) -> ScopesFor:
 
     Asked once per record, so answered from memos: a model no model policy names counts
     key-wide only whatever the key (most models, and every model when no policy names one);
-    other (key, model) pairs are resolved once each."""
+    other pairs are resolved through the policy set's own memo."""
     model_policies = [p for p in policies.policies if p.models is not None]
     key_only = (KEY_SCOPE,)
     if not model_policies:
@@ -48,7 +49,6 @@ def scopes_for(policies: PolicySet) -> ScopesFor:
         key_wide.constant = key_only  # type: ignore[attr-defined]
         return key_wide
     named: dict[str, bool] = {}
-    memo: dict[tuple[str, str], tuple[str, ...]] = {}
 
     def scopes(key: str, model: str) -> tuple[str, ...]:
         is_named = named.get(model)
@@ -58,15 +58,9 @@ def scopes_for(policies: PolicySet) -> ScopesFor:
             is_named = named[model] = any(p.matches_model(model) for p in model_policies)
         if not is_named:
             return key_only
-        found = memo.get((key, model))
-        if found is not None:
-            return found
+        # PolicySet.resolve remembers each (key, model) pair itself
         bindings = policies.resolve(key, model)
-        found = (KEY_SCOPE, model) if any(b.scope != KEY_SCOPE for b in bindings) else key_only
-        if len(memo) >= SCOPES_MEMO_SIZE:
-            memo.clear()
-        memo[(key, model)] = found
-        return found
+        return (KEY_SCOPE, model) if any(b.scope != KEY_SCOPE for b in bindings) else key_only
 
     return scopes
 
