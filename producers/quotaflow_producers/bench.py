@@ -402,7 +402,9 @@ def _cmd_stream(args: argparse.Namespace) -> int:
             stats = wait_for("packed", len(records), worker.stats)
             # and saved: every message acked once its entries are in the changelog
             deadline = time.monotonic() + 30
-            while stats.get("unacked_messages") and time.monotonic() < deadline:
+            while (stats.get("unacked_messages") or stats.get("unsaved_entries")) and (
+                time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
                 stats = worker.stats() or stats
             exact = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
