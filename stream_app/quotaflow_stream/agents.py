@@ -122,6 +122,8 @@ class UsagePipeline:
         # usage messages folded but not acked yet (acked once their entries are saved)
         self._unacked: list[Any] = []
         self._unacked_records = 0
+        # messages of the save under way: unacked until their entries are in the changelog
+        self._acking = 0
         self._ack_stream: Any = None
         self._save_lock = asyncio.Lock()
         self._saved_at = time.monotonic()
@@ -243,6 +245,7 @@ class UsagePipeline:
             self._saved_at = time.monotonic()
             events, self._unacked = self._unacked, []
             records, self._unacked_records = self._unacked_records, 0
+            self._acking = len(events)
             started = time.perf_counter()
             try:
                 await self.store.save()
@@ -250,10 +253,12 @@ class UsagePipeline:
                 log.warning("saving aggregates failed (%s); retrying at the next save", exc)
                 self._unacked = events + self._unacked
                 self._unacked_records += records
+                self._acking = 0
                 return
             stream = self._ack_stream
             for event in events:
                 await stream.ack(event)
+            self._acking = 0
             # wall time: it includes waiting for the broker, when other work runs meanwhile
             self.counters.seconds_saving += time.perf_counter() - started
 
@@ -345,7 +350,7 @@ class UsagePipeline:
             snapshot_healthy=self.snapshot.healthy,
             active_keys=len(self._active),
             published_keys=len(self.latest),
-            unacked_messages=len(self._unacked),
+            unacked_messages=len(self._unacked) + self._acking,
             output_failed=self.output.failed,
             **self.store.stats(),
         )

@@ -60,6 +60,9 @@ class AggregateStore:
         self.entries: dict[str, Entry] = {}
         #: Keys changed since their last save.
         self.unsaved: set[str] = set()
+        # keys of the save under way: still unsaved to whoever asks (stats) until the broker
+        # has them
+        self._saving = 0
         # entries forget() put back into Faust's store, by partition (see release())
         self._parked: dict[bytes, int] = {}
         self.saves = 0
@@ -92,6 +95,13 @@ class AggregateStore:
         if not self.unsaved:
             return 0
         keys, self.unsaved = self.unsaved, set()
+        self._saving = len(keys)
+        try:
+            return await self._write(keys)
+        finally:
+            self._saving = 0
+
+    async def _write(self, keys: set[str]) -> int:
         topic = self.table.changelog_topic.get_topic_name()
         messages = []
         for key in keys:
@@ -159,7 +169,7 @@ class AggregateStore:
     def stats(self) -> dict[str, Any]:
         return {
             "live_entries": len(self.entries),
-            "unsaved_entries": len(self.unsaved),
+            "unsaved_entries": len(self.unsaved) + self._saving,
             "saves": self.saves,
             "saved_entries": self.saved_entries,
         }
