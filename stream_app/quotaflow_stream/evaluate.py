@@ -15,12 +15,11 @@ from quotaflow.state import (
     of_dimension,
 )
 from quotaflow_stream.aggregate import (
+    RATE_HALF_LIFE,
     WINDOW_SIZES,
     Entry,
     ScopesFor,
     sliding_counts,
-    source_ts,
-    source_weight,
 )
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).
@@ -74,17 +73,19 @@ def budget_shares(entry: Entry) -> dict[str, float]:
     most 1, which is what bounds the fleet's overshoot.
     """
     wm = entry["wm"]
-    active = {
-        s: seen for s, seen in entry["src"].items() if source_ts(seen) >= wm - ACTIVE_SOURCE_SECONDS
-    }
+    since = wm - ACTIVE_SOURCE_SECONDS
+    # inline source_ts/source_weight: a busy key has dozens of sources and this runs on each
+    # publication of it
+    active = [(s, seen) for s, seen in entry["src"].items() if seen[0] >= since]
     if not active:
         return {}
     even = 0.5 / len(active)
-    weights = {s: source_weight(seen, wm) for s, seen in active.items()}
-    total = sum(weights.values())
+    rate = -math.log(2) / RATE_HALF_LIFE
+    weights = [w * math.exp(rate * (wm - ts)) if ts < wm else w for _, (ts, w) in active]
+    total = sum(weights)
     return {
         s: math.floor((even + (0.5 * w / total if total > 0 else even)) * 10_000) / 10_000
-        for s, w in weights.items()
+        for (s, _), w in zip(active, weights, strict=True)
     }
 
 
@@ -95,13 +96,17 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
     limits: list[LimitStatus] = []
     denied: LimitStatus | None = None
     for scope in entry["s"]:
-        full = {size: sliding_counts(entry, scope, size, now, 1 << 30) for size in WINDOW_SIZES}
         bindings = policies.resolve(key, None if scope == KEY_SCOPE else scope)
         binding = next((b for b in bindings if b.scope == scope), None)
-        # expiries only where a limit reads them: they are most of a state's size
-        limited = {spec.window for spec in binding.policy.specs} if binding else set()
+        # expiries only where a limit reads them (all of them: when a limit frees may lie
+        # beyond the first few); they are most of a state's size, and of its cost
+        limited = binding.windows if binding else ()
+        full = {
+            size: sliding_counts(entry, scope, size, now, 1 << 30 if size in limited else 0)
+            for size in WINDOW_SIZES
+        }
         scopes[scope] = {
-            size: (*w[:4], w[4][:STATE_EXPIRIES] if size in limited else ())
+            size: (*w[:4], w[4][:STATE_EXPIRIES]) if size in limited else w
             for size, w in full.items()
         }
         if binding is None:
@@ -137,7 +142,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
         if denied is None
         else (denied.name if denied.scope == KEY_SCOPE else f"{denied.scope}/{denied.name}"),
         retry_after=0.0 if denied is None else max(denied.reset_at - now, 0.0),
-        sources={s: source_ts(seen) for s, seen in sources.items()},
+        sources={s: float(seen[0]) for s, seen in sources.items()},
         instances=len(shares),
         shares=shares,
         totals=Totals(records=t[0], requests=t[1], prompt_tokens=t[2], completion_tokens=t[3]),
