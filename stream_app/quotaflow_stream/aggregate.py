@@ -53,6 +53,7 @@ _WINDOWS: tuple[tuple[str, int, float], ...] = tuple(
     (str(size), size, bucket_size(size)) for size in WINDOW_SIZES
 )
 _MINUTE_FIELD, _MINUTE_BUCKET = str(MINUTE), bucket_size(MINUTE)
+_FIELD_OF = {size: str(size) for size in WINDOW_SIZES}
 #: The longer windows, whose buckets are filled from minute buckets as those roll out.
 _COARSE = _WINDOWS[1:]
 
@@ -78,7 +79,24 @@ ScopesFor = Callable[[str, str], Iterable[str]]
 
 
 def new_entry() -> Entry:
-    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0], "late": 0, "dup": 0}
+    return {
+        "wm": 0.0,
+        "s": {},
+        "src": {},
+        "t": [0, 0, 0, 0],
+        "late": 0,
+        "dup": 0,
+        "ids": {},
+        "m": {},
+    }
+
+
+def upgraded(entry: Entry) -> Entry:
+    """A saved entry with the fields :func:`new_entry` has that older versions lacked (the
+    fold reads them without checking)."""
+    entry.setdefault("ids", {})
+    entry.setdefault("m", {})
+    return entry
 
 
 #: Seconds between prunes of one entry (expired buckets, silent sources, old ids): pruning
@@ -132,7 +150,7 @@ def fold_records(
     # worker's hot path (a few microseconds a record). Grouping a message by key first, or
     # copying a busy key's buckets, cost more than the folding itself.
     late_total = dup_total = 0
-    is_duplicate = _is_duplicate
+    sdk_seen, foreign_seen = _sdk_seen_before, _foreign_seen
     sdk_id = _SDK_ID.fullmatch
     # scopes that do not depend on the record (no model policy): no call per record
     constant_scopes: tuple[str, ...] | None = getattr(scopes_for, "constant", None)
@@ -140,7 +158,6 @@ def fold_records(
     key = None
     e: Entry = {}
     ids: dict[str, Any] = {}
-    foreign: dict[str, float] = {}
     models: dict[str, Any] = {}
     scopes: dict[str, dict[str, list[float]]] = {}
     totals: list[int] = []
@@ -153,9 +170,8 @@ def fold_records(
                 found = load(key) if load is not None else None
                 entries[key] = found = new_entry() if found is None else found
             e = found
-            ids = e.setdefault("ids", {})
-            foreign = e.setdefault("xid", {})
-            models = e.setdefault("m", {})
+            ids = e["ids"]
+            models = e["m"]
             scopes = e["s"]
             totals = e["t"]
             src = e["src"]
@@ -164,20 +180,28 @@ def fold_records(
             # duplicates too: an entry whose records all come again may hold changes that were
             # never saved (a failed save before a rebalance); touching it saves them now
             mark(key)
-        # The common case inline: an SDK id newer than its instance's newest on this key.
         arrived = ts if now is None else now
         m = sdk_id(r.id)
-        prefix: str = m[1] if m is not None else ""
-        seen = ids.get(prefix) if m is not None else None
-        counter = int(m[2], 16) if m is not None else 0
-        if seen is not None and counter > seen[0]:
-            shift = counter - seen[0]
-            ids[prefix] = (
-                counter,
-                ((seen[1] << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1,
-                arrived if arrived > seen[2] else seen[2],
-            )
-        elif is_duplicate(ids, foreign, r.id, arrived):
+        if m is not None:
+            # The common cases inline: an instance's first record on this key, or one newer
+            # than its newest here.
+            prefix: str = m[1]
+            counter = int(m[2], 16)
+            seen = ids.get(prefix)
+            if seen is None:
+                ids[prefix] = (counter, 1, arrived)
+            elif counter > seen[0]:
+                shift = counter - seen[0]
+                ids[prefix] = (
+                    counter,
+                    ((seen[1] << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1,
+                    arrived if arrived > seen[2] else seen[2],
+                )
+            elif sdk_seen(ids, prefix, seen, counter, arrived):
+                e["dup"] = e.get("dup", 0) + 1
+                dup_total += 1
+                continue
+        elif foreign_seen(e.setdefault("xid", {}), r.id, arrived):
             e["dup"] = e.get("dup", 0) + 1
             dup_total += 1
             continue
@@ -292,30 +316,25 @@ def _add_coarse(
     return late
 
 
-def _is_duplicate(ids: dict[str, Any], foreign: dict[str, float], rid: str, arrived: float) -> bool:
-    """Whether this key has counted ``rid`` already; remembers it (and when) if not."""
-    m = _SDK_ID.fullmatch(rid)
-    if m is None:
-        if rid in foreign:
-            return True
-        if len(foreign) >= MAX_FOREIGN_IDS:
-            del foreign[next(iter(foreign))]
-        foreign[rid] = arrived
-        return False
-    prefix = m.group(1)
-    counter = int(m.group(2), 16)
-    seen = ids.get(prefix)
-    if seen is None:
-        ids[prefix] = (counter, 1, arrived)
-        return False
+def _foreign_seen(foreign: dict[str, float], rid: str, arrived: float) -> bool:
+    """Whether this key has counted ``rid``, an id not in the SDK's format; remembers it (and
+    when it arrived) if not."""
+    if rid in foreign:
+        return True
+    if len(foreign) >= MAX_FOREIGN_IDS:
+        del foreign[next(iter(foreign))]
+    foreign[rid] = arrived
+    return False
+
+
+def _sdk_seen_before(
+    ids: dict[str, Any], prefix: str, seen: Any, counter: int, arrived: float
+) -> bool:
+    """Whether this key has counted counter ``counter`` of instance ``prefix``, which is not
+    newer than the instance's newest here (``seen``); marks it counted if not. A counter more
+    than :data:`ID_WINDOW` behind the newest is taken as counted."""
     newest, window = seen[0], seen[1]
     latest = arrived if arrived > seen[2] else seen[2]
-    if counter > newest:
-        shift = counter - newest
-        ids[prefix] = (
-            counter, ((window << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1, latest
-        )  # fmt: skip
-        return False
     behind = newest - counter
     if behind >= ID_WINDOW or (window >> behind) & 1:
         ids[prefix] = (newest, window, latest)
@@ -384,34 +403,48 @@ def sliding_counts(
     first, so a reader can subtract what has freed since ``now``. The hour and day windows
     include the minute buckets not rolled up into them yet.
     """
+    # Every published state reads every window of every scope, so this runs for each key on
+    # each publication: buckets are in start order, so a binary search finds the first that
+    # counts and slices sum the rest in C.
     b = bucket_size(size)
     current = (now // b) * b
-    floor = current - size
-    windows = entry["s"].get(scope, {})
-    buckets: Any = windows.get(str(size), ())
-    if size != MINUTE and windows.get(_MINUTE_FIELD):
-        merged: dict[float, list[float]] = {}
-        for flat in (buckets, windows[_MINUTE_FIELD]):
-            for i in range(0, len(flat), 4):
-                start = (flat[i] // b) * b
-                sums = merged.get(start)
-                if sums is None:
-                    merged[start] = [start, flat[i + 1], flat[i + 2], flat[i + 3]]
-                else:
-                    sums[1] += flat[i + 1]
-                    sums[2] += flat[i + 2]
-                    sums[3] += flat[i + 3]
-        buckets = [x for bk in sorted(merged.values()) for x in bk]
-    req = pt = ct = 0
-    expiries: list[tuple[float, int, int, int]] = []
-    for i in range(0, len(buckets), 4):
-        start = float(buckets[i])
-        if start < floor:
-            continue
-        r, p, c = int(buckets[i + 1]), int(buckets[i + 2]), int(buckets[i + 3])
-        req += r
-        pt += p
-        ct += c
-        if len(expiries) < max_expiries:
-            expiries.append((start + size + b, r, p, c))
-    return current, req, pt, ct, tuple(expiries)
+    floor = current - size  # a multiple of b: a bucket counts iff it starts at or after it
+    windows = entry["s"].get(scope)
+    if not windows:
+        return current, 0, 0, 0, ()
+    buckets: Any = windows.get(_FIELD_OF[size], ())
+    minute: Any = windows.get(_MINUTE_FIELD) if size != MINUTE else None
+    if minute and max_expiries:
+        # expiries of the coarse buckets the minute buckets will roll into: merge them
+        buckets = _merged(buckets, minute, b)
+        minute = None
+    i = _first_at_or_after(buckets, floor)
+    req, pt, ct = sum(buckets[i + 1 :: 4]), sum(buckets[i + 2 :: 4]), sum(buckets[i + 3 :: 4])
+    if minute:  # minute buckets start at or after the coarse bucket they roll into
+        j = _first_at_or_after(minute, floor)
+        req += sum(minute[j + 1 :: 4])
+        pt += sum(minute[j + 2 :: 4])
+        ct += sum(minute[j + 3 :: 4])
+    lasting = size + b
+    expiries = tuple(
+        (float(buckets[k]) + lasting, int(buckets[k + 1]), int(buckets[k + 2]), int(buckets[k + 3]))
+        for k in range(i, min(len(buckets), i + 4 * max_expiries), 4)
+    )
+    return current, int(req), int(pt), int(ct), expiries
+
+
+def _merged(coarse: list[float], minute: list[float], b: float) -> list[float]:
+    """Coarse flat buckets with the minute buckets added into the coarse buckets of length
+    ``b`` they fall in, in start order."""
+    merged: dict[float, list[float]] = {}
+    for flat in (coarse, minute):
+        for i in range(0, len(flat), 4):
+            start = (flat[i] // b) * b
+            sums = merged.get(start)
+            if sums is None:
+                merged[start] = [start, flat[i + 1], flat[i + 2], flat[i + 3]]
+            else:
+                sums[1] += flat[i + 1]
+                sums[2] += flat[i + 2]
+                sums[3] += flat[i + 3]
+    return [x for bk in sorted(merged.values()) for x in bk]

@@ -24,7 +24,7 @@ import faust
 import msgspec
 
 from quotaflow.partitioner import partition_of
-from quotaflow_stream.aggregate import Entry
+from quotaflow_stream.aggregate import Entry, upgraded
 from quotaflow_stream.output import BulkProducer
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class AggregateStore:
         if raw is None:
             return None
         try:
-            entry: Entry = _decode(raw)
+            entry: Entry = upgraded(_decode(raw))
         except msgspec.DecodeError:
             log.error("changelog entry of %r unreadable; starting it afresh", key)
             return None

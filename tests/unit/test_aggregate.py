@@ -226,3 +226,5 @@ def test_sliding_counts_equal_a_recount_of_the_records_each_window_took(
         got = sliding_counts(entry, "", size, now, 1 << 30)
         assert got[2] == expected, (size, now)
         assert sum(x[2] for x in got[4]) == expected, "expiries add up to the count"
+        # without expiries the hour and day windows sum minute buckets without merging them
+        assert sliding_counts(entry, "", size, now, 0) == (*got[:4], ())

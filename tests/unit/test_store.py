@@ -83,6 +83,18 @@ def test_a_missing_key_is_loaded_before_it_starts_afresh() -> None:
     assert entries["k1"]["t"][0] == 2 and entries["k9"]["t"][0] == 1
 
 
+def test_an_entry_saved_without_ids_or_model_totals_loads_and_folds() -> None:
+    """Entries saved before every entry carried "ids" and "m" still load (the fold reads
+    those fields without checking)."""
+    s, table, _ = store()
+    saved, _ = add_records(None, [rec(1, "k1")], SCOPES, 10, now=T0)
+    older = {f: v for f, v in saved.items() if f not in ("ids", "m")}
+    table.data[b"k1"] = json.dumps(older).encode()
+    fold_records(s.entries, [rec(2, "k1")], SCOPES, 10, now=T0, load=s.load)
+    entry = s.entries["k1"]
+    assert entry["t"][0] == 2 and list(entry["m"]) == ["m"] and entry["ids"]
+
+
 def test_save_writes_each_changed_key_once_to_its_partition() -> None:
     s, _, out = store()
     touched: set[str] = set()
