@@ -412,10 +412,11 @@ def _cmd_stream(args: argparse.Namespace) -> int:
             return {
                 **rate(len(records), stats),
                 # where the worker's time went, as shares of the measured run (saving is wall
-                # time: folding goes on while the broker takes the changelog entries)
+                # time: folding goes on while the broker takes the changelog entries;
+                # collecting overlaps the others, the collector runs inside them)
                 "time_shares": {
                     part: round(stats.get(f"seconds_{part}", 0.0) / seconds, 3)
-                    for part in ("folding", "publishing", "saving")
+                    for part in ("folding", "publishing", "saving", "collecting")
                 },
                 "messages": stats["messages"],
                 "records_per_message": round(len(records) / max(stats["messages"], 1), 1),

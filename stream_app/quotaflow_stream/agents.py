@@ -78,6 +78,8 @@ class Counters:
         self.seconds_folding = 0.0
         self.seconds_saving = 0.0
         self.seconds_publishing = 0.0
+        #: Seconds in the cycle collector, wherever it ran (see worker.time_collections).
+        self.seconds_collecting = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
