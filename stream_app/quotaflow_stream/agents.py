@@ -250,17 +250,18 @@ class UsagePipeline:
             self._acking = len(events)
             started = time.perf_counter()
             try:
-                await self.store.save()
-            except Exception as exc:
-                log.warning("saving aggregates failed (%s); retrying at the next save", exc)
-                self._unacked = events + self._unacked
-                self._unacked_records += records
+                try:
+                    await self.store.save()
+                except Exception as exc:
+                    log.warning("saving aggregates failed (%s); retrying at the next save", exc)
+                    self._unacked = events + self._unacked
+                    self._unacked_records += records
+                    return
+                stream = self._ack_stream
+                for event in events:
+                    await stream.ack(event)
+            finally:
                 self._acking = 0
-                return
-            stream = self._ack_stream
-            for event in events:
-                await stream.ack(event)
-            self._acking = 0
             # wall time: it includes waiting for the broker, when other work runs meanwhile
             self.counters.seconds_saving += time.perf_counter() - started
 

@@ -22,9 +22,8 @@ replaced on update: a worker holds millions of these, and Python's cycle collect
 list it tracks (nested bucket lists cost a quarter of the worker's time in collections), while
 a tuple of numbers is untracked once it survives a collection. Per-model totals, a few per key,
 are lists updated in place: a fresh tuple per record was a third of what young collections
-scanned. The
-hour and day windows are filled from minute buckets as those leave the minute window (see
-:func:`prune`); readers add the minute buckets not rolled up yet.
+scanned. The hour and day windows are filled from minute buckets as those leave the minute
+window (see :func:`prune`); readers add the minute buckets not rolled up yet.
 
 Records count once: a record whose ``id`` the key has seen within the dedup horizon is dropped
 (producer retries, redelivery after a worker restart, replayed logs). Ids in the SDK's format,
@@ -56,7 +55,7 @@ _WINDOWS: tuple[tuple[str, int, float], ...] = tuple(
     (str(size), size, bucket_size(size)) for size in WINDOW_SIZES
 )
 _MINUTE_FIELD, _MINUTE_BUCKET = str(MINUTE), bucket_size(MINUTE)
-_FIELD_OF = {size: str(size) for size in WINDOW_SIZES}
+_FIELD_OF = {size: field for field, size, _ in _WINDOWS}
 #: The longer windows, whose buckets are filled from minute buckets as those roll out.
 _COARSE = _WINDOWS[1:]
 
@@ -97,8 +96,8 @@ def new_entry() -> Entry:
 def upgraded(entry: Entry) -> Entry:
     """A saved entry with the fields :func:`new_entry` has that older versions lacked (the
     fold reads them without checking)."""
-    entry.setdefault("ids", {})
-    entry.setdefault("m", {})
+    for field, empty in new_entry().items():
+        entry.setdefault(field, empty)
     return entry
 
 
@@ -185,12 +184,15 @@ def fold_records(
             mark(key)
         arrived = ts if now is None else now
         m = sdk_id(r.id)
-        if m is not None:
+        if m is None:
+            duplicate = foreign_seen(e.setdefault("xid", {}), r.id, arrived)
+        else:
             # The common cases inline: an instance's first record on this key, or one newer
             # than its newest here.
             prefix: str = m[1]
             counter = int(m[2], 16)
             seen = ids.get(prefix)
+            duplicate = False
             if seen is None:
                 ids[prefix] = (counter, 1, arrived)
             elif counter > seen[0]:
@@ -200,11 +202,9 @@ def fold_records(
                     ((seen[1] << shift) | 1) & _ID_MASK if shift < ID_WINDOW else 1,
                     arrived if arrived > seen[2] else seen[2],
                 )
-            elif sdk_seen(ids, prefix, seen, counter, arrived):
-                e["dup"] = e.get("dup", 0) + 1
-                dup_total += 1
-                continue
-        elif foreign_seen(e.setdefault("xid", {}), r.id, arrived):
+            else:
+                duplicate = sdk_seen(ids, prefix, seen, counter, arrived)
+        if duplicate:
             e["dup"] = e.get("dup", 0) + 1
             dup_total += 1
             continue
@@ -389,12 +389,6 @@ def prune(
 def source_ts(seen: Any) -> float:
     """A source's newest event time."""
     return float(seen[0])
-
-
-def source_weight(seen: Any, at: float) -> float:
-    """A source's recent-request weight, decayed to event time ``at``."""
-    ts, weight = seen
-    return float(weight) * 0.5 ** (max(at - ts, 0.0) / RATE_HALF_LIFE)
 
 
 def sliding_counts(

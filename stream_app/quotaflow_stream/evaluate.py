@@ -20,6 +20,7 @@ from quotaflow_stream.aggregate import (
     Entry,
     ScopesFor,
     sliding_counts,
+    source_ts,
 )
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).
@@ -74,14 +75,13 @@ def budget_shares(entry: Entry) -> dict[str, float]:
     """
     wm = entry["wm"]
     since = wm - ACTIVE_SOURCE_SECONDS
-    # inline source_ts/source_weight: a busy key has dozens of sources and this runs on each
-    # publication of it
+    # no call per source: a busy key has dozens and this runs on each publication of it
     active = [(s, seen) for s, seen in entry["src"].items() if seen[0] >= since]
     if not active:
         return {}
     even = 0.5 / len(active)
-    rate = -math.log(2) / RATE_HALF_LIFE
-    weights = [w * math.exp(rate * (wm - ts)) if ts < wm else w for _, (ts, w) in active]
+    # each weight decayed to the key's watermark, as the fold decays it to a newer record
+    weights = [w * 0.5 ** ((wm - ts) / RATE_HALF_LIFE) if ts < wm else w for _, (ts, w) in active]
     total = sum(weights)
     return {
         s: math.floor((even + (0.5 * w / total if total > 0 else even)) * 10_000) / 10_000
@@ -142,7 +142,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
         if denied is None
         else (denied.name if denied.scope == KEY_SCOPE else f"{denied.scope}/{denied.name}"),
         retry_after=0.0 if denied is None else max(denied.reset_at - now, 0.0),
-        sources={s: float(seen[0]) for s, seen in sources.items()},
+        sources={s: source_ts(seen) for s, seen in sources.items()},
         instances=len(shares),
         shares=shares,
         totals=Totals(records=t[0], requests=t[1], prompt_tokens=t[2], completion_tokens=t[3]),

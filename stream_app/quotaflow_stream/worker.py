@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from quotaflow.policies import load_policies
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.agents import UsagePipeline
+from quotaflow_stream.agents import Counters, UsagePipeline
 from quotaflow_stream.app import build_app
 from quotaflow_stream.snapshot import SnapshotWriter
 from quotaflow_stream.topics import ensure_topics
@@ -59,7 +59,7 @@ def run_worker(settings: QuotaflowSettings, loglevel: str = "info") -> None:
     worker.execute_from_commandline()
 
 
-def time_collections(counters: Any) -> None:
+def time_collections(counters: Counters) -> None:
     """Add the time the cycle collector runs to ``counters.seconds_collecting`` (it runs
     inside whatever allocated, so this overlaps the other time shares)."""
     started = 0.0
