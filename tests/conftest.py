@@ -50,6 +50,7 @@ def pipeline_settings(
             "heartbeat_interval": 0.5,
         },
         client={"flush_interval": 0.01},
+        gateway={"key_salt": f"test-salt-{run}"},
         policies_file=str(policies_file or ROOT / "config" / "policies.yaml"),
     )
 

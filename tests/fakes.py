@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from quotaflow.emitter import TransportFull
+from quotaflow._exceptions import TransportFull
 from quotaflow.record import UsageRecord, parse_usage_value
 
 

@@ -105,19 +105,12 @@ def replay(
     now: float | None = None,
 ) -> ReplayReport:
     """Send every valid row of ``path`` to the usage topic; returns what happened."""
-    from confluent_kafka import Producer
+    from quotaflow._kafka import producer as kafka_producer
 
     report = ReplayReport()
     now = time.time() if now is None else now
     grace = settings.worker.grace_seconds
-    producer = Producer(
-        {
-            **settings.kafka.confluent_config(),
-            "partitioner": "murmur2_random",  # the Java client's default: what the SDK computes
-            "enable.idempotence": True,
-            "linger.ms": 20,
-        }
-    )
+    producer = kafka_producer(settings.kafka.confluent_config(), linger_ms=20)
     failed: list[str] = []
 
     def delivered(err: Any, _msg: Any) -> None:

@@ -24,6 +24,8 @@ REPLY = "Sure. Here is a short answer from the stub server, word by word."
 class OpenAIStub:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        #: The path of every request that reached this server, whatever its route or answer.
+        self.received: list[str] = []
         #: The Authorization header of each request, to check what a proxy forwarded.
         self.authorizations: list[str | None] = []
         #: Every usage object this server reported, in order.
@@ -46,7 +48,7 @@ class OpenAIStub:
         return self
 
     async def _start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._note])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -61,6 +63,12 @@ class OpenAIStub:
         if self._runner is not None:
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
+
+    @web.middleware
+    async def _note(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.received.append(request.path)
+        result: web.StreamResponse = await handler(request)
+        return result
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         body = await request.json()

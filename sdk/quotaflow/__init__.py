@@ -4,16 +4,20 @@ The public surface lives here; modules are implementation detail and may move.
 """
 
 from quotaflow._exceptions import (
+    BrokerError,
+    BrokerUnavailable,
     ClientStateError,
     ConfigError,
+    DeliveryFailed,
     QuotaExceeded,
     QuotaflowError,
     RecordError,
+    TransportFull,
 )
 from quotaflow.cache import QuotaCache
 from quotaflow.client import ClientState, QuotaClient
 from quotaflow.decision import Decision
-from quotaflow.emitter import KafkaTransport, Transport, TransportFull, UsageEmitter
+from quotaflow.emitter import UsageEmitter
 from quotaflow.keys import key_id
 from quotaflow.partitioner import murmur2, partition_for
 from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, load_policies
@@ -29,18 +33,23 @@ from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.state import QuotaState
 from quotaflow.streaming import StreamUsage
 from quotaflow.tokens import TokenCount, count_chat_prompt, count_inputs, count_request
+from quotaflow.transports import KafkaTransport, MemoryTransport, Transport
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Binding",
+    "BrokerError",
+    "BrokerUnavailable",
     "ClientState",
     "ClientStateError",
     "ConfigError",
     "Decision",
+    "DeliveryFailed",
     "KafkaTransport",
     "LimitSpec",
     "Limits",
+    "MemoryTransport",
     "Policy",
     "PolicySet",
     "QuotaCache",

@@ -5,8 +5,15 @@ The tree::
     QuotaflowError
     ├── ConfigError                 settings or policy file invalid (names file, path and field)
     ├── RecordError                 a usage record that fails the v1 contract
-    ├── ClientStateError            a QuotaClient used before open or after close
-    └── QuotaExceeded               raised by integrations that turn a denial into an exception
+    ├── ClientStateError            a QuotaClient used after close
+    ├── QuotaExceeded               raised by integrations that turn a denial into an exception
+    └── BrokerError                 Kafka failed the call (librdkafka's errors, translated)
+        ├── BrokerUnavailable       the bootstrap servers cannot be reached (names them, the fix)
+        ├── TransportFull           the producer's local queue is full: retry later
+        └── DeliveryFailed          the broker refused messages, or was away past their timeout
+
+librdkafka's own exceptions never escape quotaflow's API: :func:`quotaflow._kafka.kafka_errors`
+translates them where quotaflow calls confluent-kafka.
 
 Every error carries enough text to act on without reading the source.
 """
@@ -50,3 +57,19 @@ class QuotaExceeded(QuotaflowError):
         self.retry_after = retry_after
         self.limit = limit
         self.decision = decision
+
+
+class BrokerError(QuotaflowError):
+    """Kafka failed the call; the message says which operation and which broker."""
+
+
+class BrokerUnavailable(BrokerError, ConnectionError):
+    """The bootstrap servers did not answer; the message names them and how to fix it."""
+
+
+class TransportFull(BrokerError):
+    """The transport cannot take more right now (its local queue is full); retry later."""
+
+
+class DeliveryFailed(BrokerError):
+    """Some messages were not delivered (the broker refused them or was away too long)."""

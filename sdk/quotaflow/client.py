@@ -9,12 +9,18 @@
 ``check`` and ``record`` never do I/O and never block, so they are safe to call directly from
 asyncio code. Only opening and closing touch the network: use ``async with QuotaClient()`` (or
 ``await client.aclose()``) in async services, which runs them in a worker thread.
+
+A client opens itself on its first ``check``, ``record`` or ``reserve`` (starting the emitter
+and the follower, which connect in their own threads: the call itself still does no I/O), so a
+check never answers from a cache that nothing fills. A closed client raises
+:class:`ClientStateError`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import itertools
 import time
 import uuid
@@ -27,7 +33,7 @@ from pydantic import ValidationError
 from quotaflow._exceptions import ClientStateError, QuotaExceeded, RecordError
 from quotaflow.cache import Clock, QuotaCache
 from quotaflow.decision import Decision
-from quotaflow.emitter import KafkaTransport, Transport, UsageEmitter
+from quotaflow.emitter import UsageEmitter
 from quotaflow.follower import DecisionsFollower
 from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
@@ -36,12 +42,16 @@ from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.tokens import count_request, request_kind
 from quotaflow.tokens import max_output_tokens as request_max_output_tokens
+from quotaflow.transports import KafkaTransport, Transport
 
 
 class ClientState(enum.Enum):
     UNOPENED = "unopened"
     OPENED = "opened"
     CLOSED = "closed"
+
+
+_OPENED = ClientState.OPENED
 
 
 class QuotaClient:
@@ -173,6 +183,8 @@ class QuotaClient:
         instead when prompt or completion limits apply; with only ``tokens``, all of it counts as
         prompt (the conservative reading for prompt limits).
         """
+        if self.state is not _OPENED:
+            self.open()
         if prompt_tokens is None and completion_tokens is None:
             prompt, completion = tokens, 0
         else:
@@ -199,7 +211,7 @@ class QuotaClient:
 
         Raises :class:`RecordError` naming the field if the record breaks the v1 contract.
         """
-        if self.state is not ClientState.OPENED:
+        if self.state is not _OPENED:
             self.open()
         if ts is None:
             # Monotonic per instance: the stream acknowledges our usage by our newest timestamp.
@@ -262,6 +274,16 @@ class QuotaClient:
             else:
                 bindings = self.policies.resolve(key, model)
                 max_output_tokens = bindings[0].policy.default_max_output_tokens if bindings else 0
+        reservation_id = uuid.uuid4().hex
+        # The record settle() falls back to must be valid now: a call is admitted only if its
+        # usage can be recorded (a gateway forwards nothing it could not count).
+        try:
+            make_record(
+                reservation_id, self.clock(), key, model, 1, prompt_tokens, max_output_tokens,
+                estimated, "ok", self.source, {},
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
         decision = self.check(
             key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens
         )
@@ -275,8 +297,7 @@ class QuotaClient:
             )
         now = self.clock()
         reservation = Reservation(
-            self,
-            uuid.uuid4().hex,
+            reservation_id,
             key,
             model,
             prompt_tokens,
@@ -284,12 +305,17 @@ class QuotaClient:
             estimated,
             now + self.settings.client.reservation_ttl,
             decision,
+            record=self.record,
+            release=functools.partial(self._end_reservation, key, reservation_id),
+            clock=self.clock,
         )
         self._reservations[reservation.id] = reservation
         self.cache.hold(key, reservation.id, model, now, prompt_tokens, max_output_tokens)
         return reservation
 
-    def _forget_reservation(self, reservation_id: str) -> None:
+    def _end_reservation(self, key: str, reservation_id: str) -> None:
+        """A reservation settled or released: its hold no longer counts."""
+        self.cache.release(key, reservation_id)
         self._reservations.pop(reservation_id, None)
 
     def _expire_reservations(self) -> None:

@@ -2,8 +2,8 @@
 
 Records are grouped by destination partition (Kafka's murmur2 of the counter key) and sent as
 one message per partition per flush, at most ``max_batch`` records each, every
-``flush_interval`` seconds or sooner when a batch fills. The send goes through a one-method
-:class:`Transport` so tests can swap Kafka for memory.
+``flush_interval`` seconds or sooner when a batch fills. The send goes through a
+:class:`~quotaflow.transports.Transport`, so tests can swap Kafka for memory.
 """
 
 from __future__ import annotations
@@ -13,121 +13,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
+from quotaflow._exceptions import TransportFull
 from quotaflow.journal import Journal
 from quotaflow.partitioner import partition_of
 from quotaflow.record import Encodable, encode_records
+from quotaflow.transports import Transport
 
 log = logging.getLogger(__name__)
-
-
-class ClientLog:
-    """The ``logger`` handed to librdkafka: a broker that is away makes it report every
-    reconnect attempt, so repeats of one message are held back for ``every`` seconds."""
-
-    def __init__(self, name: str = "quotaflow.kafka", every: float = 30.0) -> None:
-        self._log = logging.getLogger(name)
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def log(self, level: int, msg: str, *args: Any) -> None:
-        text = msg % args if args else msg
-        # Drop the volatile parts (timings, ports) so repeats of one event match.
-        sig = "".join(ch for ch in text if not ch.isdigit())[:160]
-        now = time.monotonic()
-        if now - self._last.get(sig, -1e9) < self._every:
-            self._held[sig] = self._held.get(sig, 0) + 1
-            return
-        held = self._held.pop(sig, 0)
-        self._last[sig] = now
-        suffix = f" (and {held} more like it)" if held else ""
-        self._log.log(level, "%s%s", text, suffix)
-
-
-class TransportFull(Exception):
-    """The transport cannot take more right now; retry later."""
-
-
-class Transport(Protocol):
-    def send(self, topic: str, partition: int | None, key: bytes, value: bytes) -> None:
-        """Queue one message; raise :class:`TransportFull` when the local queue is full."""
-
-    def partitions(self, topic: str) -> int | None:
-        """Partition count of ``topic``, or None while unknown."""
-
-    def flush(self, timeout: float) -> int:
-        """Deliver what is queued; return how many messages are still undelivered."""
-
-    def close(self) -> None: ...
-
-
-class KafkaTransport:
-    """confluent-kafka producer with Kafka's default (murmur2) partitioner and idempotence."""
-
-    def __init__(self, config: dict[str, Any]) -> None:
-        from confluent_kafka import Producer
-
-        conf = {
-            "linger.ms": 5,
-            # JSON usage compresses ~5x: less for the broker to keep (the usage topic is the
-            # audit trail) and for workers to read. Workers decode it with cramjam.
-            "compression.type": "lz4",
-            "enable.idempotence": True,
-            # librdkafka defaults to crc32; Kafka's Java client and aiokafka use murmur2.
-            "partitioner": "murmur2_random",
-            "queue.buffering.max.messages": 100_000,
-            # never expire a queued message while the broker is away: the journal bounds memory
-            "message.timeout.ms": 0,
-            **config,
-        }
-        self._producer = Producer(conf, logger=ClientLog())
-        self._partitions: dict[str, int] = {}
-        self.delivered = 0
-        self.failed = 0
-
-    def _on_delivery(self, err: Any, msg: Any) -> None:
-        if err is None:
-            self.delivered += 1
-        else:
-            self.failed += 1
-            log.error("usage message not delivered: %s", err)
-
-    def send(self, topic: str, partition: int | None, key: bytes, value: bytes) -> None:
-        try:
-            if partition is None:
-                self._producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-            else:
-                self._producer.produce(
-                    topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery
-                )
-        except BufferError as exc:
-            # The queue counts messages until their delivery reports are served: serve them,
-            # or a queue that filled during an outage stays "full" after the broker is back.
-            self._producer.poll(0)
-            raise TransportFull(str(exc)) from None
-        self._producer.poll(0)
-
-    def partitions(self, topic: str) -> int | None:
-        count = self._partitions.get(topic)
-        if count is None:
-            try:
-                md = self._producer.list_topics(topic, timeout=2.0)
-            except Exception as exc:  # broker away: stay unknown, group by key meanwhile
-                log.debug("metadata for %s unavailable: %s", topic, exc)
-                return None
-            meta = md.topics.get(topic)
-            if meta is None or meta.error is not None or not meta.partitions:
-                return None
-            count = self._partitions[topic] = len(meta.partitions)
-        return count
-
-    def flush(self, timeout: float) -> int:
-        return int(self._producer.flush(timeout))
-
-    def close(self) -> None:
-        self._producer.flush(0)
 
 
 class UsageEmitter:

@@ -13,8 +13,8 @@ import threading
 import time
 from typing import Any
 
+from quotaflow._kafka import consumer as kafka_consumer
 from quotaflow.cache import QuotaCache
-from quotaflow.emitter import ClientLog
 from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_instances
 
 log = logging.getLogger(__name__)
@@ -65,17 +65,15 @@ class DecisionsFollower:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        conf = {
-            **self._kafka_config,
-            "group.id": "quotaflow-follower",  # required by librdkafka; no offsets are committed
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "fetch.wait.max.ms": self._fetch_max_wait_ms,
-            "fetch.min.bytes": 1,
-        }
-        consumer = Consumer(conf, logger=ClientLog())
+        consumer = kafka_consumer(
+            self._kafka_config,
+            "quotaflow-follower",  # required by librdkafka; it assigns, and commits nothing
+            enable_auto_offset_store=False,
+            fetch_wait_max_ms=self._fetch_max_wait_ms,
+            fetch_min_bytes=1,
+        )
         try:
             partitions = self._wait_for_partitions(consumer)
             if partitions is None:

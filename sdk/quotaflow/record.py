@@ -133,7 +133,6 @@ _wire_decoder = msgspec.json.Decoder(WireRecord | list[WireRecord])
 _STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
 # first letters of what _SECRET_LIKE matches: most keys are told apart without the regex
 _SECRET_INITIALS = frozenset("sSrRbB")
-_SECRET_PREFIXES = ("sk-", "sk_", "rk-", "SK-", "SK_", "RK-", "Bearer ", "bearer ")
 
 
 class RecordedUsage(NamedTuple):
@@ -190,7 +189,7 @@ def make_record(
         and 0 < ts < math.inf
         and type(key) is str
         and 0 < len(key) <= 256
-        and not key.startswith(_SECRET_PREFIXES)
+        and not (key[0] in _SECRET_INITIALS and _SECRET_LIKE.match(key))
         and type(model) is str
         and 0 < len(model) <= 128
         and type(requests) is int

@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import json
 import threading
-import time
+from collections.abc import Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from quotaflow.decision import Decision
 from quotaflow.record import RecordedUsage, Status
 from quotaflow.streaming import StreamUsage
 
-if TYPE_CHECKING:
-    from quotaflow.client import QuotaClient
+
+class RecordUsage(Protocol):
+    """What a reservation records its usage with: ``QuotaClient.record``."""
+
+    def __call__(
+        self,
+        key: str,
+        model: str,
+        *,
+        prompt_tokens: int = ...,
+        completion_tokens: int = ...,
+        status: Status = ...,
+        estimated: bool = ...,
+        id: str | None = ...,
+    ) -> RecordedUsage: ...
 
 
 def _usage_field(usage: Any, name: str) -> int | None:
@@ -27,11 +40,14 @@ def _usage_field(usage: Any, name: str) -> int | None:
 
 
 class Reservation:
-    """A held call. Settle it once; as a context manager it settles itself on exit."""
+    """A held call. Settle it once; as a context manager it settles itself on exit.
+
+    Built by ``QuotaClient.reserve()``, which hands it what it needs: ``record`` (the
+    client's ``record``), ``release`` (drops the hold from the local count and the client's
+    open reservations) and the client's ``clock``."""
 
     def __init__(
         self,
-        client: QuotaClient,
         reservation_id: str,
         key: str,
         model: str,
@@ -40,8 +56,14 @@ class Reservation:
         prompt_estimated: bool,
         expires_at: float,
         decision: Decision,
+        *,
+        record: RecordUsage,
+        release: Callable[[], None],
+        clock: Callable[[], float],
     ) -> None:
-        self.client = client
+        self._record_usage = record
+        self._release_hold = release
+        self._clock = clock
         self.id = reservation_id
         self.key = key
         self.model = model
@@ -88,8 +110,8 @@ class Reservation:
                 completion = self.max_output_tokens
             if estimated is None:
                 estimated = guessed or (self.prompt_estimated and reported_prompt is None)
-            self.client.cache.release(self.key, self.id)
-            self.record = self.client.record(
+            self._release_hold()
+            self.record = self._record_usage(
                 self.key,
                 self.model,
                 prompt_tokens=prompt,
@@ -98,7 +120,6 @@ class Reservation:
                 estimated=estimated,
                 id=self.id,
             )
-            self.client._forget_reservation(self.id)
             return self.record
 
     def settle_body(self, body: bytes) -> RecordedUsage:
@@ -127,11 +148,11 @@ class Reservation:
         """The call was never made: drop the hold and record nothing."""
         with self._lock:
             if self.record is None:
-                self.client.cache.release(self.key, self.id)
-                self.client._forget_reservation(self.id)
+                self._release_hold()
 
     def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) >= self.expires_at
+        """Past its TTL at ``now`` (default: the client's clock)."""
+        return (self._clock() if now is None else now) >= self.expires_at
 
     def __enter__(self) -> Reservation:
         return self

@@ -7,6 +7,7 @@ the endpoints recorded by ``quotaflow dev up`` so that local commands find the e
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -174,7 +175,12 @@ class ClientSettings(BaseModel):
 
 
 KeySource = Literal["header", "organization", "api_key", "ip"]
-DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("header", "api_key", "ip")
+#: The caller's credential, else its address: a caller cannot name its own counter key (and
+#: so cannot take a fresh budget by sending another one). ``header`` and ``organization`` are
+#: for a gateway behind a proxy that authenticates callers and sets them.
+DEFAULT_KEY_SOURCES: tuple[KeySource, ...] = ("api_key", "ip")
+#: The shipped HMAC salt: with it every installation derives the same key ids.
+DEFAULT_KEY_SALT = "quotaflow-change-me"
 
 
 class GatewaySettings(BaseModel):
@@ -183,13 +189,14 @@ class GatewaySettings(BaseModel):
     listen_host: str = "127.0.0.1"
     listen_port: int = Field(default=8787, ge=0, le=65535)
     upstream: str = "https://api.openai.com"
-    #: Where the counter key comes from, first match wins: the ``x-quotaflow-key`` header
-    #: (``header``), the ``OpenAI-Organization`` header (``organization``), the caller's API key
-    #: turned into an HMAC id (``api_key``), or the client address (``ip``).
+    #: Where the counter key comes from, first match wins: the caller's API key turned into an
+    #: HMAC id (``api_key``), the client address (``ip``), and, chosen by the caller and so only
+    #: behind an authenticating proxy, the ``x-quotaflow-key`` header (``header``) or the
+    #: ``OpenAI-Organization`` header (``organization``).
     key_sources: list[KeySource] = Field(default_factory=lambda: list(DEFAULT_KEY_SOURCES))
     key_header: str = "x-quotaflow-key"
     #: Salt of the HMAC that turns API keys into counter ids; keep it private and fleet-wide.
-    key_salt: SecretStr = SecretStr("quotaflow-change-me")
+    key_salt: SecretStr = SecretStr(DEFAULT_KEY_SALT)
     #: Replaces the caller's Authorization towards the upstream when set.
     upstream_api_key: SecretStr | None = None
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
@@ -203,6 +210,32 @@ class GatewaySettings(BaseModel):
     consumed_tokens_header: str | None = None
     #: A Dev Proxy style JSON file replacing the 429 answer (``@dynamic`` = retry-after seconds).
     rate_limit_response_file: Path | None = None
+
+    @property
+    def default_salt(self) -> bool:
+        """Whether key ids are derived with the shipped salt (the same in every installation)."""
+        return self.key_salt.get_secret_value() == DEFAULT_KEY_SALT
+
+    def salt_problem(self) -> str | None:
+        """Why this gateway must not start as configured, or None: the shipped salt on an
+        address beyond loopback would make its callers' key ids guessable elsewhere."""
+        if not self.default_salt or is_loopback(self.listen_host):
+            return None
+        return (
+            f"the gateway would listen on {self.listen_host} with the default HMAC salt, which "
+            "gives every installation the same key ids; set QUOTAFLOW_GATEWAY__KEY_SALT to a "
+            "long random secret (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback name or address (an empty host or 0.0.0.0 is not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class QuotaflowSettings(BaseSettings):

@@ -39,8 +39,7 @@ def broker_credentials(settings: QuotaflowSettings) -> Any:
 
 def build_app(settings: QuotaflowSettings) -> faust.App:
     w = settings.worker
-    transport.FETCH_MAX_WAIT_MS = w.fetch_max_wait_ms
-    return faust.App(
+    app = faust.App(
         w.app_id,
         broker=broker_url(settings),
         broker_credentials=broker_credentials(settings),
@@ -57,3 +56,5 @@ def build_app(settings: QuotaflowSettings) -> faust.App:
         web_host=w.web_host,
         producer_linger_ms=5,
     )
+    transport.set_fetch_max_wait(app, w.fetch_max_wait_ms)
+    return app

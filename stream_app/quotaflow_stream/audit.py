@@ -104,17 +104,14 @@ def scan_usage(
     Raises ``ConfigError`` if the topic does not exist or the broker cannot be reached within
     ``timeout`` seconds.
     """
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
+    from confluent_kafka import KafkaException, TopicPartition
+
+    from quotaflow._kafka import consumer as kafka_consumer
 
     stats = stats if stats is not None else ScanStats()
     topic = settings.topics.usage
-    consumer = Consumer(
-        {
-            **settings.kafka.confluent_config(),
-            "group.id": "quotaflow-audit",
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
+    consumer = kafka_consumer(
+        settings.kafka.confluent_config(), "quotaflow-audit", enable_partition_eof=False
     )
     try:
         try:

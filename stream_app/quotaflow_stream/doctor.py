@@ -12,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
-from quotaflow.emitter import ClientLog
+from quotaflow._kafka import admin as kafka_admin
+from quotaflow._kafka import consumer as kafka_consumer
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import HEARTBEAT_KEY
 
@@ -40,16 +41,30 @@ def run_checks(settings: QuotaflowSettings, timeout: float = 5.0) -> list[Check]
         _lag(settings, timeout, checks)
         _worker_clock(settings, timeout, checks)
     _redis(settings, checks)
+    _gateway_salt(settings, checks)
     return checks
+
+
+def _gateway_salt(settings: QuotaflowSettings, checks: list[Check]) -> None:
+    """The shipped HMAC salt gives every installation the same key ids: a failure where the
+    gateway would listen beyond loopback (it refuses to start there), a warning elsewhere."""
+    g = settings.gateway
+    fix = "set QUOTAFLOW_GATEWAY__KEY_SALT to a long random secret, the same fleet-wide"
+    if g.salt_problem() is not None:
+        detail = f"the default salt, listening on {g.listen_host}"
+        checks.append(Check("gateway key salt", "fail", detail, fix))
+    elif g.default_salt:
+        detail = "the default salt (the gateway starts with it on loopback only)"
+        checks.append(Check("gateway key salt", "warn", detail, fix))
+    else:
+        checks.append(Check("gateway key salt", "ok", "set"))
 
 
 def _broker(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> Any:
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient
 
-    conf = settings.kafka.confluent_config()
-    admin = AdminClient(
-        {**conf, "socket.connection.setup.timeout.ms": int(timeout * 1000)}, logger=ClientLog()
+    admin = kafka_admin(
+        settings.kafka.confluent_config(), socket_connection_setup_timeout_ms=int(timeout * 1000)
     )
     try:
         meta = admin.list_topics(timeout=timeout)
@@ -135,17 +150,22 @@ def _topics(settings: QuotaflowSettings, admin: Any, timeout: float, checks: lis
 
 
 def _lag(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> None:
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
 
     group = settings.worker.app_id
-    consumer = Consumer(
-        {**settings.kafka.confluent_config(), "group.id": group, "enable.auto.commit": False},
-        logger=ClientLog(),
-    )
+    consumer = kafka_consumer(settings.kafka.confluent_config(), group)
     try:
         meta = consumer.list_topics(settings.topics.usage, timeout=timeout)
         topic = meta.topics.get(settings.topics.usage)
         if topic is None or topic.error is not None:
+            checks.append(
+                Check(
+                    "consumer lag",
+                    "fail",
+                    f"usage topic {settings.topics.usage!r} is missing: nothing to consume",
+                    "run `quotaflow topics create` (or start a worker once)",
+                )
+            )
             return
         tps = [TopicPartition(settings.topics.usage, p) for p in topic.partitions]
         committed = consumer.committed(tps, timeout=timeout)
@@ -186,21 +206,22 @@ def _lag(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> No
 
 def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> None:
     """Skew between this machine and the workers, from their newest heartbeat."""
-    from confluent_kafka import Consumer, TopicPartition
+    from confluent_kafka import TopicPartition
 
-    consumer = Consumer(
-        {
-            **settings.kafka.confluent_config(),
-            "group.id": "quotaflow-doctor",
-            "enable.auto.commit": False,
-        },
-        logger=ClientLog(),
-    )
+    consumer = kafka_consumer(settings.kafka.confluent_config(), "quotaflow-doctor")
     newest: float | None = None
     try:
         meta = consumer.list_topics(settings.topics.decisions, timeout=timeout)
         topic = meta.topics.get(settings.topics.decisions)
         if topic is None or topic.error is not None:
+            checks.append(
+                Check(
+                    "worker clock",
+                    "fail",
+                    f"decisions topic {settings.topics.decisions!r} is missing: no heartbeats",
+                    "run `quotaflow topics create` (or start a worker once)",
+                )
+            )
             return
         tps = []
         for p in topic.partitions:
@@ -215,11 +236,21 @@ def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Chec
             if msg is None or msg.error() is not None:
                 continue
             if msg.key() == HEARTBEAT_KEY.encode():
-                beat = json.loads(msg.value() or b"{}")
                 received = time.time()
-                skew = received - float(beat["published_at"])
+                try:  # anyone who can write the topic can write a "heartbeat": skip bad ones
+                    skew = received - float(json.loads(msg.value() or b"{}")["published_at"])
+                except (ValueError, KeyError, TypeError):
+                    continue
                 newest = skew if newest is None else min(newest, skew)
-    except Exception:
+    except Exception as exc:
+        checks.append(
+            Check(
+                "worker clock",
+                "warn",
+                f"cannot read the workers' heartbeats: {type(exc).__name__}: {exc}",
+                "check that the decisions topic is readable with these credentials",
+            )
+        )
         return
     finally:
         consumer.close()

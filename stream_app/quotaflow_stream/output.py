@@ -14,7 +14,8 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from quotaflow.emitter import ClientLog
+from quotaflow._exceptions import DeliveryFailed
+from quotaflow._kafka import producer
 from quotaflow.settings import QuotaflowSettings
 
 log = logging.getLogger(__name__)
@@ -23,26 +24,17 @@ log = logging.getLogger(__name__)
 _POLL_PAUSE = 0.002
 
 
-class DeliveryFailed(Exception):
-    """Some messages of a batch were not delivered (the broker refused or was away too long)."""
-
-
 class BulkProducer:
     """A confluent-kafka producer the event loop can await batches on."""
 
     def __init__(self, settings: QuotaflowSettings, *, delivery_timeout: float = 30.0) -> None:
-        from confluent_kafka import Producer
-
-        conf: dict[str, Any] = {
+        self._producer = producer(
+            settings.kafka.confluent_config(),
             # states are latency-bound: a short linger still batches a busy tick's states
-            "linger.ms": 2,
-            "enable.idempotence": True,
-            "partitioner": "murmur2_random",
-            "queue.buffering.max.messages": 500_000,
-            "message.timeout.ms": int(delivery_timeout * 1000),
-            **settings.kafka.confluent_config(),
-        }
-        self._producer = Producer(conf, logger=ClientLog())
+            linger_ms=2,
+            queue_buffering_max_messages=500_000,
+            message_timeout_ms=int(delivery_timeout * 1000),
+        )
         self.sent = 0
         self.failed = 0
 

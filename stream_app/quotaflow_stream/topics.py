@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass, field
 
 from quotaflow._exceptions import ConfigError
+from quotaflow._kafka import admin as kafka_admin
+from quotaflow._kafka import kafka_errors
 from quotaflow.settings import QuotaflowSettings
 
 log = logging.getLogger(__name__)
@@ -46,16 +48,17 @@ def ensure_topics(settings: QuotaflowSettings, timeout: float = 30.0) -> dict[st
     followers expect it, and the worker's table is co-partitioned with usage.
     """
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import NewTopic
 
-    admin = AdminClient(settings.kafka.confluent_config())
+    bootstrap = settings.kafka.bootstrap_servers
+    # connection attempts give up within the timeout, so an absent broker is said once, clearly
+    admin = kafka_admin(
+        settings.kafka.confluent_config(),
+        socket_connection_setup_timeout_ms=int(min(timeout, 10.0) * 1000),
+    )
     specs = topic_specs(settings)
-    try:
+    with kafka_errors("listing topics", bootstrap):
         existing = admin.list_topics(timeout=timeout).topics
-    except KafkaException as exc:
-        raise ConfigError(
-            f"cannot reach Kafka at {settings.kafka.bootstrap_servers}: {exc}"
-        ) from None
     missing = [s for s in specs if s.name not in existing]
     if missing:
         futures = admin.create_topics(

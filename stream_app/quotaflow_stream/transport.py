@@ -11,17 +11,30 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import faust
 from faust.transport.drivers import aiokafka as driver
 
-#: Set from ``settings.worker.fetch_max_wait_ms`` before the worker starts.
-FETCH_MAX_WAIT_MS = 20
+#: The fetch wait of an app that was not given one (``settings.worker.fetch_max_wait_ms``).
+DEFAULT_FETCH_MAX_WAIT_MS = 20
+
+# Per app, so two apps in one process (tests, benches) keep their own.
+_APP_ATTRIBUTE = "quotaflow_fetch_max_wait_ms"
+
+
+def set_fetch_max_wait(app: faust.App, milliseconds: int) -> None:
+    """The fetch wait ``app``'s worker consumer will use."""
+    setattr(app, _APP_ATTRIBUTE, milliseconds)
+
+
+def fetch_max_wait(app: Any) -> int:
+    return int(getattr(app, _APP_ATTRIBUTE, DEFAULT_FETCH_MAX_WAIT_MS))
 
 
 class _ConsumerThread(driver.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
         # Read by aiokafka when the consumer starts and builds its fetcher.
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+        consumer._fetch_max_wait_ms = fetch_max_wait(transport.app)
         return consumer
 
 

@@ -16,9 +16,9 @@ import openai
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
-from quotaflow import QuotaClient
+from quotaflow import QuotaClient, key_id
 from quotaflow.record import UsageRecord, parse_usage_value
-from quotaflow.settings import GatewaySettings, QuotaflowSettings
+from quotaflow.settings import DEFAULT_KEY_SOURCES, GatewaySettings, QuotaflowSettings
 from quotaflow_producers.gateway.runner import GatewayThread
 from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
 from quotaflow_stream.devstack import DevStack, free_port
@@ -28,6 +28,7 @@ from tests.conftest import pipeline_settings
 pytestmark = pytest.mark.integration
 
 CALLER_SECRET = "sk-caller-secret-0123456789abcdef"
+TIGHT_SECRET = "sk-tight-caller-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "Tell me about gateways."}]
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
 
@@ -57,6 +58,14 @@ def base_settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> 
     workdir = tmp_path_factory.mktemp("gateway")
     (workdir / "policies.yaml").write_text(POLICIES)
     settings = pipeline_settings(stack, workdir, policies_file=workdir / "policies.yaml")
+    # the tight key of a caller known by its API key alone (its id depends on this run's salt)
+    tight_id = key_id(TIGHT_SECRET, settings.gateway.key_salt.get_secret_value())
+    (workdir / "policies.yaml").write_text(
+        POLICIES
+        + f"""  - {{name: tight-caller, keys: ["{tight_id}"], max_staleness: 600,
+     limits: {{requests_per_minute: 3, tokens_per_minute: 100000}}}}
+"""
+    )
     ensure_topics(settings)
     return settings
 
@@ -70,7 +79,13 @@ def make_gateway(base_settings: QuotaflowSettings, stub: OpenAIStub) -> Iterator
 
     def make(**gateway: Any) -> GatewayThread:
         settings = base_settings.model_copy(deep=True)
-        overrides = {"upstream": f"http://127.0.0.1:{stub.port}", "listen_port": free_port()}
+        overrides = {
+            "upstream": f"http://127.0.0.1:{stub.port}",
+            "listen_port": free_port(),
+            # most tests name their key by header, as a gateway behind an authenticating proxy
+            # would let them (test_a_caller_cannot_choose_its_key... covers the defaults)
+            "key_sources": ["header", "api_key"],
+        }
         settings.gateway = GatewaySettings.model_validate(
             {**settings.gateway.model_dump(), **overrides, **gateway}
         )
@@ -367,3 +382,97 @@ def test_generated_requests_never_break_the_gateway(
 
     one()
     assert httpx.get(base.removesuffix("/v1") + "/healthz").json()["ok"] is True
+
+
+# -- a hostile caller ------------------------------------------------------------------------
+
+
+def test_with_the_defaults_a_caller_cannot_choose_its_counter_key(
+    make_gateway: GatewayFactory, stub: OpenAIStub
+) -> None:
+    """Rotating x-quotaflow-key or OpenAI-Organization buys no fresh budget: with the default
+    key sources the key is the caller's credential (3 requests a minute here)."""
+    gw = make_gateway(key_sources=list(DEFAULT_KEY_SOURCES))
+    served_before = len(stub.reported)
+    answers = []
+    for i in range(6):
+        r = httpx.post(
+            gw.base_url + "/chat/completions",
+            json={"model": "gpt-4o", "messages": MESSAGES},
+            headers={"Authorization": f"Bearer {TIGHT_SECRET}", "x-quotaflow-key": f"gw-new-{i}",
+                     "OpenAI-Organization": f"org-{i}"},
+            timeout=10,
+        )  # fmt: skip
+        answers.append(r.status_code)
+    assert answers == [200, 200, 200, 429, 429, 429]
+    assert len(stub.reported) - served_before == 3
+
+
+def test_a_secret_looking_counter_key_is_refused_before_the_upstream(
+    gateway: GatewayThread, stub: OpenAIStub, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    received = len(stub.received)
+    for secret in ("sk-proj-abcdef0123456789", "Sk-abcdef0123456789", "BEARER abcdef0123456789",
+                   "Bearer\tabcdef0123456789", "rk-live-abcdef0123456789"):  # fmt: skip
+        for path in ("/chat/completions", "/models"):
+            r = httpx.post(
+                gateway.base_url + path,
+                json={"model": "gpt-4o", "messages": MESSAGES},
+                headers={"x-quotaflow-key": secret, "Authorization": "Bearer x"},
+                timeout=10,
+            )
+            assert r.status_code == 400, (secret, r.text)
+            assert r.json()["error"]["code"] == "invalid_counter_key"
+            assert secret not in r.text
+            assert "abcdef0123456789" not in caplog.text
+    assert len(stub.received) == received, "nothing reached the upstream"
+
+
+def test_nothing_reaches_the_upstream_unless_its_usage_is_recorded(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    """Hostile shapes of key, model, output ceiling and route: each call is either refused
+    before the upstream (4xx) or served and recorded under its key, never served uncounted."""
+    chat = {"model": "gpt-4o", "messages": MESSAGES}
+    cases = [
+        ("/chat/completions", "gw-" + "k" * 300, chat),  # key over the record's 256 chars
+        ("/chat/completions", "gw-inv-model", {**chat, "model": "m" * 200}),
+        ("/chat/completions", "gw-inv-ceiling", {**chat, "max_tokens": 10**12}),
+        ("/models/" + "x" * 200, "routes-inv", None),  # a counted route, too long to record
+        ("/chat/completions", "gw-inv-ok", chat),  # and one that is fine
+    ]
+    outcomes = {}
+    for path, key, body in cases:
+        before = len(stub.received)
+        method = "POST" if body is not None else "GET"
+        headers = {"x-quotaflow-key": key, "Authorization": "Bearer x"}
+        r = httpx.request(method, gateway.base_url + path, json=body, headers=headers, timeout=10)
+        reached = len(stub.received) > before
+        outcomes[key] = (r.status_code, reached)
+        assert r.status_code < 500, (key[:40], r.text)
+        if not reached:
+            assert 400 <= r.status_code < 500, (key[:40], r.status_code)
+    flush(gateway)
+    recorded = {r.key for _, r in usage_records(base_settings)}
+    for key, (status, reached) in outcomes.items():
+        assert not reached or key in recorded, f"{key[:40]} served ({status}) but not recorded"
+    assert outcomes["gw-inv-ok"] == (200, True)
+    assert not any(reached for k, (_, reached) in outcomes.items() if k != "gw-inv-ok")
+
+
+def test_the_default_salt_is_refused_beyond_loopback(
+    base_settings: QuotaflowSettings, stub: OpenAIStub
+) -> None:
+    from quotaflow._exceptions import ConfigError
+    from quotaflow_producers.gateway.server import Gateway
+
+    settings = base_settings.model_copy(deep=True)
+    settings.gateway = GatewaySettings(listen_host="0.0.0.0", upstream=stub.base_url)
+    quota = QuotaClient(settings, follow=False)
+    with pytest.raises(ConfigError, match="QUOTAFLOW_GATEWAY__KEY_SALT"):
+        Gateway(settings, quota)
+    settings.gateway = GatewaySettings(listen_host="127.0.0.1", upstream=stub.base_url)
+    Gateway(settings, quota)  # loopback: a developer's gateway starts
+    settings.gateway = GatewaySettings(listen_host="0.0.0.0", key_salt="a-private-salt")
+    Gateway(settings, quota)

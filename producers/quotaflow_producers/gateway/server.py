@@ -19,8 +19,9 @@ import time
 import aiohttp
 from aiohttp import web
 
-from quotaflow._exceptions import QuotaExceeded, RecordError
+from quotaflow._exceptions import ConfigError, QuotaExceeded, RecordError
 from quotaflow.client import QuotaClient
+from quotaflow.record import looks_like_secret
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.streaming import StreamUsage
@@ -47,6 +48,9 @@ class Gateway:
     """Build with settings and a QuotaClient; ``app`` is the aiohttp application."""
 
     def __init__(self, settings: QuotaflowSettings, quota: QuotaClient) -> None:
+        problem = settings.gateway.salt_problem()
+        if problem is not None:
+            raise ConfigError(problem)
         self.settings = settings
         self.g = settings.gateway
         self.quota = quota
@@ -101,6 +105,15 @@ class Gateway:
                 f"{self.g.key_header} header, as the gateway is configured to expect.",
                 code="missing_key",
             )
+        if looks_like_secret(key):
+            # A credential sent as a counter key: refused before the upstream (it would be
+            # served and then could not be recorded), and never repeated or logged.
+            return openai_error(
+                400,
+                f"The counter key looks like an API secret; send an id in {self.g.key_header}, "
+                "never a credential.",
+                code="invalid_counter_key",
+            )
         if request.method == "POST" and request.path in METERED:
             return await self._metered(request, raw, key)
         return await self._passthrough(request, raw, key)
@@ -127,7 +140,8 @@ class Gateway:
         except QuotaExceeded as exc:
             return self._rate_limited(key, model, exc)
         except RecordError as exc:
-            return openai_error(400, str(exc), param="messages")
+            # nothing is forwarded that could not be recorded (see QuotaClient.reserve)
+            return openai_error(400, str(exc), code="invalid_request")
         return await self._forward(request, raw, key, model, reservation)
 
     async def _passthrough(self, request: web.Request, raw: bytes, key: str) -> web.StreamResponse:
@@ -143,6 +157,8 @@ class Gateway:
                 )
             except QuotaExceeded as exc:
                 return self._rate_limited(key, None, exc)
+            except RecordError as exc:
+                return openai_error(400, str(exc), code="invalid_request")
             return await self._forward(request, raw, key, f"route:{request.path}", reservation)
         return await self._forward(request, raw, key, None, None)
 
