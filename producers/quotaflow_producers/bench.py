@@ -301,6 +301,7 @@ def stream_records(count: int, keys: int, seed: int = 7) -> list[Any]:
     import itertools
     import random
 
+    from quotaflow.ids import record_id
     from quotaflow.record import WireRecord
 
     rng = random.Random(seed)
@@ -320,7 +321,7 @@ def stream_records(count: int, keys: int, seed: int = 7) -> list[Any]:
         source, prefix = instances[inst]
         out.append(
             WireRecord(
-                id=f"{prefix}-{counters[inst]:x}",
+                id=record_id(prefix, counters[inst]),
                 ts=start + i / 100_000 + rng.random() * 0.005,
                 key=chosen_keys[i],
                 model=chosen_models[i],

@@ -34,6 +34,14 @@ from types import MappingProxyType
 from quotaflow.decision import Decision, Reason
 from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
 from quotaflow.state import Expiry, QuotaState, WindowCounts, of_dimension
+from quotaflow.windows import (
+    bucket_expires_at,
+    bucket_start,
+    frees_at,
+    sliding_floor,
+    window_end,
+    window_start,
+)
 
 Clock = Callable[[], float]
 
@@ -256,7 +264,7 @@ class QuotaCache:
             for name, dim, size, limit, bucket in binding.rows:
                 mine = 0
                 if stale:
-                    start = int(now // size) * size
+                    start = window_start(now, size)
                     counted = self._own_used(key, scope, dim, size, start)
                     limit = limit // policy.expected_instances
                 else:
@@ -286,9 +294,9 @@ class QuotaCache:
                 remaining[name] = left if left > 0 else 0
                 if left < 0 or (want == 0 and limit <= used):
                     reset_at = (
-                        float(int(now // size) * size + size) if stale
+                        float(window_end(now, size)) if stale
                         else self._frees_at(
-                            windows, pending, scope, dim, size, bucket, limit - max(want, 1), now
+                            windows, pending, scope, dim, size, limit - max(want, 1), now
                         )
                     )  # fmt: skip
                     if deny is None or deny[0] != "limit" or reset_at > deny[3]:
@@ -333,7 +341,6 @@ class QuotaCache:
         scope: str,
         dim: int,
         size: int,
-        bucket: float,
         allowed: int,
         now: float,
     ) -> float:
@@ -346,18 +353,15 @@ class QuotaCache:
             used = of_dimension(dim, w[1], w[2], w[3])
             for at, req, pt, ct in w[4]:
                 frees.append((at, of_dimension(dim, req, pt, ct)))
-        floor = (now // bucket) * bucket - size
+        floor = sliding_floor(now, size)
         for ts, p_model, req, pt, ct in pending or ():
             if ts >= floor and (scope == KEY_SCOPE or p_model == scope):
                 amount = of_dimension(dim, req, pt, ct)
                 used += amount
-                frees.append(((ts // bucket) * bucket + size + bucket, amount))
+                frees.append((bucket_expires_at(bucket_start(ts, size), size), amount))
         frees.sort()
-        for frees_at, amount in frees:
-            used -= amount
-            if frees_at > now and used <= allowed:
-                return float(frees_at)
-        return float(floor + 2 * size + bucket)
+        # nothing frees soon enough: everything counted now has freed a window later
+        return frees_at(used, allowed, frees, now, bucket_expires_at(floor + size, size))
 
     def usage(self, key: str, model: str | None = None) -> tuple[LimitUsage, ...]:
         """Every limit that binds ``key`` (and ``model``) with what is used of it now, as the
@@ -370,15 +374,15 @@ class QuotaCache:
         for binding in self.policies.resolve(key, model):
             windows = state.scopes.get(binding.scope) if state is not None else None
             # rows are the specs precomputed, in the same order
-            for spec, (name, dim, size, _, bucket) in zip(
+            for spec, (name, dim, size, _, _) in zip(
                 binding.policy.specs, binding.rows, strict=True
             ):
-                current = (now // bucket) * bucket
-                used = _pending_used(pending, binding.scope, dim, current - size)
+                current = bucket_start(now, size)
+                used = _pending_used(pending, binding.scope, dim, sliding_floor(now, size))
                 w = windows.get(size) if windows is not None else None
                 if w is not None:
                     used += of_dimension(dim, w[1], w[2], w[3]) - _expired(w[4], dim, now)
-                rows.append(LimitUsage(name, spec, used, float(current + size + bucket)))
+                rows.append(LimitUsage(name, spec, used, bucket_expires_at(current, size)))
         return tuple(rows)
 
     def _own_used(self, key: str, scope: str, dim: int, size: int, start: int) -> int:

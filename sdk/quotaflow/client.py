@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
-import itertools
 import time
 import uuid
 from collections.abc import Mapping
@@ -35,6 +34,7 @@ from quotaflow.cache import Clock, QuotaCache
 from quotaflow.decision import Decision
 from quotaflow.emitter import UsageEmitter
 from quotaflow.follower import DecisionsFollower
+from quotaflow.ids import IdMinter
 from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
@@ -93,10 +93,8 @@ class QuotaClient:
         self.state = ClientState.UNOPENED
         self._last_ts = 0.0
         self._reservations: dict[str, Reservation] = {}
-        # Record ids: a random per-instance prefix and a counter, unique across the fleet and
-        # ~20x cheaper than a uuid4 per call.
-        self._id_prefix = uuid.uuid4().hex[:16] + "-"
-        self._id_counter = itertools.count()
+        #: This instance's record ids (the SDK's id format, see quotaflow.ids).
+        self.ids = IdMinter()
         self._next_expiry = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -219,7 +217,7 @@ class QuotaClient:
             self._last_ts = ts
         try:
             record = make_record(
-                id or f"{self._id_prefix}{next(self._id_counter):x}",
+                id or self.ids(),
                 ts,
                 key,
                 model,

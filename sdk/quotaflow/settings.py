@@ -144,6 +144,10 @@ class WorkerSettings(BaseModel):
     fetch_max_wait_ms: int = Field(default=20, ge=1, le=5000)
     #: Records whose event time is further ahead of the worker's clock go to the DLQ.
     max_future_skew: float = Field(default=300.0, gt=0)
+    #: Seconds a stopping worker gives its final save (then Faust's own stop as long again);
+    #: past them it exits non-zero, saying what it did not save. Nothing is lost: messages
+    #: not saved were never committed, so the partitions' next owner reads them again.
+    stop_timeout: float = Field(default=10.0, gt=0)
 
 
 def _default_source() -> str:

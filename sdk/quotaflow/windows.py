@@ -11,10 +11,13 @@ seconds later than a true sliding window would free it: at a steady saturated ra
 admitted throughput is at least ``W / (W + b)`` of the limit (99.2 % with 120 buckets).
 
 Keeping the arithmetic here, free of I/O and state, lets tests cover every edge without a broker.
+The hot paths (the SDK's ``check()``, the worker's fold and its evaluation) inline some of these
+functions; ``tests/unit/test_window_contract.py`` holds every inlined copy to them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 MINUTE: Final = 60
@@ -61,11 +64,6 @@ def window_end(ts: float, size: int) -> int:
     return window_start(ts, size) + size
 
 
-def seconds_until_reset(now: float, size: int) -> float:
-    """Seconds from ``now`` until the window containing ``now`` resets; always in ``(0, size]``."""
-    return window_end(now, size) - now
-
-
 def is_expired(start: float, size: int, watermark: float, grace: float) -> bool:
     """True when the bucket starting at ``start`` no longer counts in its window at ``watermark``
     (event time) even allowing ``grace`` seconds for late records: such records are late.
@@ -74,6 +72,18 @@ def is_expired(start: float, size: int, watermark: float, grace: float) -> bool:
     they belong to, for as long as that bucket still counts plus ``grace``.
     """
     return bucket_expires_at(start, size) + grace <= watermark
+
+
+def frees_at(
+    used: int, allowed: int, frees: Iterable[tuple[float, int]], now: float, fallback: float
+) -> float:
+    """When usage ``used`` drops to ``allowed`` or below, as amounts free at their times
+    (``frees``, ascending): the first time after ``now`` it does, else ``fallback``."""
+    for at, amount in frees:
+        used -= amount
+        if at > now and used <= allowed:
+            return float(at)
+    return float(fallback)
 
 
 def format_duration(seconds: float) -> str:

@@ -14,14 +14,16 @@ from quotaflow.state import (
     WindowCounts,
     of_dimension,
 )
-from quotaflow_stream.aggregate import (
-    RATE_HALF_LIFE,
-    WINDOW_SIZES,
-    Entry,
-    ScopesFor,
-    sliding_counts,
-    source_ts,
+from quotaflow.windows import (
+    MINUTE,
+    bucket_expires_at,
+    bucket_size,
+    bucket_start,
+    frees_at,
+    sliding_floor,
 )
+from quotaflow_stream.aggregate import MINUTE_FIELD, RATE_HALF_LIFE, WINDOW_SIZES, ScopesFor
+from quotaflow_stream.entry import Buckets, Entry, first_at_or_after, source_ts
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).
 ACTIVE_SOURCE_SECONDS = 60.0
@@ -127,7 +129,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
             limits.append(status)
             if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
                 denied = status
-    sources: dict[str, Any] = entry["src"]
+    sources = entry["src"]
     shares = budget_shares(entry)
     t = entry["t"]
     return QuotaState(
@@ -155,10 +157,66 @@ def _frees_at(
 ) -> float:
     """When a throttled limit next admits a call (usage drops below the limit), or, for one
     that is not throttled, when all its current usage has freed."""
+    everything = float(expiries[-1][0]) if expiries else now
     if used < limit:
-        return float(expiries[-1][0]) if expiries else now
-    for at, req, pt, ct in expiries:
-        used -= of_dimension(dim, req, pt, ct)
-        if used < limit:
-            return float(at)
-    return float(expiries[-1][0]) if expiries else now
+        return everything
+    frees = ((at, of_dimension(dim, req, pt, ct)) for at, req, pt, ct in expiries)
+    return frees_at(used, limit - 1, frees, now, everything)
+
+
+def sliding_counts(
+    entry: Entry, scope: str, size: int, now: float, max_expiries: int
+) -> tuple[float, int, int, int, tuple[tuple[float, int, int, int], ...]]:
+    """The sliding count of one window at ``now``, and when its usage frees.
+
+    Returns ``(bucket_start, requests, prompt, completion, expiries)``: the start of the bucket
+    holding ``now``, the sums over every bucket that counts at ``now``, and the first
+    ``max_expiries`` of those buckets as ``(expires_at, requests, prompt, completion)``, oldest
+    first, so a reader can subtract what has freed since ``now``. The hour and day windows
+    include the minute buckets not rolled up into them yet.
+    """
+    # Every published state reads every window of every scope, so this runs for each key on
+    # each publication: buckets are in start order, so a binary search finds the first that
+    # counts and slices sum the rest in C.
+    b = bucket_size(size)
+    current = bucket_start(now, size)
+    floor = sliding_floor(now, size)  # a multiple of b: buckets starting at or after it count
+    windows = entry["s"].get(scope)
+    if not windows:
+        return current, 0, 0, 0, ()
+    buckets: Any = windows.get(str(size), ())
+    minute: Any = windows.get(MINUTE_FIELD) if size != MINUTE else None
+    if minute and max_expiries:
+        # expiries of the coarse buckets the minute buckets will roll into: merge them
+        buckets = _merged(buckets, minute, b)
+        minute = None
+    i = first_at_or_after(buckets, floor)
+    req, pt, ct = sum(buckets[i + 1 :: 4]), sum(buckets[i + 2 :: 4]), sum(buckets[i + 3 :: 4])
+    if minute:  # minute buckets start at or after the coarse bucket they roll into
+        j = first_at_or_after(minute, floor)
+        req += sum(minute[j + 1 :: 4])
+        pt += sum(minute[j + 2 :: 4])
+        ct += sum(minute[j + 3 :: 4])
+    lasting = bucket_expires_at(0.0, size)  # a bucket's start to its expiry
+    expiries = tuple(
+        (float(buckets[k]) + lasting, int(buckets[k + 1]), int(buckets[k + 2]), int(buckets[k + 3]))
+        for k in range(i, min(len(buckets), i + 4 * max_expiries), 4)
+    )
+    return current, int(req), int(pt), int(ct), expiries
+
+
+def _merged(coarse: Buckets, minute: Buckets, b: float) -> Buckets:
+    """Coarse flat buckets with the minute buckets added into the coarse buckets of length
+    ``b`` they fall in, in start order."""
+    merged: dict[float, list[float]] = {}
+    for flat in (coarse, minute):
+        for i in range(0, len(flat), 4):
+            start = (flat[i] // b) * b
+            sums = merged.get(start)
+            if sums is None:
+                merged[start] = [start, flat[i + 1], flat[i + 2], flat[i + 3]]
+            else:
+                sums[1] += flat[i + 1]
+                sums[2] += flat[i + 2]
+                sums[3] += flat[i + 3]
+    return [x for bk in sorted(merged.values()) for x in bk]

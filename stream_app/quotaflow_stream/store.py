@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import faust
 import msgspec
 
 from quotaflow.partitioner import partition_of
-from quotaflow_stream.aggregate import Entry, upgraded
-from quotaflow_stream.output import BulkProducer
+from quotaflow.record import WireRecord
+from quotaflow_stream.aggregate import ScopesFor, fold_records
+from quotaflow_stream.dedup import DEDUP_HORIZON
+from quotaflow_stream.entry import Entry, upgraded
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,45 @@ def aggregate_table(app: faust.App, partitions: int) -> Any:
     )
 
 
-class AggregateStore:
-    """Per-key entries of the partitions this worker owns, saved to a changelog in batches."""
+class ChangelogSink(Protocol):
+    """What saves write through: the worker's bulk producer (or a test's stand-in)."""
 
-    def __init__(self, table: Any, partitions: int, output: BulkProducer) -> None:
+    async def send_all(self, topic: str, messages: Iterable[tuple[bytes, bytes, int]]) -> None:
+        """Send ``(key, value, partition)`` messages; return once the broker has them all."""
+
+
+class Folded(NamedTuple):
+    """What one :meth:`AggregateStore.fold` did."""
+
+    #: Keys whose entries the records reached (duplicates included).
+    touched: set[str]
+    #: Records too late for at least one window.
+    late: int
+    #: Records dropped as already counted.
+    duplicates: int
+
+
+class AggregateStore:
+    """Per-key entries of the partitions this worker owns, saved to a changelog in batches.
+
+    ``scopes_for``, ``grace`` and ``horizon`` are how :meth:`fold` counts (see
+    :func:`~quotaflow_stream.aggregate.fold_records`)."""
+
+    def __init__(
+        self,
+        table: Any,
+        partitions: int,
+        output: ChangelogSink,
+        *,
+        scopes_for: ScopesFor,
+        grace: float,
+        horizon: float = DEDUP_HORIZON,
+    ) -> None:
         self.partitions = partitions
         self.output = output
+        self._scopes_for = scopes_for
+        self.grace = grace
+        self.horizon = horizon
         #: The Faust table (see :func:`aggregate_table`): its changelog topic, and ``data``,
         #: the store Faust recovers into.
         self.table = table
@@ -93,6 +128,17 @@ class AggregateStore:
             return None
         self.entries[key] = entry
         return entry
+
+    def fold(self, records: Iterable[WireRecord], now: float) -> Folded:
+        """Count ``records`` (of any keys this worker owns) into their entries, loading saved
+        ones first; every key they reached is unsaved until the next :meth:`save`."""
+        touched: set[str] = set()
+        late, duplicates = fold_records(
+            self.entries, records, self._scopes_for, self.grace, self.horizon, now, touched,
+            load=self.load,
+        )  # fmt: skip
+        self.unsaved |= touched
+        return Folded(touched, late, duplicates)
 
     def get(self, key: str) -> Entry | None:
         entry = self.entries.get(key)
@@ -126,7 +172,7 @@ class AggregateStore:
             # multi-record tail would end Faust's recovery short of the newest entries.
             parts = {p for _, _, p in messages}
             await self.output.send_all(topic, [(SAVE_MARKER, b"", p) for p in sorted(parts)])
-        except Exception:
+        except BaseException:  # cancelled too: the keys stay unsaved
             self.unsaved |= keys
             raise
         self.saves += 1

@@ -29,7 +29,7 @@ from quotaflow.stats import percentile
 from quotaflow_stream import dashboard
 
 if TYPE_CHECKING:
-    from quotaflow_stream.agents import UsagePipeline
+    from quotaflow_stream.agents import StreamWorker
 
 STATIC = Path(__file__).parent / "static"
 _STATIC_FILES = {
@@ -39,15 +39,15 @@ _STATIC_FILES = {
 
 
 class WebApi:
-    """Registers the pages on the pipeline's Faust app."""
+    """Registers the pages on the worker's Faust app."""
 
-    def __init__(self, pipeline: UsagePipeline) -> None:
-        self.pipeline = pipeline
-        self.app = pipeline.app
-        w = pipeline.settings.worker
+    def __init__(self, worker: StreamWorker) -> None:
+        self.worker = worker
+        self.app = worker.app
+        w = worker.settings.worker
         self.token = w.api_token.get_secret_value() if w.api_token else None
         self.tick = w.dashboard_interval
-        self.metrics = _Metrics(pipeline)
+        self.metrics = _Metrics(worker)
         self._rate = _Rate()
         api = self
 
@@ -114,7 +114,7 @@ class WebApi:
         return web.bytes((STATIC / name).read_bytes(), content_type=kind)
 
     async def _stats(self, web: Any, request: Any) -> Any:
-        return web.json(self.pipeline.stats())
+        return web.json(self.worker.stats())
 
     async def _keys(self, web: Any, request: Any) -> Any:
         now = time.time()
@@ -123,9 +123,9 @@ class WebApi:
         return web.json({"keys": rows, "count": len(rows)})
 
     async def _key(self, web: Any, key: str) -> Any:
-        state = self.pipeline.current_state(key)
+        state = self.worker.current_state(key)
         if state is None:
-            raw = (await self.pipeline.snapshot.read_all() or {}).get(key)
+            raw = (await self.worker.snapshot.read_all() or {}).get(key)
             if raw is None:
                 return web.json({"error": f"no usage recorded for key {key!r}"}, status=404)
             return web.bytes(raw, content_type="application/json")
@@ -155,8 +155,8 @@ class WebApi:
 
     async def all_states(self) -> list[QuotaState]:
         """This worker's latest states, plus the snapshot's for keys other workers own."""
-        mine = dict(self.pipeline.latest)
-        others = await self.pipeline.snapshot.read_all() or {}
+        mine = dict(self.worker.publisher.latest)
+        others = await self.worker.snapshot.read_all() or {}
         for key, raw in others.items():
             if key not in mine:
                 try:
@@ -167,7 +167,7 @@ class WebApi:
 
     async def summary(self) -> dict[str, Any]:
         now = time.time()
-        c = self.pipeline.counters
+        c = self.worker.counters
         worker = {
             "records": c.records,
             "records_per_s": self._rate.update(c.records, now),
@@ -176,10 +176,10 @@ class WebApi:
             "dlq": c.dlq,
             "states_published": c.states_published,
             "consumer_lag": sum((await self._lag()).values()),
-            "ready": self.pipeline.ready,
+            "ready": self.worker.ready,
         }
         return dashboard.summary(
-            await self.all_states(), now, worker, list(self.pipeline.latencies_ms)
+            await self.all_states(), now, worker, list(self.worker.publisher.latencies_ms)
         )
 
     async def _lag(self) -> dict[int, int]:
@@ -189,7 +189,7 @@ class WebApi:
         try:
             consumer = app.consumer
             for tp in consumer.assignment():
-                if tp.topic != self.pipeline.usage_topic.get_topic_name():
+                if tp.topic != self.worker.usage_topic.get_topic_name():
                     continue
                 position = await consumer.position(tp)
                 if position is not None:
@@ -214,12 +214,12 @@ class _Rate:
 
 
 class _Metrics:
-    """Prometheus metrics, read from the pipeline's counters at each scrape."""
+    """Prometheus metrics, read from the worker's counters at each scrape."""
 
-    def __init__(self, pipeline: UsagePipeline) -> None:
+    def __init__(self, worker: StreamWorker) -> None:
         from prometheus_client import CollectorRegistry
 
-        self.pipeline = pipeline
+        self.worker = worker
         self._lag: dict[int, int] = {}
         self._rate = _Rate()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -234,7 +234,7 @@ class _Metrics:
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        c = self.pipeline.counters
+        c = self.worker.counters
         for name, value, doc in (
             ("quotaflow_records", c.records, "Usage records aggregated (duplicates excluded)."),
             ("quotaflow_messages", c.messages, "Usage messages consumed."),
@@ -242,14 +242,18 @@ class _Metrics:
             ("quotaflow_late_records", c.late, "Records too late for at least one window."),
             ("quotaflow_dlq_records", c.dlq, "Records sent to the dead-letter topic."),
             ("quotaflow_states_published", c.states_published, "Quota states published."),
-            ("quotaflow_denials", self.pipeline.throttle_onsets, "Keys that became throttled."),
+            (
+                "quotaflow_denials",
+                self.worker.publisher.throttle_onsets,
+                "Keys that became throttled.",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily(
             "quotaflow_records_per_second", "Records aggregated per second since the last scrape.",
             value=self._rate.update(c.records, time.time()),
         )  # fmt: skip
-        throttled = sum(1 for s in self.pipeline.latest.values() if s.throttled)
+        throttled = sum(1 for s in self.worker.publisher.latest.values() if s.throttled)
         yield GaugeMetricFamily(
             "quotaflow_throttled_keys", "Keys of this worker at a limit now.", value=throttled
         )
@@ -259,7 +263,7 @@ class _Metrics:
         for partition, value in sorted(self._lag.items()):
             lag.add_metric([str(partition)], value)
         yield lag
-        latencies = list(self.pipeline.latencies_ms)
+        latencies = list(self.worker.publisher.latencies_ms)
         latency = GaugeMetricFamily(
             "quotaflow_decision_latency_ms",
             "Newest record's event time to its state's publication (recent states).",

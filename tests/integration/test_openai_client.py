@@ -14,8 +14,8 @@ from quotaflow.integrations.openai import instrument, retry_after
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
 from quotaflow.tokens import count_request, count_text
+from quotaflow.transports import MemoryTransport
 from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
-from tests.fakes import MemoryTransport
 
 pytestmark = pytest.mark.integration
 

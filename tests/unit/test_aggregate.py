@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
 from quotaflow.windows import bucket_size
-from quotaflow_stream.aggregate import add_records, sliding_counts
-from quotaflow_stream.evaluate import budget_shares, evaluate, scopes_for
+from quotaflow_stream.aggregate import add_records
+from quotaflow_stream.evaluate import budget_shares, evaluate, scopes_for, sliding_counts
 
 M0 = 1_700_000_040  # a minute boundary
 

@@ -5,7 +5,7 @@ import json
 from quotaflow.emitter import UsageEmitter
 from quotaflow.partitioner import partition_for
 from quotaflow.record import UsageRecord, parse_usage_value
-from tests.fakes import MemoryTransport
+from quotaflow.transports import MemoryTransport
 
 
 def record(i: int, key: str) -> UsageRecord:

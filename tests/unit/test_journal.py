@@ -9,8 +9,8 @@ from pathlib import Path
 from quotaflow.emitter import UsageEmitter
 from quotaflow.journal import Journal
 from quotaflow.record import UsageRecord
+from quotaflow.transports import MemoryTransport
 from tests.conftest import wait_for
-from tests.fakes import MemoryTransport
 
 
 def rec(i: int) -> UsageRecord:

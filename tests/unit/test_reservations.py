@@ -8,7 +8,7 @@ from quotaflow import QuotaClient, QuotaExceeded, load_settings
 from quotaflow.policies import parse_policies
 from quotaflow.streaming import StreamUsage
 from quotaflow.tokens import count_text
-from tests.fakes import MemoryTransport
+from quotaflow.transports import MemoryTransport
 
 T0 = 1_700_000_040.0 + 5
 

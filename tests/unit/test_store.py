@@ -13,33 +13,11 @@ from quotaflow.partitioner import partition_for
 from quotaflow.record import WireRecord
 from quotaflow_stream.aggregate import add_records, fold_records
 from quotaflow_stream.store import SAVE_MARKER, AggregateStore
+from tests.fakes import FakeOutput, FakeTable
 from tests.unit.test_aggregate import SCOPES
 
 PARTS = 4
 T0 = 1_700_000_000.0
-
-
-class FakeTopic:
-    def get_topic_name(self) -> str:
-        return "app-usage-aggregates-changelog"
-
-
-class FakeTable:
-    def __init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
-        self.changelog_topic = FakeTopic()
-
-
-class FakeOutput:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes, int]] = []
-        self.fail = False
-
-    async def send_all(self, topic: str, messages: Any) -> None:
-        messages = list(messages)
-        if self.fail:
-            raise RuntimeError("broker away")
-        self.sent.extend((topic, k, v, p) for k, v, p in messages)
 
 
 def rec(i: int, key: str, ts: float = T0, source: str = "s1", pt: int = 10) -> WireRecord:
@@ -51,7 +29,7 @@ def rec(i: int, key: str, ts: float = T0, source: str = "s1", pt: int = 10) -> W
 
 def store() -> tuple[AggregateStore, FakeTable, FakeOutput]:
     table, out = FakeTable(), FakeOutput()
-    return AggregateStore(table, PARTS, out), table, out  # type: ignore[arg-type]
+    return AggregateStore(table, PARTS, out, scopes_for=SCOPES, grace=10), table, out
 
 
 def test_a_message_of_many_keys_folds_like_one_key_at_a_time() -> None:
@@ -91,17 +69,15 @@ def test_an_entry_saved_by_an_earlier_version_loads_and_folds() -> None:
     saved, _ = add_records(None, [rec(1, "k1")], SCOPES, 10, now=T0)
     older = {f: v for f, v in saved.items() if f not in ("ids", "m")}
     table.data[b"k1"] = json.dumps(older).encode()
-    fold_records(s.entries, [rec(2, "k1")], SCOPES, 10, now=T0, load=s.load)
+    assert s.fold([rec(2, "k1")], now=T0).touched == {"k1"}
     entry = s.entries["k1"]
     assert entry["t"][0] == 2 and list(entry["m"]) == ["m"] and entry["ids"]
 
 
 def test_save_writes_each_changed_key_once_to_its_partition() -> None:
     s, _, out = store()
-    touched: set[str] = set()
-    fold_records(s.entries, [rec(i, f"k{i % 5}") for i in range(50)], SCOPES, 10, now=T0,
-                 touched=touched)  # fmt: skip
-    s.unsaved |= touched
+    folded = s.fold([rec(i, f"k{i % 5}") for i in range(50)], now=T0)
+    assert folded.touched == s.unsaved == {f"k{i}" for i in range(5)}
     assert asyncio_run(s.save()) == 5
     entries, markers = out.sent[:5], out.sent[5:]
     assert sorted(k for _, k, _, _ in entries) == [f"k{i}".encode() for i in range(5)]
@@ -118,8 +94,7 @@ def test_save_writes_each_changed_key_once_to_its_partition() -> None:
 
 def test_a_failed_save_keeps_the_keys_unsaved() -> None:
     s, _, out = store()
-    fold_records(s.entries, [rec(1, "k1")], SCOPES, 10, now=T0)
-    s.unsaved.add("k1")
+    s.fold([rec(1, "k1")], now=T0)
     out.fail = True
     with pytest.raises(RuntimeError):
         asyncio_run(s.save())

@@ -10,8 +10,8 @@ from quotaflow.windows import (
     bucket_size,
     bucket_start,
     format_duration,
+    frees_at,
     is_expired,
-    seconds_until_reset,
     sliding_floor,
     window_end,
     window_start,
@@ -35,9 +35,14 @@ def test_window_start_is_aligned_to_epoch(ts: float, size: int, start: int) -> N
     assert start <= ts < start + size
 
 
-def test_seconds_until_reset_stays_within_one_window() -> None:
-    assert seconds_until_reset(120.0, MINUTE) == 60.0
-    assert seconds_until_reset(179.5, MINUTE) == pytest.approx(0.5)
+def test_usage_frees_when_enough_of_it_has_expired() -> None:
+    frees = [(10.0, 3), (20.0, 4), (30.0, 5)]  # 12 used, freeing at 10, 20, 30
+    assert frees_at(12, allowed=9, frees=frees, now=0.0, fallback=99.0) == 10.0
+    assert frees_at(12, allowed=5, frees=frees, now=0.0, fallback=99.0) == 20.0
+    assert frees_at(12, allowed=0, frees=frees, now=0.0, fallback=99.0) == 30.0
+    # what freed by now is no answer: the next moment after now that suffices
+    assert frees_at(12, allowed=9, frees=frees, now=15.0, fallback=99.0) == 20.0
+    assert frees_at(12, allowed=-1, frees=frees, now=0.0, fallback=99.0) == 99.0
 
 
 def test_buckets_slide_each_window_in_small_steps() -> None:

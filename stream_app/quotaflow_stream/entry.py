@@ -1,0 +1,96 @@
+"""The shape of one counter key's table entry, and its flat buckets.
+
+The fold (:mod:`quotaflow_stream.aggregate`) writes entries, the store
+(:mod:`quotaflow_stream.store`) saves and loads them, and evaluation
+(:mod:`quotaflow_stream.evaluate`) reads them. Field names stay short: every active key's entry
+is MessagePack-encoded into the changelog each save, and saved entries must keep loading.
+
+Buckets lie flat, four numbers each in start order (``[start, requests, prompt, completion,
+start, ...]``), and per-instance figures are tuples replaced on update: a worker holds millions
+of these, and Python's cycle collector scans every list it tracks (nested bucket lists cost a
+quarter of the worker's time in collections), while a tuple of numbers is untracked once it
+survives a collection. Per-model totals, a few per key, are lists updated in place.
+"""
+
+from __future__ import annotations
+
+from typing import TypedDict
+
+#: Flat buckets: ``[start, requests, prompt, completion, start, ...]``, starts ascending.
+Buckets = list[float]
+
+#: One scope's windows, by window length as a string (``"60"``, ``"3600"``, ``"86400"``).
+Windows = dict[str, Buckets]
+
+#: A source's newest event time and its recent requests (decayed, see ``RATE_HALF_LIFE``).
+SourceSeen = tuple[float, float]
+
+#: An SDK instance's dedup state: newest counter, 64-bit window below it, newest arrival.
+InstanceIds = tuple[int, int, float]
+
+
+class Entry(TypedDict, total=False):
+    """One counter key's aggregate (the table's value). ``total=False``: entries saved by
+    earlier versions lack fields, which :func:`upgraded` fills."""
+
+    #: Watermark: the newest event time of this key.
+    wm: float
+    #: Scope (``""`` key-wide, or a model name) -> its windows.
+    s: dict[str, Windows]
+    #: Source (emitting instance) -> (newest event time, recent requests).
+    src: dict[str, SourceSeen]
+    #: Lifetime totals: [records, requests, prompt tokens, completion tokens].
+    t: list[int]
+    #: Lifetime totals per model, laid out like ``t``.
+    m: dict[str, list[int]]
+    #: Records too late for at least one window.
+    late: int
+    #: Duplicate records dropped (an id counted before).
+    dup: int
+    #: SDK id prefix -> (newest counter, window of the 64 below it, newest arrival).
+    ids: dict[str, InstanceIds]
+    #: Other ids -> when each arrived (insertion order is arrival order).
+    xid: dict[str, float]
+    #: Prune again once the watermark reaches this.
+    pa: float
+
+
+def new_entry() -> Entry:
+    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0], "late": 0, "dup": 0, "ids": {},
+            "m": {}}  # fmt: skip
+
+
+def upgraded(entry: Entry) -> Entry:
+    """A saved entry with the fields :func:`new_entry` has that older versions lacked (the
+    fold reads them without checking)."""
+    for field, empty in new_entry().items():
+        entry.setdefault(field, empty)  # type: ignore[misc]
+    return entry
+
+
+def source_ts(seen: SourceSeen) -> float:
+    """A source's newest event time."""
+    return float(seen[0])
+
+
+def first_at_or_after(buckets: Buckets, start: float) -> int:
+    """Index of the first flat bucket beginning at or after ``start`` (a multiple of 4)."""
+    lo, hi = 0, len(buckets) // 4
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if buckets[mid * 4] < start:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo * 4
+
+
+def add_bucket(buckets: Buckets, start: float, req: float, pt: float, ct: float) -> None:
+    """Add usage to the flat bucket beginning at ``start``, inserting it in order if new."""
+    i = first_at_or_after(buckets, start)
+    if i < len(buckets) and buckets[i] == start:
+        buckets[i + 1] += req
+        buckets[i + 2] += pt
+        buckets[i + 3] += ct
+    else:
+        buckets[i:i] = (start, req, pt, ct)

@@ -1,0 +1,230 @@
+"""The state publisher: which keys' quota states go out, when, and within what share of time.
+
+Every ``publish_interval`` (:meth:`StatePublisher.publish_dirty`) the states of the keys whose
+usage changed go to the decisions topic and the Redis snapshot, once per key however many
+messages touched it, oldest change first. Under a backlog thousands of keys change between
+ticks: a tick stops within :data:`PUBLISH_SLICE` of its interval (the rest stay dirty, oldest
+first next time) and the next one waits so that publication takes at most
+:data:`PUBLISH_SHARE` of the worker's time, so busy keys' states coalesce instead of starving
+the aggregation. Every ``heartbeat_interval`` (:meth:`StatePublisher.refresh`) active keys are
+re-published once ``refresh_interval`` has passed (windows roll over without new usage) and a
+heartbeat goes to every decisions partition, so followers can tell a quiet worker from a dead
+one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from typing import Any, Protocol
+
+from quotaflow.policies import PolicySet
+from quotaflow.settings import WorkerSettings
+from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_json
+from quotaflow_stream.counters import Counters
+from quotaflow_stream.entry import Entry
+from quotaflow_stream.evaluate import ACTIVE_SOURCE_SECONDS, evaluate
+
+log = logging.getLogger(__name__)
+
+#: Publication may take at most this share of the worker's time: under a backlog the states of
+#: busy keys coalesce over longer ticks instead of starving the aggregation.
+PUBLISH_SHARE = 0.2
+
+#: Longest run of publications in one tick, as a share of the publication interval (Faust
+#: warns of a timer that overruns its interval; the event loop stays responsive).
+PUBLISH_SLICE = 0.8
+
+
+class Entries(Protocol):
+    """What the publisher reads of the store (an :class:`~.store.AggregateStore`)."""
+
+    entries: dict[str, Entry]
+
+    def get(self, key: str) -> Entry | None: ...
+
+    def keys_in(self, partitions: set[int]) -> list[str]: ...
+
+
+class StateSink(Protocol):
+    """Where states go: the bulk producer (decisions topic) ..."""
+
+    def send(self, topic: str, key: bytes, value: bytes, partition: int | None = None) -> None: ...
+
+    def poll(self) -> None: ...
+
+
+class Snapshot(Protocol):
+    """... and the Redis snapshot."""
+
+    def put(self, key: str, payload: bytes) -> None: ...
+
+
+class HeartbeatTopic(Protocol):
+    async def send(self, *, key: bytes, value: bytes, partition: int) -> Any: ...
+
+
+class StatePublisher:
+    """Publishes the states of changed and active keys, and the worker's heartbeats."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        policies: PolicySet,
+        store: Entries,
+        output: StateSink,
+        snapshot: Snapshot,
+        heartbeats: HeartbeatTopic,
+        *,
+        decisions_topic: str,
+        partitions: int,
+        counters: Counters,
+        ready: Callable[[], bool],
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.policies = policies
+        self.store = store
+        self.output = output
+        self.snapshot = snapshot
+        self.heartbeats = heartbeats
+        self.decisions_topic = decisions_topic
+        self.partitions = partitions
+        self.counters = counters
+        self._ready = ready
+        self.clock = clock
+        self._monotonic = monotonic
+        #: Keys whose usage changed since their state was last published, insertion-ordered:
+        #: the oldest change goes first.
+        self.dirty: dict[str, None] = {}
+        #: Key -> its last usage (worker clock); its last publication is latest[key].published_at.
+        self.active: dict[str, float] = {}
+        # source -> last usage from it (worker clock): the fleet size heartbeats announce
+        self._sources: dict[str, float] = {}
+        #: The latest state published per key this worker owns (the API and dashboard read it).
+        self.latest: dict[str, QuotaState] = {}
+        #: Newest record's event time to its state's publication, for recent states (ms).
+        self.latencies_ms: deque[float] = deque(maxlen=2000)
+        #: Times a key went from open to throttled.
+        self.throttle_onsets = 0
+        # partitions assigned here, and whether their keys await a first publication
+        self._assigned: set[int] = set()
+        self._announce = False
+        self._swept_at = 0.0  # when refresh() last dropped old states from `latest`
+        # monotonic time before which the next publication tick is skipped (see PUBLISH_SHARE)
+        self._publish_after = 0.0
+
+    def changed(self, keys: Collection[str], sources: Iterable[str], now: float) -> None:
+        """Usage of ``keys`` from ``sources`` was folded at ``now``: publish them soon."""
+        self.dirty.update(dict.fromkeys(keys))
+        self.active.update(dict.fromkeys(keys, now))
+        seen = self._sources
+        for source in sources:
+            seen[source] = now
+
+    def assigned(self, partitions: set[int]) -> None:
+        """Partitions were assigned: once recovered, publish all their keys."""
+        self._assigned = set(partitions)
+        self._announce = True
+
+    def released(self) -> None:
+        """Partitions were revoked: keys no longer in the store are not published."""
+        entries = self.store.entries
+        for key in [k for k in self.dirty if k not in entries]:
+            del self.dirty[key]
+
+    def _announce_recovered(self) -> None:
+        """Once recovered, publish every key of the assigned partitions: the decisions topic
+        and the snapshot may hold an older state of keys taken over from a worker that died
+        between saving an entry and publishing it, and no message of theirs may come again."""
+        self._announce = False
+        keys = self.store.keys_in(self._assigned)
+        self.dirty.update(dict.fromkeys(keys))
+        log.info("recovered %d keys; publishing their states", len(keys))
+
+    async def publish_dirty(self) -> None:
+        """Publish the state of every key whose usage changed since the last tick, within the
+        tick's slice and the publication's share of time (see the module's docstring)."""
+        self.output.poll()
+        if self._announce and self._ready():
+            self._announce_recovered()
+        started = self._monotonic()
+        if not self.dirty or started < self._publish_after:
+            return
+        now = self.clock()
+        store = self.store
+        dirty = self.dirty
+        stop_at = started + PUBLISH_SLICE * self.settings.publish_interval
+        done: list[str] = []
+        for key in dirty:  # nothing folds meanwhile: this loop never awaits
+            entry = store.get(key)
+            if entry is not None:
+                state = self._publish(key, entry, now)
+                self.latencies_ms.append(max(now - state.watermark, 0.0) * 1000)
+            done.append(key)
+            if len(done) % 64 == 0 and self._monotonic() >= stop_at:
+                break
+        if len(done) == len(dirty):
+            dirty.clear()
+        else:
+            for key in done:
+                del dirty[key]
+        spent = self._monotonic() - started
+        self._publish_after = started + spent / PUBLISH_SHARE
+        self.counters.seconds_publishing += spent
+
+    def _publish(self, key: str, entry: Entry, now: float) -> QuotaState:
+        state = evaluate(key, entry, self.policies, now)
+        before = self.latest.get(key)
+        if state.throttled and (before is None or not before.throttled):
+            self.throttle_onsets += 1
+        self.latest[key] = state
+        payload = state.to_json()
+        self.output.send(self.decisions_topic, key.encode(), payload)
+        self.snapshot.put(key, payload)
+        self.counters.states_published += 1
+        return state
+
+    def current_state(self, key: str) -> QuotaState | None:
+        """The key's state now, if this worker owns it (evaluated afresh: windows slide)."""
+        entry = self.store.get(key)
+        if entry is None:
+            return None
+        return evaluate(key, entry, self.policies, self.clock())
+
+    async def refresh(self) -> None:
+        """Re-publish active keys now and then (windows roll over without new usage), and send
+        a heartbeat so followers can tell a quiet worker from a dead one."""
+        now = self.clock()
+        w = self.settings
+        horizon = now - w.active_horizon
+        entries = self.store.entries
+        latest, dirty = self.latest, self.dirty
+        due = now - w.refresh_interval
+        for key, used in list(self.active.items()):
+            if used < horizon or key not in entries:
+                # quiet (or moved away): the snapshot keeps its last state for the dashboard;
+                # dropping it here keeps memory to the keys in use
+                del self.active[key]
+                latest.pop(key, None)
+                continue
+            state = latest.get(key)
+            if state is None or state.published_at <= due:
+                dirty[key] = None  # published by a coming tick, within its time budget
+        if now - self._swept_at >= w.active_horizon / 4:
+            # states published without later usage (keys recovered, then quiet) go too
+            self._swept_at = now
+            active = self.active
+            for key in [k for k, st in latest.items() if st.published_at < horizon]:
+                if key not in active:
+                    del latest[key]
+        quiet = now - ACTIVE_SOURCE_SECONDS
+        for source in [s for s, seen in self._sources.items() if seen < quiet]:
+            del self._sources[source]
+        beat = heartbeat_json(now, w.app_id, len(self._sources))
+        for partition in range(self.partitions):
+            await self.heartbeats.send(key=HEARTBEAT_KEY.encode(), value=beat, partition=partition)
+        self.counters.heartbeats += 1
