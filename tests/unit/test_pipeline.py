@@ -1,0 +1,314 @@
+"""The worker's pipeline and publisher without a broker: in-memory stand-ins for Faust's stream,
+table and topics, the bulk producer and the snapshot (``tests/fakes.py``). The same paths run
+against the real broker in ``tests/integration/test_pipeline.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from quotaflow.ids import record_id
+from quotaflow.partitioner import partition_of
+from quotaflow.policies import parse_policies
+from quotaflow.record import WireRecord, encode_records
+from quotaflow.settings import WorkerSettings
+from quotaflow.state import HEARTBEAT_KEY, QuotaState
+from quotaflow_stream.counters import Counters
+from quotaflow_stream.deadletters import DLQ_REASON_HEADER, DeadLetters
+from quotaflow_stream.evaluate import scopes_for
+from quotaflow_stream.pipeline import UsagePipeline
+from quotaflow_stream.publisher import PUBLISH_SHARE, PUBLISH_SLICE, StatePublisher
+from quotaflow_stream.store import SAVE_MARKER, AggregateStore
+from tests.fakes import (
+    CHANGELOG,
+    FakeEvent,
+    FakeMessage,
+    FakeOutput,
+    FakeSnapshot,
+    FakeStream,
+    FakeTable,
+    FakeTopic,
+)
+
+PARTS = 4
+NOW = 1_700_000_000.0
+POLICIES = parse_policies(
+    {
+        "version": 1,
+        "policies": [{"name": "all", "keys": ["*"], "limits": {"requests_per_minute": 1000}}],
+    }
+)
+
+
+class Ticker:
+    """A monotonic clock that advances ``step`` seconds each time it is read."""
+
+    def __init__(self, step: float = 0.0) -> None:
+        self.now = 100.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+class Parts:
+    def __init__(self, monotonic: Callable[[], float] | None = None, **worker: Any) -> None:
+        self.settings = WorkerSettings(**worker)
+        self.table, self.output, self.snapshot = FakeTable(), FakeOutput(), FakeSnapshot()
+        self.forward, self.dlq, self.beats = FakeTopic("usage"), FakeTopic("dlq"), FakeTopic()
+        self.counters = Counters()
+        self.ready = True
+        self.store = AggregateStore(
+            self.table, PARTS, self.output, scopes_for=scopes_for(POLICIES), grace=10
+        )
+        self.publisher = StatePublisher(
+            self.settings, POLICIES, self.store, self.output, self.snapshot, self.beats,
+            decisions_topic="decisions", partitions=PARTS, counters=self.counters,
+            ready=lambda: self.ready, clock=lambda: NOW, monotonic=monotonic or Ticker(),
+        )  # fmt: skip
+        self.pipeline = UsagePipeline(
+            self.settings, self.store, self.publisher, DeadLetters(self.dlq, self.counters),
+            self.forward, partitions=PARTS, counters=self.counters, clock=lambda: NOW,
+        )  # fmt: skip
+
+    def states(self) -> list[QuotaState]:
+        return [QuotaState.from_json(v) for k, v, _ in self.output.to("decisions")]
+
+
+def keys_of(partition: int, count: int, prefix: str = "key") -> list[str]:
+    """``count`` counter keys that hash to ``partition``."""
+    found = (f"{prefix}-{i}" for i in range(100_000))
+    keys = [k for k in found if partition_of(k, PARTS) == partition]
+    return keys[:count]
+
+
+def records(keys: list[str], start: int = 0, ts: float = NOW) -> list[WireRecord]:
+    return [
+        WireRecord(
+            id=record_id("ab" * 8, start + i),
+            ts=ts,
+            key=k,
+            model="m",
+            prompt_tokens=7,
+            source="svc-1",
+        )
+        for i, k in enumerate(keys)
+    ]
+
+
+def event(partition: int, offset: int, value: bytes) -> FakeEvent:
+    return FakeEvent(FakeMessage(partition=partition, offset=offset, key=b"k"), value)
+
+
+async def consuming(parts: Parts, stream: FakeStream) -> asyncio.Task[None]:
+    task = asyncio.create_task(parts.pipeline.consume(stream))
+    await stream.drained()
+    return task
+
+
+def test_messages_are_acked_only_after_the_save_covering_them_is_delivered() -> None:
+    async def run() -> None:
+        parts = Parts()
+        k0, k1 = keys_of(0, 3), keys_of(1, 3)
+        stream = FakeStream([event(0, 0, encode_records(records(k0))),
+                             event(1, 0, encode_records(records(k1, 10)))])  # fmt: skip
+        task = await consuming(parts, stream)
+        assert parts.counters.records == 6 and stream.acked == []
+        assert parts.pipeline.unacked_messages == 2
+        # the broker is slow to confirm the changelog: a save is under way, nothing acked
+        parts.output.hold = asyncio.Event()
+        saving = asyncio.create_task(parts.pipeline.save())
+        await asyncio.sleep(0.01)
+        assert stream.acked == [] and parts.pipeline.unacked_messages == 2
+        assert parts.store.stats()["unsaved_entries"] == 6, "a save under way is unsaved"
+        # a message folded meanwhile waits for the next save
+        stream.put(event(0, 1, encode_records(records(k0[:1], 20))))
+        await stream.drained()
+        parts.output.hold.set()
+        assert await saving is True
+        assert [(e.message.partition, e.message.offset) for e in stream.acked] == [(0, 0), (1, 0)]
+        saved = {k.decode() for k, _, _ in parts.output.to(CHANGELOG) if k != SAVE_MARKER}
+        assert saved == set(k0) | set(k1)
+        # a save the broker refuses acks nothing; the next one acks it
+        parts.output.hold, parts.output.fail = None, True
+        assert await parts.pipeline.save() is False
+        assert len(stream.acked) == 2 and parts.pipeline.unacked_messages == 1
+        parts.output.fail = False
+        assert await parts.pipeline.save() is True
+        assert [(e.message.partition, e.message.offset) for e in stream.acked][-1] == (0, 1)
+        stream.close()
+        await task
+
+    asyncio.run(run())
+
+
+def test_misrouted_records_are_forwarded_to_their_partition_and_counted_there_only() -> None:
+    async def run() -> None:
+        parts = Parts()
+        here, there, elsewhere = keys_of(0, 2), keys_of(2, 3), keys_of(3, 1)
+        mixed = records([here[0], *there, here[1], *elsewhere])
+        await parts.pipeline.process_message(
+            FakeMessage(partition=0, offset=5), encode_records(mixed)
+        )
+        assert set(parts.store.entries) == set(here)
+        assert parts.counters.records == 2 and parts.counters.forwarded == 4
+        sent = {m["partition"]: json.loads(m["value"]) for m in parts.forward.sent}
+        assert set(sent) == {2, 3}
+        assert sorted(r["key"] for r in sent[2]) == sorted(there)  # one message per partition
+        assert sent[3]["key"] == elsewhere[0]  # a lone record goes as an object
+        assert all(m["key"] for m in parts.forward.sent)
+
+    asyncio.run(run())
+
+
+def test_bad_records_reach_the_dead_letters_and_the_good_ones_beside_them_count() -> None:
+    async def run() -> None:
+        parts = Parts()
+        key = keys_of(1, 1)[0]
+        good, future = records([key, key])
+        future = WireRecord(**{**{f: getattr(future, f) for f in future.__struct_fields__},
+                               "ts": NOW + 3600})  # fmt: skip
+        bad = {"id": "x-1", "ts": NOW, "key": key, "model": "m", "prompt_tokens": -5,
+               "source": "svc-1"}  # fmt: skip
+        value = (
+            b"[" + b",".join([good.to_json(), json.dumps(bad).encode(), future.to_json()]) + b"]"
+        )
+        message = FakeMessage(partition=1, offset=9, key=b"sk-live-leaked")
+        await parts.pipeline.process_message(message, value)
+        await parts.pipeline.process_message(FakeMessage(partition=1, offset=10), b"not json")
+        assert parts.counters.records == 1 and parts.store.entries[key]["t"][0] == 1
+        reasons = [m["headers"][DLQ_REASON_HEADER].decode() for m in parts.dlq.sent]
+        assert len(reasons) == 3 == parts.counters.dlq
+        assert "[1].prompt_tokens" in reasons[0]
+        assert "ahead of the worker clock" in reasons[1]
+        assert reasons[2].startswith("not JSON")
+        assert b"sk-live-leaked" not in parts.dlq.sent[0]["key"], "a credential key is redacted"
+
+    asyncio.run(run())
+
+
+def test_an_error_inside_the_pipeline_dead_letters_the_message_and_goes_on() -> None:
+    async def run() -> None:
+        parts = Parts()
+
+        def broken(records: Any, now: float) -> Any:
+            raise KeyError("boom")
+
+        parts.store.fold = broken  # type: ignore[method-assign]
+        stream = FakeStream([event(0, 0, encode_records(records(keys_of(0, 1))))])
+        task = await consuming(parts, stream)
+        assert parts.counters.dlq == 1 and "internal error: KeyError" in (
+            parts.dlq.sent[0]["headers"][DLQ_REASON_HEADER].decode()
+        )
+        assert parts.pipeline.unacked_messages == 1, "acked with the next save, not lost"
+        stream.close()
+        await task
+
+    asyncio.run(run())
+
+
+def test_states_go_out_once_per_key_oldest_change_first() -> None:
+    async def run() -> None:
+        parts = Parts()
+        keys = keys_of(0, 5)
+        for offset, batch in enumerate([keys[:3], keys[1:4], keys[4:], keys[:1]]):
+            value = encode_records(records(batch, offset * 10))
+            await parts.pipeline.process_message(FakeMessage(0, offset), value)
+        await parts.publisher.publish_dirty()
+        published = [s.key for s in parts.states()]
+        # each key once, in the order of the message that first changed it
+        assert len(published) == len(keys)
+        assert set(published[:3]) == set(keys[:3]) and published[3:] == keys[3:]
+        assert set(parts.snapshot.states) == set(keys)
+        first = next(s for s in parts.states() if s.key == keys[0])
+        assert first.totals.records == 2 and first.sources["svc-1"] == NOW
+
+    asyncio.run(run())
+
+
+def test_the_publication_slice_holds_under_a_backlog() -> None:
+    """Each state costs 1 ms of (fake) time: a tick stops within its slice of the interval,
+    the next tick waits until publication is back to its share of time, and the keys left
+    over go first next time; every key is published once in the end."""
+
+    async def run() -> None:
+        ticker = Ticker()
+        parts = Parts(monotonic=ticker, publish_interval=0.2)
+        send = parts.output.send
+
+        def costly_send(*args: Any, **kwargs: Any) -> None:
+            ticker.now += 0.001
+            send(*args, **kwargs)
+
+        parts.output.send = costly_send  # type: ignore[method-assign]
+        keys = [k for p in range(PARTS) for k in keys_of(p, 150, f"p{p}")]
+        for p in range(PARTS):
+            mine = [k for k in keys if partition_of(k, PARTS) == p]
+            await parts.pipeline.process_message(FakeMessage(p, 0), encode_records(records(mine)))
+        backlog = list(parts.publisher.dirty)
+        started = ticker.now
+        await parts.publisher.publish_dirty()
+        spent = ticker.now - started
+        first = len(parts.states())
+        assert 0 < first < len(keys)
+        # the slice is checked every 64 states: at most 64 states past it
+        assert spent <= PUBLISH_SLICE * 0.2 + 64 * 0.001 + 0.01
+        assert [s.key for s in parts.states()] == backlog[:first]
+        await parts.publisher.publish_dirty()  # too soon: publication would exceed its share
+        assert len(parts.states()) == first
+        ticker.now = started + spent / PUBLISH_SHARE  # the share's wait has passed
+        await parts.publisher.publish_dirty()
+        assert [s.key for s in parts.states()][first:] == backlog[first : len(parts.states())]
+        while parts.publisher.dirty:
+            ticker.now += 10
+            await parts.publisher.publish_dirty()
+        assert sorted(s.key for s in parts.states()) == sorted(keys)
+
+    asyncio.run(run())
+
+
+def test_refresh_republishes_quiet_active_keys_and_beats_on_every_partition() -> None:
+    async def run() -> None:
+        parts = Parts()
+        key = keys_of(2, 1)[0]
+        await parts.pipeline.process_message(FakeMessage(2, 0), encode_records(records([key])))
+        await parts.publisher.publish_dirty()
+        await parts.publisher.refresh()
+        assert not parts.publisher.dirty, "published just now: not due"
+        assert sorted(m["partition"] for m in parts.beats.sent) == list(range(PARTS))
+        assert all(m["key"] == HEARTBEAT_KEY.encode() for m in parts.beats.sent)
+        assert json.loads(parts.beats.sent[0]["value"])["instances"] == 1
+        parts.publisher.clock = lambda: NOW + parts.settings.refresh_interval + 1
+        await parts.publisher.refresh()
+        assert list(parts.publisher.dirty) == [key]
+
+    asyncio.run(run())
+
+
+def test_a_rebalance_saves_first_and_publishes_recovered_keys_once_ready() -> None:
+    async def run() -> None:
+        parts = Parts()
+        k0, k3 = keys_of(0, 2), keys_of(3, 2)
+        stream = FakeStream([event(0, 0, encode_records(records(k0))),
+                             event(3, 0, encode_records(records(k3, 10)))])  # fmt: skip
+        task = await consuming(parts, stream)
+        await parts.pipeline.revoked({3})
+        assert len(stream.acked) == 2, "saved and acked before letting go"
+        assert set(parts.store.entries) == set(k0) and not set(parts.publisher.dirty) & set(k3)
+        parts.ready = False
+        parts.pipeline.assigned({0})
+        await parts.publisher.publish_dirty()
+        parts.output.sent.clear()
+        parts.publisher.dirty.clear()
+        await parts.publisher.publish_dirty()
+        assert parts.states() == [], "not ready: nothing announced yet"
+        parts.ready = True
+        await parts.publisher.publish_dirty()
+        assert sorted(s.key for s in parts.states()) == sorted(k0)
+        stream.close()
+        await task
+
+    asyncio.run(run())
