@@ -1,25 +1,21 @@
 """Shared fixtures. The embedded broker (Tansu) and Redis (Valkey) start once per session on free
-loopback ports; every test that needs a pipeline gets topics, an app id and a Redis prefix of its
-own, so tests never see each other's data. A backend that cannot start fails the tests that need
-it: nothing here skips."""
+loopback ports; every test module that needs a pipeline gets topics, an app id and a Redis
+prefix of its own, so tests never see each other's data. A backend that cannot start fails the
+tests that need it: nothing here skips.
+
+``settings`` and ``worker`` are the module's own pipeline and its running worker. A module runs
+under the policies in its ``PIPELINE_POLICIES`` (YAML text) if it has them, else under
+``config/policies.yaml``; one that needs more overrides ``settings`` by asking for it."""
 
 from __future__ import annotations
 
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import pytest
 
-from quotaflow.settings import QuotaflowSettings, load_settings
-from quotaflow_stream.devstack import DevStack, free_port, start_stack, stop_stack
-from quotaflow_stream.launcher import WorkerProcess
-from quotaflow_stream.topics import ensure_topics
-
-ROOT = Path(__file__).resolve().parents[1]
-T = TypeVar("T")
+from quotaflow.settings import QuotaflowSettings
+from quotaflow_stream.harness import DevStack, WorkerProcess, start_stack, stop_stack
+from tests.support import pipeline_settings, running_worker
 
 
 @pytest.fixture(scope="session")
@@ -29,52 +25,19 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevStack]:
     stop_stack(s)
 
 
-def pipeline_settings(
-    stack: DevStack, workdir: Path, policies_file: Path | None = None, partitions: int = 4
+@pytest.fixture(scope="module")
+def settings(
+    stack: DevStack, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> QuotaflowSettings:
-    """Settings for an isolated pipeline on the shared stack."""
-    run = uuid.uuid4().hex[:8]
-    return load_settings(
-        kafka={"bootstrap_servers": stack.kafka_bootstrap},
-        redis={"url": stack.redis_url, "key_prefix": f"qf-test-{run}"},
-        topics={
-            "usage": f"t-{run}.usage",
-            "decisions": f"t-{run}.decisions",
-            "dlq": f"t-{run}.dlq",
-            "partitions": partitions,
-        },
-        worker={
-            "app_id": f"qf-test-{run}",
-            "web_port": free_port(),
-            "data_dir": str(workdir / f"worker-{run}"),
-            "heartbeat_interval": 0.5,
-        },
-        client={"flush_interval": 0.01},
-        gateway={"key_salt": f"test-salt-{run}"},
-        policies_file=str(policies_file or ROOT / "config" / "policies.yaml"),
-    )
+    workdir = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    policies = getattr(request.module, "PIPELINE_POLICIES", None)
+    policies_file = None
+    if policies is not None:
+        policies_file = workdir / "policies.yaml"
+        policies_file.write_text(policies)
+    return pipeline_settings(stack, workdir, policies_file=policies_file)
 
 
-def running_worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    """A ready worker for ``settings`` (topics created), stopped afterwards; for fixtures."""
-    ensure_topics(settings)
-    worker = WorkerProcess(settings, Path(settings.worker.data_dir).parent / "worker.log")
-    worker.start().wait_ready(90)
-    yield worker
-    worker.stop()
-
-
-def wait_for(
-    probe: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.05, what: str = ""
-) -> T:
-    """Poll ``probe`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout:g}s waiting for {what or probe} (last={last!r})"
-    )
+@pytest.fixture(scope="module")
+def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
+    yield from running_worker(settings)

@@ -21,8 +21,7 @@ from quotaflow.policies import load_policies
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
 from quotaflow_producers.traffic import DEFAULT_PROFILES, KeyTally, TrafficInstance
-from quotaflow_stream.devstack import DevStack, embedded_run
-from quotaflow_stream.launcher import WorkerProcess
+from quotaflow_stream.harness import DevStack, WorkerProcess, embedded_run
 from quotaflow_stream.topics import ensure_topics
 
 

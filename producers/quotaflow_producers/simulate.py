@@ -251,8 +251,7 @@ def _show_progress(started: float, duration: float, procs: list[Any], show: bool
 
 def run_simulate_command(plan: SimulationPlan, as_json: bool) -> int:
     """``quotaflow simulate``: on the embedded stack (the running ``dev up`` one, or private)."""
-    from quotaflow_stream.devstack import embedded_run
-    from quotaflow_stream.launcher import WorkerProcess
+    from quotaflow_stream.harness import WorkerProcess, embedded_run
     from quotaflow_stream.topics import ensure_topics
 
     with embedded_run("sim") as (stack, settings, run_dir):

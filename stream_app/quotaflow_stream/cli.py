@@ -71,7 +71,7 @@ def register_dev(sub: Any) -> None:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from quotaflow_stream.devstack import (
+    from quotaflow_stream.harness import (
         read_state,
         stack_alive,
         start_stack,

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,10 @@ from confluent_kafka import Producer
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
 from quotaflow_producers.replay import replay
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_stream.harness import WorkerProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    return pipeline_settings(stack, tmp_path_factory.mktemp("audit"))
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 def cli(settings: QuotaflowSettings, *args: str) -> subprocess.CompletedProcess[str]:

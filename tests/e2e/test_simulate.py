@@ -3,16 +3,14 @@ both arms measured in one run."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from quotaflow.settings import QuotaflowSettings
 from quotaflow_producers.simulate import SimulationPlan, policies_yaml, run_simulation
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker
+from quotaflow_stream.harness import DevStack, WorkerProcess
+from tests.support import pipeline_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +27,6 @@ def settings(stack: DevStack, workdir: Path) -> QuotaflowSettings:
     policies = workdir / "policies.yaml"
     policies.write_text(policies_yaml(RPM, TPM))
     return pipeline_settings(stack, workdir, policies_file=policies)
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 def test_fleet_of_processes_reports_both_arms(

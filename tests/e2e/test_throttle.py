@@ -8,16 +8,14 @@ is moved past the reset instead of sleeping through it."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.windows import HOUR, bucket_size, bucket_start
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_stream.harness import WorkerProcess
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -32,12 +30,7 @@ class ShiftedClock:
         return time.time() + self.offset
 
 
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    workdir = tmp_path_factory.mktemp("e2e")
-    policies = workdir / "policies.yaml"
-    policies.write_text(
-        f"""
+PIPELINE_POLICIES = f"""
 version: 1
 policies:
   - name: e2e-small
@@ -46,13 +39,6 @@ policies:
     fail_mode: open
     max_staleness: 30
 """
-    )
-    return pipeline_settings(stack, workdir, policies_file=policies)
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 def test_fleet_converges_on_the_throttle_and_reopens_after_reset(

@@ -13,16 +13,10 @@ import pytest
 from quotaflow import QuotaClient
 from quotaflow.partitioner import partition_for
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.devstack import DevStack, free_port
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, wait_for
+from quotaflow_stream.harness import WorkerProcess, free_port
+from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    return pipeline_settings(stack, tmp_path_factory.mktemp("two-workers"))
 
 
 @pytest.fixture(scope="module")

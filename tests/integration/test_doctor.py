@@ -6,28 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.devstack import DevStack, free_port
 from quotaflow_stream.doctor import run_checks
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_stream.harness import WorkerProcess, free_port
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    return pipeline_settings(stack, tmp_path_factory.mktemp("doctor"))
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 def test_a_healthy_pipeline_passes_every_check(

@@ -20,10 +20,10 @@ from quotaflow import QuotaClient, key_id
 from quotaflow.record import UsageRecord, parse_usage_value
 from quotaflow.settings import DEFAULT_KEY_SOURCES, GatewaySettings, QuotaflowSettings
 from quotaflow_producers.gateway.runner import GatewayThread
-from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
-from quotaflow_stream.devstack import DevStack, free_port
+from quotaflow_producers.testing import REPLY, OpenAIStub
+from quotaflow_stream.harness import DevStack, free_port
 from quotaflow_stream.topics import ensure_topics
-from tests.conftest import pipeline_settings
+from tests.support import pipeline_settings
 
 pytestmark = pytest.mark.integration
 

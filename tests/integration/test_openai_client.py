@@ -15,7 +15,7 @@ from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
 from quotaflow.tokens import count_request, count_text
 from quotaflow.transports import MemoryTransport
-from quotaflow_producers.upstream_stub import REPLY, OpenAIStub
+from quotaflow_producers.testing import REPLY, OpenAIStub
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,21 +16,10 @@ from quotaflow import QuotaClient
 from quotaflow.partitioner import partition_for
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
-from quotaflow_stream.devstack import DevStack
-from quotaflow_stream.launcher import WorkerProcess
-from tests.conftest import pipeline_settings, running_worker, wait_for
+from quotaflow_stream.harness import DevStack, WorkerProcess
+from tests.support import pipeline_settings, running_worker, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
-    return pipeline_settings(stack, tmp_path_factory.mktemp("pipeline"))
-
-
-@pytest.fixture(scope="module")
-def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
-    yield from running_worker(settings)
 
 
 def record_doc(i: int, key: str, **over: object) -> dict[str, object]:

@@ -73,7 +73,7 @@ def test_minted_ids_are_the_contracts_and_count_up() -> None:
 
 
 def test_the_benchs_records_take_the_compact_path() -> None:
-    from quotaflow_producers.bench import stream_records
+    from quotaflow_producers.bench.stream import stream_records
 
     records = stream_records(2_000, keys=10)
     assert all(parse_sdk_id(r.id) for r in records)

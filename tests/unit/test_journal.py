@@ -10,7 +10,7 @@ from quotaflow.emitter import UsageEmitter
 from quotaflow.journal import Journal
 from quotaflow.record import UsageRecord
 from quotaflow.transports import MemoryTransport
-from tests.conftest import wait_for
+from tests.support import wait_for
 
 
 def rec(i: int) -> UsageRecord:

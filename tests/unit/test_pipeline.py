@@ -21,7 +21,7 @@ from quotaflow_stream.evaluate import scopes_for
 from quotaflow_stream.pipeline import UsagePipeline
 from quotaflow_stream.publisher import PUBLISH_SHARE, PUBLISH_SLICE, StatePublisher
 from quotaflow_stream.store import SAVE_MARKER, AggregateStore
-from tests.fakes import (
+from tests.support.fakes import (
     CHANGELOG,
     FakeEvent,
     FakeMessage,

@@ -13,7 +13,7 @@ from quotaflow.partitioner import partition_for
 from quotaflow.record import WireRecord
 from quotaflow_stream.aggregate import add_records, fold_records
 from quotaflow_stream.store import SAVE_MARKER, AggregateStore
-from tests.fakes import FakeOutput, FakeTable
+from tests.support.fakes import FakeOutput, FakeTable
 from tests.unit.test_aggregate import SCOPES
 
 PARTS = 4

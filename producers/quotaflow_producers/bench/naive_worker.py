@@ -5,7 +5,7 @@ table update per record (``table[key] = ...``, so one changelog message per reco
 Faust's producer). It counts per key what the real worker counts in its totals, so the bench can
 check both against the records it sent.
 
-Run as ``python -m quotaflow_stream.naive_baseline STATS_FILE EXPECTED`` with the worker's
+Run as ``python -m quotaflow_producers.bench.naive_worker STATS_FILE EXPECTED`` with the worker's
 settings in the environment (``QUOTAFLOW_*``); it writes its progress to ``STATS_FILE`` (JSON)
 twice a second, and the per-key totals once it has counted ``EXPECTED`` records.
 """

@@ -1,5 +1,5 @@
 """Resident memory per cached key (SDK) and per key-window (worker state), each measured in a
-fresh process: ``python -m quotaflow_producers.memory_probe sdk|worker COUNT`` prints JSON."""
+fresh process: ``python -m quotaflow_producers.bench.memory sdk|worker COUNT`` prints JSON."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
+def wait_port(port: int, timeout: float, what: str, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -115,8 +115,8 @@ def start_stack(log_dir: Path, timeout: float = 30.0) -> DevStack:
         started_at=time.time(),
     )
     try:
-        _wait_port(kafka_port, timeout, "Tansu broker", broker)
-        _wait_port(redis_port, timeout, "Valkey", valkey)
+        wait_port(kafka_port, timeout, "Tansu broker", broker)
+        wait_port(redis_port, timeout, "Valkey", valkey)
     except ConfigError:
         stop_stack(stack)
         raise

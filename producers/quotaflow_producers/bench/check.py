@@ -1,0 +1,154 @@
+"""``quotaflow bench check``: ``check()`` and ``record()`` against the ``limits`` library, and
+memory per key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+from quotaflow.stats import percentile
+from quotaflow_producers.bench.common import bench_run, progress
+
+
+def _latencies(fn: Any, keys: list[str], samples: int) -> list[int]:
+    out = []
+    clock = time.perf_counter_ns
+    n = len(keys)
+    for i in range(samples):
+        key = keys[i % n]
+        start = clock()
+        fn(key)
+        out.append(clock() - start)
+    return out
+
+
+def _summary_us(rounds: list[list[int]]) -> dict[str, float]:
+    """Median over rounds of each round's p50 and p99, in microseconds."""
+    p50 = statistics.median(statistics.median(r) for r in rounds) / 1000
+    p99 = statistics.median(percentile(r, 99) or 0.0 for r in rounds) / 1000
+    return {"p50_us": round(p50, 3), "p99_us": round(p99, 3), "rounds": len(rounds)}
+
+
+def _memory_probe(what: str, count: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "quotaflow_producers.bench.memory", what, str(count)],
+        capture_output=True, text=True, check=True, timeout=600,
+    )  # fmt: skip
+    return dict(json.loads(out.stdout))
+
+
+def run_check(args: argparse.Namespace) -> int:
+    with bench_run("bench-check") as (stack, settings, _):
+        return _measure(args, stack.redis_url, settings)
+
+
+def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
+    from limits import RateLimitItemPerMinute
+    from limits.storage import storage_from_string
+    from limits.strategies import MovingWindowRateLimiter
+
+    from quotaflow._kafka import producer as kafka_producer
+    from quotaflow.client import QuotaClient
+    from quotaflow.state import QuotaState
+    from quotaflow_stream.harness import ensure_topics, free_port
+
+    say = progress(args.json)
+    clients: list[QuotaClient] = []
+    try:
+        ensure_topics(settings)
+        keys = [f"bench-key-{i:06d}" for i in range(args.keys)]
+        # The client follows first, then the states arrive through the topic (a warm start
+        # would read them from Redis, which only a worker fills).
+        quota = QuotaClient(settings).open()
+        clients.append(quota)
+        quota.wait_ready(60)
+        say(f"publishing {len(keys)} quota states through the decisions topic...")
+        producer = kafka_producer(settings.kafka.confluent_config())
+        now = time.time()
+        for key in keys:
+            state = QuotaState(
+                key=key, published_at=now, watermark=now,
+                scopes={"": {60: (int(now // 60) * 60, 5, 500, 100, ())}},
+                scope_policies={"": "bench"}, sources={"bench": now},
+            )  # fmt: skip
+            producer.produce(settings.topics.decisions, key=key.encode(), value=state.to_json())
+            producer.poll(0)
+        producer.flush(30)
+        deadline = time.monotonic() + 60
+        while len(quota.cache) < len(keys) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if len(quota.cache) < len(keys):
+            raise SystemExit(f"bench: follower cached only {len(quota.cache)} of {len(keys)}")
+
+        def check(key: str) -> None:
+            quota.check(key, "gpt-4o", tokens=500)
+
+        say("measuring check()...")
+        _latencies(check, keys, 20_000)  # warm-up
+        check_rounds = [_latencies(check, keys, args.samples) for _ in range(args.rounds)]
+
+        say("measuring the limits library (moving window, Redis storage)...")
+        limiter = MovingWindowRateLimiter(storage_from_string(redis_url))
+        item = RateLimitItemPerMinute(10**9)
+
+        def limits_hit(key: str) -> None:
+            limiter.hit(item, key)
+
+        _latencies(limits_hit, keys, 500)
+        base_samples = max(1000, args.samples // 50)
+        base_rounds = [_latencies(limits_hit, keys, base_samples) for _ in range(args.rounds)]
+
+        def record_with(client: QuotaClient) -> Any:
+            def record(key: str) -> None:
+                client.record(key, "gpt-4o", prompt_tokens=400, completion_tokens=100)
+
+            return record
+
+        say("measuring record() with the broker up...")
+        rec_samples = max(1000, args.samples // 5)
+        up = record_with(quota)
+        _latencies(up, keys, 5_000)
+        up_rounds = [_latencies(up, keys, rec_samples) for _ in range(args.rounds)]
+
+        say("measuring record() with the broker unreachable...")
+        away = settings.model_copy(deep=True)
+        away.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"  # nothing listens there
+        offline = QuotaClient(away, follow=False).open()
+        clients.append(offline)
+        down = record_with(offline)
+        _latencies(down, keys, 5_000)
+        down_rounds = [_latencies(down, keys, rec_samples) for _ in range(args.rounds)]
+
+        say("measuring memory (fresh processes)...")
+        sdk_mem = _memory_probe("sdk", 100_000)
+        worker_mem = _memory_probe("worker", 1_000_000)
+
+        check_s, base_s = _summary_us(check_rounds), _summary_us(base_rounds)
+        up_s, down_s = _summary_us(up_rounds), _summary_us(down_rounds)
+        result = {
+            "benchmark": "check",
+            "keys_cached": len(quota.cache),
+            "check": check_s,
+            "baseline_limits_moving_window_redis": base_s,
+            "ratio_p50": round(base_s["p50_us"] / check_s["p50_us"], 1),
+            "ratio_p99": round(base_s["p99_us"] / check_s["p99_us"], 1),
+            "record_broker_up": up_s,
+            "record_broker_unreachable": down_s,
+            "memory": {"sdk": sdk_mem, "worker": worker_mem},
+            "targets": {
+                "check_p99_le_5us": check_s["p99_us"] <= 5,
+                "check_20x_baseline_p99": base_s["p99_us"] / check_s["p99_us"] >= 20,
+                "record_p99_le_10us_up": up_s["p99_us"] <= 10,
+                "record_p99_le_10us_unreachable": down_s["p99_us"] <= 10,
+            },
+        }
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
+    finally:
+        for client in clients:
+            client.close(timeout=1)
