@@ -23,11 +23,10 @@ def test_bench_gateway_prints_latencies_against_direct_calls(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["requests_per_path"] == 30
-    for path in ("direct", "gateway"):
-        assert 0 < result[path]["p50_ms"] <= result[path]["p99_ms"]
-    assert result["added_p50_ms"] == pytest.approx(
-        result["gateway"]["p50_ms"] - result["direct"]["p50_ms"], abs=0.01
-    )
+    # the README: ~1.2 ms added at p50 on this machine; a proxy adds something, and a busy
+    # 2-core machine may take several times that
+    assert 0 < result["added_p50_ms"] < 15, result
+    assert result["gateway"]["p99_ms"] < 100, result
     assert result["records_emitted"] == 50, "every gateway call (warm-up included) recorded"
 
 
@@ -47,8 +46,11 @@ def test_bench_check_reports_sdk_and_baseline_latencies(tmp_path: Path) -> None:
     check = result["check"]
     base = result["baseline_limits_moving_window_redis"]
     assert isinstance(check, dict) and isinstance(base, dict)
-    assert 0 < check["p50_us"] <= check["p99_us"]
-    assert base["p50_us"] > check["p50_us"], "a Redis round trip per call is slower"
+    # the README: check() p50 ~3 us, p99 ~5-9 us, 40-50x the limits library's p99 on Valkey;
+    # margins of 10x for a busy machine
+    assert check["p50_us"] < 30 and check["p99_us"] < 90, check
+    assert result["ratio_p99"] >= 5, result
+    assert result["record_broker_up"]["p99_us"] < 300, result
     memory = result["memory"]
     assert isinstance(memory, dict)
     assert memory["sdk"]["keys"] == 100_000 and memory["sdk"]["bytes_per_key"] > 0
@@ -63,9 +65,12 @@ def test_bench_stream_verifies_counts_for_both_layouts(tmp_path: Path) -> None:
     assert isinstance(packed, dict) and isinstance(naive, dict)
     assert packed["counts_exact"] is True and naive["counts_exact"] is True
     assert packed["messages"] < packed["records"] and naive["messages"] == naive["records"]
-    assert packed["records_per_s"] > 0 and naive["records_per_s"] > 0
-    # the worker reports where its time went while it aggregated
+    # the README: 17-27x on 400k records; on this small run, at least a few times
+    assert result["speedup"] >= 3, result
+    # the worker reports where its time went while it aggregated: publication is capped at
+    # 20 % of it (a little more where one tick's slice runs past), the collector ~6 %
     shares = packed["time_shares"]
     assert set(shares) == {"folding", "publishing", "saving", "collecting"}
-    assert shares["folding"] > 0 and 0 <= shares["collecting"] < 1
+    assert shares["folding"] > 0 and shares["publishing"] <= 0.25, shares
+    assert shares["collecting"] < 0.25, shares
     assert packed["changelog_writes"] > 0, "the bench waits for the worker to save"

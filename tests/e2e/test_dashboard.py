@@ -4,6 +4,7 @@ and its Prometheus metrics, on a worker that runs with a bearer token while traf
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -97,7 +98,13 @@ def test_api_and_metrics_need_the_token_and_answer_for_every_key(
                  "quotaflow_states_published_total", "quotaflow_denials_total",
                  "quotaflow_records_per_second"):  # fmt: skip
         assert name in text, name
-    assert worker.settings.worker.web_host == "127.0.0.1"
+    # bound to 127.0.0.1 itself, not every address: another address of this host (another of
+    # the loopback range, which a socket bound to 0.0.0.0 would also answer on) is refused
+    port = worker.settings.worker.web_port
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    with pytest.raises(ConnectionRefusedError), socket.create_connection(("127.0.0.2", port), 5):
+        pass
 
 
 def test_dashboard_updates_live_and_matches_the_api(

@@ -4,13 +4,14 @@ past the policy's ``max_staleness`` and the policy's fail mode decides."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
 from quotaflow import QuotaClient
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.harness import WorkerProcess
-from tests.support import wait_for
+from quotaflow_stream.harness import DevStack, WorkerProcess
+from tests.support import pipeline_settings, running_worker, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,3 +60,31 @@ def test_fail_modes_once_the_follower_stops(settings: QuotaflowSettings, worker:
         assert not client.check("local-b", requests=3).allowed
     finally:
         client.close()
+
+
+def test_a_quiet_worker_is_told_from_a_dead_one(stack: DevStack, tmp_path: Path) -> None:
+    """Idle past ``max_staleness`` with the worker alive: its heartbeats keep decisions ``ok``.
+    The worker killed while the broker stays up: decisions turn ``stale_*``."""
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(PIPELINE_POLICIES)
+    settings = pipeline_settings(stack, tmp_path, policies_file=policies)  # a worker of its own
+    live = running_worker(settings)
+    worker = next(live)
+    try:
+        with QuotaClient(settings) as client:
+            assert client.wait_ready(30)
+            client.record("closed-quiet", "m")
+            wait_for(lambda: client.cache.pending_count("closed-quiet") == 0,
+                     what="the call acknowledged")  # fmt: skip
+            # no usage at all for three times max_staleness: heartbeats (every 0.5 s here)
+            for _ in range(6):
+                time.sleep(STALENESS / 2)
+                assert client.check("closed-quiet").reason == "ok"
+                assert client.check("open-quiet").reason == "ok"
+            worker.kill()  # the broker stays up; nothing publishes any more
+            time.sleep(STALENESS + 0.5)
+            closed = client.check("closed-quiet")
+            assert not closed.allowed and closed.reason == "stale_closed"
+            assert client.check("open-quiet").reason == "stale_open"
+    finally:
+        live.close()

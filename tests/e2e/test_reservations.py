@@ -47,8 +47,14 @@ def test_settled_usage_reaches_the_worker_and_the_fleet(
         assert quota_a.wait_ready(30) and quota_b.wait_ready(30)
         base = openai.OpenAI(base_url=stub.base_url, api_key="sk-test-x", max_retries=0)
         client = instrument(base, quota=quota_a, key="res-team")
-        for _ in range(3):
+        for _ in range(2):
             client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=150)
+        # a streamed call too: settled from its final usage chunk as the stream ends
+        streamed = client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=150, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == REPLY
         prompt = count_request({"model": "gpt-4o", "messages": MESSAGES}).tokens
         completion = count_text(REPLY, "gpt-4o")
         spent = 3 * (prompt + completion)

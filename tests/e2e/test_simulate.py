@@ -44,7 +44,10 @@ def test_fleet_of_processes_reports_both_arms(
         assert len(keys) == 2
         for key in keys.values():
             assert key["admitted"] > 0 and key["denied"] > 0, key
-        assert result[arm]["propagation_ms"]["count"] > 0
+        propagation = result[arm]["propagation_ms"]
+        # the README: p50 140 / p99 311 ms with 20 instances at 5x load; 3 instances here
+        assert propagation["count"] > 0
+        assert propagation["p50"] < 500 and propagation["p99"] < 2000, propagation
     # budget shares acted, and held the fleet to its limits
     assert result["decisions_by_reason"].get("share", 0) > 0
     for bound in ("requests", "tokens"):

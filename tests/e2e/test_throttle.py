@@ -71,14 +71,15 @@ def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
         reasons = {clients[2].check(key, "gpt-4o-mini", tokens=33).reason for _ in range(100)}
         assert reasons == {"ok", "share"}
         assert clients[2].check(key, "gpt-4o-mini", tokens=51).reason == "limit"
-        # One more call takes the key to its limit; every instance must deny within 2 s.
+        # One more call takes the key to its limit; every instance denies soon after: the README
+        # says ~95 ms here including flushes, so 750 ms leaves room for a busy machine.
         clients[2].record(key, "gpt-4o-mini", prompt_tokens=50)
         started = time.monotonic()
 
         def all_deny() -> bool:
             return all(not c.check(key, "gpt-4o-mini", tokens=1).allowed for c in clients)
 
-        wait_for(all_deny, timeout=2.0, interval=0.005, what="every instance to deny")
+        wait_for(all_deny, timeout=0.75, interval=0.005, what="every instance to deny")
         converged_ms = (time.monotonic() - started) * 1000
         # the hour slides in 30 s buckets: the calls made within the last few seconds free one
         # hour and one bucket after their bucket began (two buckets if they straddled one)

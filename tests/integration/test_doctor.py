@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from quotaflow import QuotaClient
-from quotaflow.settings import QuotaflowSettings
+from quotaflow.settings import GatewaySettings, QuotaflowSettings
 from quotaflow_stream.doctor import run_checks
-from quotaflow_stream.harness import WorkerProcess, free_port
-from tests.support import wait_for
+from quotaflow_stream.harness import DevStack, WorkerProcess, free_port
+from tests.support import pipeline_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -51,3 +52,33 @@ def test_missing_backends_fail_with_fixes_and_no_password(settings: QuotaflowSet
     assert "[FAIL] broker" in done.stdout and "QUOTAFLOW_KAFKA__BOOTSTRAP_SERVERS" in done.stdout
     assert "[FAIL] redis" in done.stdout and "fix: check QUOTAFLOW_REDIS__URL" in done.stdout
     assert "hunter2" not in done.stdout + done.stderr
+
+
+def test_missing_topics_and_the_default_salt_each_show_as_a_row_with_its_fix(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    fresh = pipeline_settings(stack, tmp_path)  # its topics were never created
+    fresh.gateway = GatewaySettings()  # the shipped salt, on loopback
+    rows = {c.name: c for c in run_checks(fresh, timeout=3)}
+    for name in ("consumer lag", "worker clock"):
+        assert rows[name].status == "fail", rows[name]
+        assert "quotaflow topics create" in rows[name].fix
+    assert rows["gateway key salt"].status == "warn"
+    assert "QUOTAFLOW_GATEWAY__KEY_SALT" in rows["gateway key salt"].fix
+    fresh.gateway = GatewaySettings(listen_host="0.0.0.0")
+    assert {c.name: c for c in run_checks(fresh, timeout=3)}["gateway key salt"].status == "fail"
+
+
+def test_a_forged_heartbeat_does_not_hide_the_clock_row(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    from quotaflow._kafka import producer
+    from quotaflow.state import HEARTBEAT_KEY
+
+    out = producer(settings.kafka.confluent_config())
+    for partition in range(settings.topics.partitions):
+        out.produce(settings.topics.decisions, key=HEARTBEAT_KEY.encode(), value=b"{not json",
+                    partition=partition)  # fmt: skip
+    assert out.flush(10) == 0
+    rows = {c.name: c for c in run_checks(settings, timeout=5)}
+    assert rows["worker clock"].status == "ok", rows["worker clock"]

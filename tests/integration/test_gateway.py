@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,16 +22,20 @@ from confluent_kafka import Consumer, TopicPartition
 from quotaflow import QuotaClient, key_id
 from quotaflow.record import UsageRecord, parse_usage_value
 from quotaflow.settings import DEFAULT_KEY_SOURCES, GatewaySettings, QuotaflowSettings
+from quotaflow.tokens import count_request, count_text
 from quotaflow_producers.gateway.runner import GatewayThread
 from quotaflow_producers.testing import REPLY, OpenAIStub
 from quotaflow_stream.harness import DevStack, free_port
 from quotaflow_stream.topics import ensure_topics
-from tests.support import pipeline_settings
+from tests.support import pipeline_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
 CALLER_SECRET = "sk-caller-secret-0123456789abcdef"
+#: Tokens the local upstream adds to what it reports (see OpenAIStub.usage_offset).
+OFFSET = 1000
 TIGHT_SECRET = "sk-tight-caller-0123456789abcdef"
+OTHER_SECRET = "sk-other-caller-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "Tell me about gateways."}]
 DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+(\.\d+)?s|\d+ms)$")
 
@@ -42,6 +49,8 @@ policies:
   - {name: load, keys: ["load-*"], max_staleness: 600, default_max_output_tokens: 40,
      limits: {tokens_per_minute: 1500}}
   - {name: routes, keys: ["routes-*"], max_staleness: 600, count_routes: ["/v1/models*"],
+     limits: {requests_per_minute: 2}}
+  - {name: uncounted, keys: ["uncounted-*"], max_staleness: 600,
      limits: {requests_per_minute: 2}}
 """
 
@@ -145,6 +154,8 @@ def test_chat_embeddings_and_streams_with_headers_and_exact_usage(
 ) -> None:
     c = client(gateway, key="gw-exact")
     first = len(stub.reported)
+    # the provider's counts differ from the gateway's estimate: each record says whose it took
+    stub.usage_offset = OFFSET
     raw = c.chat.completions.with_raw_response.create(model="gpt-4o", messages=MESSAGES)
     assert raw.parse().choices[0].message.content == REPLY
     for name in ("requests", "tokens"):
@@ -170,18 +181,28 @@ def test_chat_embeddings_and_streams_with_headers_and_exact_usage(
         await ac.close()
         return (resp.choices[0].message.content or "") + text
 
-    assert asyncio.run(run_async()) == REPLY + REPLY
+    try:
+        assert asyncio.run(run_async()) == REPLY + REPLY
+    finally:
+        stub.usage_offset = 0
     reported = stub.reported[first:]
     assert len(reported) == 6
     flush(gateway)
     records = [r for _, r in usage_records(base_settings) if r.key == "gw-exact"]
     assert len(records) == 6, "one record per call, none twice"
-    assert sum(r.prompt_tokens for r in records) == sum(u["prompt_tokens"] for u in reported)
-    assert sum(r.completion_tokens for r in records) == sum(
-        u["completion_tokens"] for u in reported
-    )
-    assert sorted((r.prompt_tokens, r.completion_tokens) for r in records) == sorted(
-        (u["prompt_tokens"], u["completion_tokens"]) for u in reported
+    # what the gateway counts itself: the prompt, and the reply as it relayed it
+    chat = count_request({"model": "gpt-4o", "messages": MESSAGES}).tokens
+    mini = count_request({"model": "gpt-4o-mini", "messages": MESSAGES}).tokens
+    emb_in = {"model": "text-embedding-3-small", "input": ["alpha beta", "gamma"]}
+    reply, mini_reply = count_text(REPLY, "gpt-4o"), count_text(REPLY, "gpt-4o-mini")
+    took = sorted((r.prompt_tokens, r.completion_tokens, r.estimated) for r in records)
+    # calls the provider reported usage for carry its figures (the offset shows they are its
+    # own); the two streams without a usage chunk (the plain one, the async one) are counted
+    # from what was relayed, and say so
+    assert took == sorted(
+        [(chat + OFFSET, reply + OFFSET, False)] * 3  # chat, streamed with usage, async chat
+        + [(count_request(emb_in).tokens + OFFSET, 0, False)]  # embeddings
+        + [(mini, mini_reply, True), (chat, reply, True)]
     )
 
 
@@ -191,10 +212,23 @@ def test_api_key_becomes_an_hmac_id_and_never_leaves(
     c = client(gateway)  # no key header: the counter key comes from the API key
     c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert stub.authorizations[-1] == f"Bearer {CALLER_SECRET}", "the caller's key passes"
+    other = openai.OpenAI(base_url=gateway.base_url, api_key=OTHER_SECRET, max_retries=0)
+    other.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     flush(gateway)
     records = usage_records(base_settings)
-    assert any(r.key.startswith("k_") for _, r in records)
+    salt = base_settings.gateway.key_salt.get_secret_value()
+    mine, theirs = key_id(CALLER_SECRET, salt), key_id(OTHER_SECRET, salt)
+    assert mine != theirs
+    keys = [r.key for _, r in records]
+    assert keys.count(mine) == 1 and keys.count(theirs) == 1
     assert all(CALLER_SECRET.encode() not in raw for raw, _ in records)
+    # the id an operator puts in policies: `quotaflow key-id` prints the same one
+    env = {**os.environ, "QUOTAFLOW_GATEWAY__KEY_SALT": salt}
+    printed = subprocess.run(
+        [sys.executable, "-m", "quotaflow", "key-id"], input=f"{CALLER_SECRET}\n{OTHER_SECRET}\n",
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.split()  # fmt: skip
+    assert printed == [mine, theirs]
 
 
 def test_upstream_key_replaces_the_callers(make_gateway: GatewayFactory, stub: OpenAIStub) -> None:
@@ -262,6 +296,8 @@ def test_bad_input_gets_clear_openai_errors(make_gateway: GatewayFactory, stub: 
     assert bad_messages.status_code == 400
     assert len(stub.requests) == sent, "none of these reached the upstream"
     assert httpx.get(gw.base_url.removesuffix("/v1") + "/healthz").json()["ok"] is True
+    flush(gw)
+    assert not [r for _, r in usage_records(gw.gateway.settings) if r.key == "gw-bad"]
 
 
 def test_upstream_down_is_502_and_slow_upstream_is_504(
@@ -282,10 +318,22 @@ def test_upstream_down_is_502_and_slow_upstream_is_504(
         stub.response_delay = 0.0
     assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
     assert slow.gateway.quota.open_reservations == 0
+    flush(down)
+    flush(slow)
+    records = usage_records(slow.gateway.settings)
+    # never reached the provider: nothing to count; timed out there: counted once, as an error
+    assert not [r for _, r in records if r.key == "gw-down"]
+    timed_out = [r for _, r in records if r.key == "gw-slow"]
+    assert len(timed_out) == 1
+    assert timed_out[0].status == "error" and timed_out[0].estimated
+    assert timed_out[0].prompt_tokens > 0 and timed_out[0].completion_tokens == 0
 
 
-def test_other_routes_pass_and_count_only_where_a_policy_says(gateway: GatewayThread) -> None:
-    free = client(gateway, key="gw-free")
+def test_other_routes_pass_and_count_only_where_a_policy_says(
+    gateway: GatewayThread, base_settings: QuotaflowSettings
+) -> None:
+    # 2 requests a minute, and no count_routes: /v1/models passes 4 times, never counted
+    free = client(gateway, key="uncounted-team")
     for _ in range(4):
         assert [m.id for m in free.models.list()] == ["gpt-4o"]
     counted = client(gateway, key="routes-team")
@@ -293,6 +341,10 @@ def test_other_routes_pass_and_count_only_where_a_policy_says(gateway: GatewayTh
     counted.models.list()
     with pytest.raises(openai.RateLimitError):
         counted.models.list()
+    flush(gateway)
+    keys = [r.key for _, r in usage_records(base_settings)]
+    assert "uncounted-team" not in keys
+    assert keys.count("routes-team") == 2
 
 
 def test_concurrent_clients_never_overspend_a_tight_budget(
@@ -476,3 +528,57 @@ def test_the_default_salt_is_refused_beyond_loopback(
     Gateway(settings, quota)  # loopback: a developer's gateway starts
     settings.gateway = GatewaySettings(listen_host="0.0.0.0", key_salt="a-private-salt")
     Gateway(settings, quota)
+
+
+def test_streams_are_relayed_chunk_by_chunk_and_a_cancel_settles_what_was_delivered(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    body = {"model": "gpt-4o", "messages": MESSAGES, "stream": True}
+    headers = {"x-quotaflow-key": "gw-relay", "Authorization": "Bearer x"}
+    stub.chunk_delay = 0.1  # the upstream takes ~1.4 s to finish its stream
+    try:
+        finished = stub.streams_finished
+        with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body,
+                          headers=headers, timeout=10) as resp:  # fmt: skip
+            chunks = resp.iter_bytes()
+            first = next(chunks)
+            # the first chunk is here while the upstream is still writing: nothing buffered
+            assert first.startswith(b"data: ") and stub.streams_finished == finished
+            got = first + b"".join(chunks)
+        assert stub.streams_finished == finished + 1 and got.rstrip().endswith(b"[DONE]")
+        # a caller that leaves after two chunks: the call settles with what it was sent
+        with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body,
+                          headers={**headers, "x-quotaflow-key": "gw-cancel"},
+                          timeout=10) as resp:  # fmt: skip
+            chunks = resp.iter_bytes()
+            delivered = next(chunks)
+            while delivered.count(b"data: ") < 2:
+                delivered += next(chunks)
+        wait_for(lambda: gateway.gateway.quota.open_reservations == 0, what="the cancel settled")
+    finally:
+        stub.chunk_delay = 0.0
+    flush(gateway)
+    records = usage_records(base_settings)
+    relayed = [r for _, r in records if r.key == "gw-relay"]
+    assert len(relayed) == 1 and relayed[0].status == "ok"
+    assert relayed[0].completion_tokens == count_text(REPLY, "gpt-4o")
+    cancelled = [r for _, r in records if r.key == "gw-cancel"]
+    assert len(cancelled) == 1 and cancelled[0].status == "cancelled" and cancelled[0].estimated
+    assert 0 < cancelled[0].completion_tokens < count_text(REPLY, "gpt-4o"), cancelled
+
+
+def test_counter_keys_come_from_the_sources_in_their_order(
+    make_gateway: GatewayFactory, base_settings: QuotaflowSettings
+) -> None:
+    gw = make_gateway(key_sources=["organization", "api_key", "ip"])
+    url, body = gw.base_url + "/chat/completions", {"model": "gpt-4o", "messages": MESSAGES}
+    # OpenAI-Organization first; then the API key's id; with neither, the caller's address
+    for headers in ({"OpenAI-Organization": "org-order", "Authorization": f"Bearer {OTHER_SECRET}"},
+                    {"Authorization": f"Bearer {OTHER_SECRET}"}, {}):  # fmt: skip
+        assert httpx.post(url, json=body, headers=headers, timeout=10).status_code == 200
+    flush(gw)
+    salt = base_settings.gateway.key_salt.get_secret_value()
+    keys = [r.key for _, r in usage_records(base_settings)]
+    assert keys.count("org-order") == 1
+    assert keys.count("ip:127.0.0.1") == 1
+    assert key_id(OTHER_SECRET, salt) in keys

@@ -290,43 +290,64 @@ def test_a_fuzzed_usage_topic_never_stops_the_worker(
 ) -> None:
     """Generated garbage (random bytes, wrong types, negative, huge and NaN numbers, junk
     nesting, keys that are not UTF-8) beside valid records: the worker keeps running, every
-    rejection reaches the DLQ and every valid record counts."""
+    rejection reaches the DLQ and every valid record counts. Each case is labelled valid or
+    invalid by the generator itself, from the record contract, never by the worker's decoder."""
     import random
 
-    from quotaflow.record import parse_usage_value
-
     rng = random.Random(20261122)
-    junk: list[object] = [None, -1, -(10**20), 10**30, 1e308, "x" * 300, [], {}, [[[]]], True,
-                          {"nested": {"deep": [1, {"x": None}]}}, "NaN", 3.5]  # fmt: skip
-    fields = ["id", "ts", "key", "model", "source", "requests", "prompt_tokens",
-              "completion_tokens", "status", "attrs", "estimated", "unknown"]  # fmt: skip
+    now = time.time()
+    # (field, value) changes that break the v1 contract, each for a reason of its own...
+    invalid = [
+        ("prompt_tokens", -1), ("prompt_tokens", 10**30), ("completion_tokens", "12x"),
+        ("requests", 3.5), ("requests", 10**7), ("ts", None), ("ts", -1.0), ("ts", "NaN"),
+        ("ts", now + 10**6), ("key", ""), ("key", "k" * 300), ("key", "sk-live-abc"),
+        ("model", []), ("model", "m" * 200), ("id", {}), ("source", None),
+        ("status", "maybe"), ("estimated", "perhaps"), ("unknown", 1),
+        ("attrs", {"nested": {"deep": [1]}}), ("attrs", {str(n): "v" for n in range(17)}),
+    ]  # fmt: skip
+    # ...and changes that keep it valid
+    valid = [("attrs", {}), ("attrs", {"team": "a"}), ("estimated", True), ("status", "error"),
+             ("requests", 0), ("prompt_tokens", 10**9), ("completion_tokens", 0)]  # fmt: skip
+    not_json_start = [b for b in range(256) if chr(b) not in '[{"-0123456789tfn \t\r\n']
     before = (worker.stats() or {}).get("dlq", 0)
     p = producer(settings)
-    expected_dead = 0
+    expected_dead = expected_counted = 0
+
+    def mutated(doc: dict[str, object]) -> bool:
+        """Apply a labelled change to ``doc``; True if it stays a valid record."""
+        field, value = rng.choice(invalid + valid)
+        doc[field] = value
+        return (field, value) in valid
+
     for i in range(150):
         kind = rng.random()
-        if kind < 0.25:
-            value = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
-        elif kind < 0.5:
-            doc = record_doc(i, "fuzz-other")
-            doc[rng.choice(fields)] = rng.choice(junk)
-            value = json.dumps(doc).encode()
-        elif kind < 0.75:
-            docs = [record_doc(i * 10 + j, "fuzz-other") for j in range(3)]
-            docs[rng.randrange(3)][rng.choice(fields)] = rng.choice(junk)
+        if kind < 0.25:  # bytes that cannot begin any JSON value
+            head = bytes([rng.choice(not_json_start)])
+            value = head + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 200)))
+            expected_dead += 1
+        elif kind < 0.5:  # one record, changed
+            one = record_doc(i, "fuzz-other")
+            ok = mutated(one)
+            value = json.dumps(one).encode()
+            expected_counted += ok
+            expected_dead += not ok
+        elif kind < 0.75:  # three records, one of them changed
+            docs = [record_doc(10_000 + i * 10 + j, "fuzz-other") for j in range(3)]
+            ok = mutated(docs[rng.randrange(3)])
             value = json.dumps(docs).encode()
-        else:
+            expected_counted += 2 + ok
+            expected_dead += not ok
+        else:  # JSON that is no record at all: each one dead letter
+            junk = [None, -1, 10**30, 1e308, "x" * 300, [], {}, [[[]]], True, {"n": [1]}, 3.5]
             value = json.dumps(rng.choice(junk)).encode()
-        records, rejected = parse_usage_value(value)
-        horizon = time.time() + settings.worker.max_future_skew  # the worker's own rule
-        expected_dead += len(rejected) + sum(1 for r in records if r.ts > horizon)
+            expected_dead += 1
         key = bytes(rng.randrange(128, 256) for _ in range(4)) if rng.random() < 0.3 else b"fz"
         p.produce(settings.topics.usage, key=key, value=value)
     for i in range(20):
         p.produce(settings.topics.usage, key=b"fuzz-valid",
                   value=json.dumps(record_doc(i, "fuzz-valid")).encode())  # fmt: skip
     assert p.flush(10) == 0
-    assert expected_dead > 50
+    assert expected_dead > 50 and expected_counted > 50
     wait_for(
         lambda: (worker.stats() or {}).get("dlq", 0) - before >= expected_dead,
         what=f"{expected_dead} dead letters",
@@ -337,5 +358,13 @@ def test_a_fuzzed_usage_topic_never_stops_the_worker(
             what="the valid records",
         )
         assert st.totals.records == 20
+
+        def counted_others() -> int:
+            state = client.cache.state("fuzz-other")
+            return state.totals.records if state is not None else 0
+
+        wait_for(lambda: counted_others() >= expected_counted,
+                 what=f"the {expected_counted} valid records beside the garbage")  # fmt: skip
+        assert counted_others() == expected_counted
     assert (worker.stats() or {}).get("dlq", 0) - before == expected_dead
     assert worker.proc is not None and worker.proc.poll() is None, "worker kept running"

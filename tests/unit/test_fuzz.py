@@ -11,7 +11,6 @@ from typing import Any
 
 import msgspec
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -156,7 +155,18 @@ def test_a_file_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe policies")
     with pytest.raises(ConfigError, match="cannot read policy file"):
         load_policies(path)
-    assert yaml  # the loader is yaml.safe_load: no object construction from tags
+
+
+def test_a_policy_file_cannot_construct_objects(tmp_path: Path) -> None:
+    """Safe loading: a tag that would call a function under an unsafe loader is refused."""
+    marker = tmp_path / "constructed"
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"version: 1\npolicies:\n  - !!python/object/apply:os.system ['touch {marker}']\n"
+    )
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_policies(path)
+    assert not marker.exists()
 
 
 COMMANDS = ["tokens", "policies", "schema", "key-id", "audit", "replay", "simulate", "doctor",

@@ -30,7 +30,12 @@ class OpenAIStub:
         self.authorizations: list[str | None] = []
         #: Every usage object this server reported, in order.
         self.reported: list[dict[str, int]] = []
+        #: Added to every token count it reports, as a provider whose tokenizer differs from
+        #: the gateway's estimate: tests can tell reported usage from counted content.
+        self.usage_offset = 0
         self.chunk_delay = 0.0
+        #: Streams this server wrote to their end (a stream its client left stays unfinished).
+        self.streams_finished = 0
         #: Seconds to wait before answering at all (to provoke client timeouts).
         self.response_delay = 0.0
         self.port = 0
@@ -90,8 +95,8 @@ class OpenAIStub:
         body = await self._body(request)
         if body["model"] == "stub-429":
             return self._rate_limited()
-        prompt = count_request(body).tokens
-        completion = count_text(REPLY, body["model"])
+        prompt = count_request(body).tokens + self.usage_offset
+        completion = count_text(REPLY, body["model"]) + self.usage_offset
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                  "total_tokens": prompt + completion}  # fmt: skip
         self.reported.append(usage)
@@ -127,11 +132,12 @@ class OpenAIStub:
             await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
+        self.streams_finished += 1
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        prompt = count_request(body).tokens
-        completion = count_text(REPLY, body["model"])
+        prompt = count_request(body).tokens + self.usage_offset
+        completion = count_text(REPLY, body["model"]) + self.usage_offset
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
                  "total_tokens": prompt + completion}  # fmt: skip
         self.reported.append(usage)
@@ -143,7 +149,7 @@ class OpenAIStub:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        prompt = count_request(body).tokens
+        prompt = count_request(body).tokens + self.usage_offset
         self.reported.append({"prompt_tokens": prompt, "completion_tokens": 0})
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
         return web.json_response({

@@ -1,5 +1,7 @@
 """The official openai client (sync, async, streaming) through quotaflow's metering transport,
-against a local OpenAI-compatible server over TCP."""
+against a local OpenAI-compatible server over TCP, with usage kept by the in-memory transport
+(no broker: the same integration over the real broker and a worker is in
+``tests/e2e/test_reservations.py``)."""
 
 from __future__ import annotations
 
@@ -16,8 +18,6 @@ from quotaflow.record import UsageRecord
 from quotaflow.tokens import count_request, count_text
 from quotaflow.transports import MemoryTransport
 from quotaflow_producers.testing import REPLY, OpenAIStub
-
-pytestmark = pytest.mark.integration
 
 POLICIES = parse_policies(
     {
