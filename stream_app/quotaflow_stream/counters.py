@@ -30,6 +30,9 @@ class Counters:
         self.seconds_publishing = 0.0
         #: Seconds in the cycle collector, wherever it ran (see worker.time_collections).
         self.seconds_collecting = 0.0
+        #: The three above as they stood when the latest record was folded: the shares of
+        #: the span that throughput is measured over (publication goes on after it).
+        self.at_last_record: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))

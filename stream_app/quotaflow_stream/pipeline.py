@@ -137,6 +137,7 @@ class UsagePipeline:
         self._unacked_records += len(records)
         c.last_record_at = time.time()
         c.seconds_folding += time.perf_counter() - started
+        c.at_last_record = (c.seconds_saving, c.seconds_publishing, c.seconds_collecting)
 
     async def _set_aside(
         self, message: Any, records: list[WireRecord], ahead: float

@@ -59,7 +59,7 @@ def test_bench_check_reports_sdk_and_baseline_latencies(tmp_path: Path) -> None:
 
 def test_bench_stream_verifies_counts_for_both_layouts(tmp_path: Path) -> None:
     result = run_bench(
-        tmp_path, "stream", "--records", "3000", "--keys", "200", "--baseline-records", "600"
+        tmp_path, "stream", "--records", "20000", "--keys", "500", "--baseline-records", "600"
     )
     packed, naive = result["packed"], result["naive_baseline"]
     assert isinstance(packed, dict) and isinstance(naive, dict)
@@ -71,6 +71,6 @@ def test_bench_stream_verifies_counts_for_both_layouts(tmp_path: Path) -> None:
     # 20 % of it (a little more where one tick's slice runs past), the collector ~6 %
     shares = packed["time_shares"]
     assert set(shares) == {"folding", "publishing", "saving", "collecting"}
-    assert shares["folding"] > 0 and shares["publishing"] <= 0.25, shares
+    assert shares["folding"] > 0 and shares["publishing"] <= 0.3, shares
     assert shares["collecting"] < 0.25, shares
     assert packed["changelog_writes"] > 0, "the bench waits for the worker to save"

@@ -131,8 +131,12 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
                 # time: folding goes on while the broker takes the changelog entries;
                 # collecting overlaps the others, the collector runs inside them)
                 "time_shares": {
-                    part: round(stats.get(f"seconds_{part}", 0.0) / seconds, 3)
-                    for part in ("folding", "publishing", "saving", "collecting")
+                    part: round(spent / seconds, 3)
+                    for part, spent in zip(
+                        ("folding", "saving", "publishing", "collecting"),
+                        (stats["seconds_folding"], *stats["at_last_record"]),
+                        strict=True,
+                    )
                 },
                 "messages": stats["messages"],
                 "records_per_message": round(len(records) / max(stats["messages"], 1), 1),
