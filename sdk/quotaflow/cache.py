@@ -295,7 +295,7 @@ class QuotaCache:
                 if left < 0 or (want == 0 and limit <= used):
                     reset_at = (
                         float(window_end(now, size)) if stale
-                        else self._frees_at(
+                        else self._denied_until(
                             windows, pending, scope, dim, size, limit - max(want, 1), now
                         )
                     )  # fmt: skip
@@ -334,7 +334,7 @@ class QuotaCache:
         fleet = self.fleet_instances
         return 1.0 / fleet if fleet > 1 else 1.0
 
-    def _frees_at(
+    def _denied_until(
         self,
         windows: Mapping[int, WindowCounts] | None,
         pending: Iterable[_Pending] | None,
@@ -344,8 +344,9 @@ class QuotaCache:
         allowed: int,
         now: float,
     ) -> float:
-        """When usage of one limit drops to ``allowed`` as its buckets expire (off the request
-        path: only denials ask). Falls back to when everything counted now has expired."""
+        """When a denied call fits: usage of one limit, the stream's and this process's own,
+        drops to ``allowed`` as its buckets expire (:func:`~quotaflow.windows.frees_at`; off
+        the request path, only denials ask)."""
         frees: list[tuple[float, int]] = []
         w = windows.get(size) if windows is not None else None
         used = 0

@@ -101,12 +101,13 @@ def scan_usage(
     The end is each partition's high watermark when the scan starts, and then no message for
     ``idle`` seconds: some brokers (Tansu) report watermarks below the last offset, so the
     watermark alone would stop short. ``progress(done, total)`` is called as messages are read.
-    Raises ``ConfigError`` if the topic does not exist or the broker cannot be reached within
-    ``timeout`` seconds.
+    Raises ``ConfigError`` if the topic does not exist, ``BrokerUnavailable`` if the broker
+    cannot be reached within ``timeout`` seconds.
     """
-    from confluent_kafka import KafkaException, TopicPartition
+    from confluent_kafka import TopicPartition
 
     from quotaflow._kafka import consumer as kafka_consumer
+    from quotaflow._kafka import kafka_errors
 
     stats = stats if stats is not None else ScanStats()
     topic = settings.topics.usage
@@ -114,10 +115,8 @@ def scan_usage(
         settings.kafka.confluent_config(), "quotaflow-audit", enable_partition_eof=False
     )
     try:
-        try:
+        with kafka_errors(f"reading {topic!r}", settings.kafka.bootstrap_servers):
             meta = consumer.list_topics(topic, timeout=timeout)
-        except KafkaException as exc:
-            raise ConfigError(f"cannot reach the broker to read {topic!r}: {exc}") from None
         tmeta = meta.topics.get(topic)
         if tmeta is None or tmeta.error is not None or not tmeta.partitions:
             raise ConfigError(f"usage topic {topic!r} does not exist on the broker")

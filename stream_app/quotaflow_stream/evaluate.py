@@ -124,7 +124,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
                 limit=spec.limit,
                 used=used,
                 remaining=max(spec.limit - used, 0),
-                reset_at=_frees_at(used, spec.limit, dim, expiries, now),
+                reset_at=_reset_at(used, spec.limit, dim, expiries, now),
             )
             limits.append(status)
             if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
@@ -152,11 +152,11 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
     )
 
 
-def _frees_at(
+def _reset_at(
     used: int, limit: int, dim: int, expiries: tuple[tuple[float, int, int, int], ...], now: float
 ) -> float:
-    """When a throttled limit next admits a call (usage drops below the limit), or, for one
-    that is not throttled, when all its current usage has freed."""
+    """A limit's ``reset_at`` in a state: for a throttled one, when it next admits a call
+    (:func:`~quotaflow.windows.frees_at`), else when all its current usage has freed."""
     everything = float(expiries[-1][0]) if expiries else now
     if used < limit:
         return everything

@@ -19,6 +19,7 @@ from tests.support import wait_for
 pytestmark = pytest.mark.e2e
 
 MESSAGES = [{"role": "user", "content": "How many tokens is this?"}]
+OFFSET = 7  # tokens the local upstream adds to what it reports
 
 
 PIPELINE_POLICIES = """
@@ -43,6 +44,8 @@ def test_settled_usage_reaches_the_worker_and_the_fleet(
 ) -> None:
     a_cfg, b_cfg = settings.model_copy(deep=True), settings.model_copy(deep=True)
     a_cfg.client.source, b_cfg.client.source = "res-a", "res-b"
+    # the provider's counts differ from a local count: what was settled shows whose it took
+    stub.usage_offset = OFFSET
     with QuotaClient(a_cfg) as quota_a, QuotaClient(b_cfg) as quota_b:
         assert quota_a.wait_ready(30) and quota_b.wait_ready(30)
         base = openai.OpenAI(base_url=stub.base_url, api_key="sk-test-x", max_retries=0)
@@ -55,8 +58,9 @@ def test_settled_usage_reaches_the_worker_and_the_fleet(
             stream_options={"include_usage": True},
         )  # fmt: skip
         assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices) == REPLY
-        prompt = count_request({"model": "gpt-4o", "messages": MESSAGES}).tokens
-        completion = count_text(REPLY, "gpt-4o")
+        stub.usage_offset = 0
+        prompt = count_request({"model": "gpt-4o", "messages": MESSAGES}).tokens + OFFSET
+        completion = count_text(REPLY, "gpt-4o") + OFFSET
         spent = 3 * (prompt + completion)
         # The worker counted exactly the settled usage (not the 150-token holds), and
         # instance b, which made no call, sees it.
