@@ -96,6 +96,17 @@ def test_ports_are_published_on_loopback_and_secrets_come_from_the_environment()
     assert env_of("worker-1")["QUOTAFLOW_WORKER__API_TOKEN"].startswith("${QUOTAFLOW_API_TOKEN")
 
 
+def test_the_gateway_listens_beyond_loopback_with_a_salt_of_its_own() -> None:
+    """The compose gateway listens on 0.0.0.0 (inside its container), where the shipped salt is
+    refused: its salt must come from the environment, required."""
+    from quotaflow.settings import GatewaySettings
+
+    command = SERVICES["gateway"]["command"]
+    host = command[command.index("--listen") + 1].rpartition(":")[0]
+    assert GatewaySettings(listen_host=host).salt_problem() is not None
+    assert env_of("gateway")["QUOTAFLOW_GATEWAY__KEY_SALT"].startswith("${QUOTAFLOW_KEY_SALT:?")
+
+
 def test_the_dockerfile_builds_the_cli_image() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM python:3.11-slim" in text
