@@ -15,7 +15,7 @@ newer than its newest); ``tests/unit/test_dedup.py`` holds the inlined copy to t
 
 from __future__ import annotations
 
-from quotaflow.ids import SDK_ID
+from quotaflow.ids import SDK_ID, parse_sdk_id
 from quotaflow_stream.entry import Entry, InstanceIds
 
 #: Counter values below an instance's newest that are still told apart (one bit each).
@@ -77,10 +77,10 @@ def foreign_seen(foreign: dict[str, float], rid: str, arrived: float) -> bool:
 def seen(entry: Entry, rid: str, arrived: float) -> bool:
     """Whether ``entry`` has counted the record id ``rid`` (any format); remembers it if not.
     The reference the fold's inlined checks are tested against."""
-    m = sdk_id_match(rid)
-    if m is None:
+    parsed = parse_sdk_id(rid)
+    if parsed is None:
         return foreign_seen(entry.setdefault("xid", {}), rid, arrived)
-    return sdk_seen(entry["ids"], m[1], int(m[2], 16), arrived)
+    return sdk_seen(entry["ids"], *parsed, arrived)
 
 
 def forget_ids(entry: Entry, forget: float) -> None:
