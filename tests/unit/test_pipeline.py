@@ -1,6 +1,6 @@
 """The worker's pipeline and publisher without a broker: in-memory stand-ins for Faust's stream,
-table and topics, the bulk producer and the snapshot (``tests/fakes.py``). The same paths run
-against the real broker in ``tests/integration/test_pipeline.py``."""
+table and topics, the bulk producer and the snapshot (``tests/support/fakes.py``). The same
+paths run against the real broker in ``tests/integration/test_pipeline.py``."""
 
 from __future__ import annotations
 
