@@ -54,6 +54,15 @@ class ClientState(enum.Enum):
 _OPENED = ClientState.OPENED
 
 
+def _checked_record(*fields: Any) -> RecordedUsage:
+    """:func:`make_record`, its validation error raised as the :class:`RecordError` callers
+    catch (naming the field, never repeating the value)."""
+    try:
+        return make_record(*fields)
+    except ValidationError as exc:
+        raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
+
+
 class QuotaClient:
     """Answers quota checks from memory and emits usage records without blocking."""
 
@@ -215,22 +224,19 @@ class QuotaClient:
             # Monotonic per instance: the stream acknowledges our usage by our newest timestamp.
             ts = max(self.clock(), self._last_ts + 1e-6)
             self._last_ts = ts
-        try:
-            record = make_record(
-                id or self.ids(),
-                ts,
-                key,
-                model,
-                requests,
-                prompt_tokens,
-                completion_tokens,
-                estimated,
-                status,
-                self.source,
-                dict(attrs) if attrs else {},
-            )
-        except ValidationError as exc:
-            raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
+        record = _checked_record(
+            id or self.ids(),
+            ts,
+            key,
+            model,
+            requests,
+            prompt_tokens,
+            completion_tokens,
+            estimated,
+            status,
+            self.source,
+            dict(attrs) if attrs else {},
+        )
         self.cache.add_usage(key, model, ts, requests, prompt_tokens, completion_tokens)
         assert self.emitter is not None
         self.emitter.emit(record)
@@ -275,13 +281,10 @@ class QuotaClient:
         reservation_id = uuid.uuid4().hex
         # The record settle() falls back to must be valid now: a call is admitted only if its
         # usage can be recorded (a gateway forwards nothing it could not count).
-        try:
-            make_record(
-                reservation_id, self.clock(), key, model, 1, prompt_tokens, max_output_tokens,
-                estimated, "ok", self.source, {},
-            )  # fmt: skip
-        except ValidationError as exc:
-            raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
+        _checked_record(
+            reservation_id, self.clock(), key, model, 1, prompt_tokens, max_output_tokens,
+            estimated, "ok", self.source, {},
+        )  # fmt: skip
         decision = self.check(
             key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens
         )

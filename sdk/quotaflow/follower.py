@@ -15,7 +15,7 @@ from typing import Any
 
 from quotaflow._kafka import consumer as kafka_consumer
 from quotaflow.cache import QuotaCache
-from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_instances
+from quotaflow.state import HEARTBEAT_KEY, QuotaState, read_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,9 @@ class DecisionsFollower:
             return
         if key is not None and key == HEARTBEAT_KEY.encode():
             self.cache.mark_heard()
-            beat = heartbeat_instances(value)
+            beat = read_heartbeat(value)
             if beat is not None:
-                self.cache.note_fleet(*beat)
+                self.cache.note_fleet(beat.worker, beat.instances)
             return
         try:
             state = QuotaState.from_json(value)

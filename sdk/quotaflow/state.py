@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -201,12 +201,24 @@ def heartbeat_json(published_at: float, worker: str, instances: int) -> bytes:
     ).encode()
 
 
-def heartbeat_instances(raw: bytes) -> tuple[str, int] | None:
-    """``(worker, instances)`` of a heartbeat, or None if it is not one this SDK reads."""
+class Heartbeat(NamedTuple):
+    """A worker's heartbeat: when it was sent (worker clock), by whom, and how many instances
+    that worker heard from lately."""
+
+    published_at: float
+    worker: str
+    instances: int
+
+
+def read_heartbeat(raw: bytes | None) -> Heartbeat | None:
+    """The heartbeat in ``raw``, or None if it is not one this SDK reads (anyone who can write
+    the decisions topic can write bytes under the heartbeat key)."""
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw or b"")
         if doc.get("v") != STATE_VERSION or not doc.get("heartbeat"):
             return None
-        return str(doc.get("worker", "")), int(doc.get("instances", 0))
-    except (ValueError, TypeError, AttributeError):
+        return Heartbeat(
+            float(doc["published_at"]), str(doc.get("worker", "")), int(doc.get("instances", 0))
+        )
+    except (ValueError, TypeError, AttributeError, KeyError):
         return None

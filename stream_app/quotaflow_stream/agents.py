@@ -52,7 +52,6 @@ class StreamWorker:
         snapshot: SnapshotWriter,
         *,
         usage_partitions: int,
-        output: BulkProducer | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.app = app
@@ -65,7 +64,7 @@ class StreamWorker:
         self.usage_topic = raw_topic(app, t.usage, usage_partitions)
         self.decisions_topic = raw_topic(app, t.decisions, usage_partitions)
         self.dlq_topic = raw_topic(app, t.dlq, None)
-        self.output = output if output is not None else BulkProducer(settings)
+        self.output = BulkProducer(settings)
         self.store = AggregateStore(
             aggregate_table(app, usage_partitions),
             usage_partitions,

@@ -15,12 +15,15 @@ from typing import Any, Literal, cast
 from quotaflow._kafka import admin as kafka_admin
 from quotaflow._kafka import consumer as kafka_consumer
 from quotaflow.settings import QuotaflowSettings
-from quotaflow.state import HEARTBEAT_KEY
+from quotaflow.state import HEARTBEAT_KEY, read_heartbeat
 
 Status = Literal["ok", "warn", "fail"]
 
 #: Clock skew beyond this many seconds is a warning (windows and staleness go by clocks).
 SKEW_WARN = 1.0
+#: The fix for a missing topic, wherever a check finds one.
+CREATE_TOPICS = "run `quotaflow topics create` (or start a worker once)"
+
 #: Consumer lag (messages) beyond this is a warning.
 LAG_WARN = 10_000
 
@@ -99,7 +102,7 @@ def _topics(settings: QuotaflowSettings, admin: Any, timeout: float, checks: lis
                     f"topic {name}",
                     "fail",
                     "missing",
-                    "run `quotaflow topics create` (or start a worker once)",
+                    CREATE_TOPICS,
                 )
             )
             continue
@@ -163,7 +166,7 @@ def _lag(settings: QuotaflowSettings, timeout: float, checks: list[Check]) -> No
                     "consumer lag",
                     "fail",
                     f"usage topic {settings.topics.usage!r} is missing: nothing to consume",
-                    "run `quotaflow topics create` (or start a worker once)",
+                    CREATE_TOPICS,
                 )
             )
             return
@@ -219,7 +222,7 @@ def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Chec
                     "worker clock",
                     "fail",
                     f"decisions topic {settings.topics.decisions!r} is missing: no heartbeats",
-                    "run `quotaflow topics create` (or start a worker once)",
+                    CREATE_TOPICS,
                 )
             )
             return
@@ -236,11 +239,10 @@ def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Chec
             if msg is None or msg.error() is not None:
                 continue
             if msg.key() == HEARTBEAT_KEY.encode():
-                received = time.time()
-                try:  # anyone who can write the topic can write a "heartbeat": skip bad ones
-                    skew = received - float(json.loads(msg.value() or b"{}")["published_at"])
-                except (ValueError, KeyError, TypeError):
+                beat = read_heartbeat(msg.value())
+                if beat is None:  # not a heartbeat a worker wrote
                     continue
+                skew = time.time() - beat.published_at
                 newest = skew if newest is None else min(newest, skew)
     except Exception as exc:
         checks.append(
