@@ -45,9 +45,11 @@ class IdMinter:
         self.prefix = new_prefix() if prefix is None else prefix
         if SDK_ID.fullmatch(record_id(self.prefix, 0)) is None:
             raise ValueError(f"an instance prefix is {PREFIX_DIGITS} lowercase hex digits")
-        # the request path mints one per record(): the formatting inline, the prefix joined once
-        self._head = self.prefix + "-"
-        self._counter = itertools.count()
+        #: The prefix joined with its separator, and the counter: ``QuotaClient.record()``
+        #: formats ``f"{head}{next(counter):x}"`` inline, a call less per record (test_dedup
+        #: holds what it mints to this contract).
+        self.head = self.prefix + "-"
+        self.counter = itertools.count()
 
     def __call__(self) -> str:
-        return f"{self._head}{next(self._counter):x}"
+        return f"{self.head}{next(self.counter):x}"
