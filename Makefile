@@ -47,7 +47,7 @@ e2e: install browser
 
 # Regenerate the checked-in JSON Schema after changing the usage record model.
 schema: install
-	$(BIN)/quotaflow schema > config/schema/usage-record.schema.json
+	$(BIN)/quotaflow schema > config/schema/usage-record.v2.schema.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .quotaflow

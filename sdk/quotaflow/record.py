@@ -1,4 +1,12 @@
-"""Usage record v1: one LLM call's consumption, the unit of the audit trail.
+"""Usage record v2: one LLM call's consumption, the unit of the audit trail.
+
+v2 adds what providers bill beyond prompt and completion tokens: ``cached_prompt_tokens`` and
+``cache_write_tokens`` (both parts of ``prompt_tokens``), ``reasoning_tokens`` (part of
+``completion_tokens``), ``images``, the call's price ``cost_micros`` (integer micro-dollars)
+with the ``price_version`` of the table that priced it, the ``provider`` and the end ``user``.
+Every v2 field has a default (0 or null), so a v1 record is a valid v2 record; one without
+``cost_micros`` is priced by the worker. Fields at their v2 default are left out of the JSON,
+so what a v1 producer writes and what v2 writes for the same call are the same bytes.
 
 A message on the usage topic holds one record (a JSON object) or several (a JSON array) whose
 counter keys all hash to the message's partition. :func:`parse_usage_value` turns such a message
@@ -22,9 +30,17 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, NamedTuple, Protocol
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Largest message value the worker accepts before parsing (bytes). Larger ones go to the DLQ.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -37,19 +53,21 @@ REDACTED = "[redacted: looked like an API secret]"
 
 _MAX_TOKENS = 10**9
 _MAX_REQUESTS = 10**6
+#: A million dollars, in micro-dollars: no single call costs more.
+_MAX_COST_MICROS = 10**12
 
 Status = Literal["ok", "error", "cancelled", "denied"]
 Label = Annotated[str, Field(max_length=128)]
 
 
 class UsageRecord(BaseModel):
-    """One LLM call's usage (schema v1). Immutable; unknown fields are rejected."""
+    """One LLM call's usage (schema v2). Immutable; unknown fields are rejected."""
 
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        title="quotaflow usage record v1",
-        json_schema_extra={"$id": "https://quotaflow.dev/schema/usage-record.v1.json"},
+        title="quotaflow usage record v2",
+        json_schema_extra={"$id": "https://quotaflow.dev/schema/usage-record.v2.json"},
     )
 
     id: str = Field(min_length=1, max_length=128, description="Unique per LLM call; dedup key.")
@@ -67,6 +85,36 @@ class UsageRecord(BaseModel):
     status: Status = "ok"
     source: str = Field(min_length=1, max_length=128, description="Emitting instance id.")
     attrs: dict[str, Label] = Field(default_factory=dict, max_length=16)
+    # v2
+    cached_prompt_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=_MAX_TOKENS,
+        description="Prompt tokens read from a cache (within prompt_tokens).",
+    )
+    cache_write_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=_MAX_TOKENS,
+        description="Prompt tokens written to a cache (within prompt_tokens).",
+    )
+    reasoning_tokens: int = Field(
+        default=0, ge=0, le=_MAX_TOKENS, description="Reasoning tokens (within completion_tokens)."
+    )
+    images: int = Field(default=0, ge=0, le=_MAX_REQUESTS, description="Images generated.")
+    cost_micros: int | None = Field(
+        default=None,
+        ge=0,
+        le=_MAX_COST_MICROS,
+        description="The call's price in integer micro-dollars; null: priced by the worker.",
+    )
+    provider: str | None = Field(default=None, min_length=1, max_length=64)
+    price_version: str | None = Field(
+        default=None, min_length=1, max_length=128, description="The price table that priced it."
+    )
+    user: str | None = Field(
+        default=None, min_length=1, max_length=128, description="End user of the key: an id."
+    )
 
     @field_validator("ts")
     @classmethod
@@ -84,12 +132,23 @@ class UsageRecord(BaseModel):
             )
         return value
 
+    @model_validator(mode="after")
+    def _parts_within_wholes(self) -> UsageRecord:
+        if self.cached_prompt_tokens + self.cache_write_tokens > self.prompt_tokens:
+            raise ValueError(
+                "cached_prompt_tokens + cache_write_tokens exceed prompt_tokens; both are "
+                "counted within prompt_tokens (add Anthropic's cache tokens to input_tokens)"
+            )
+        if self.reasoning_tokens > self.completion_tokens:
+            raise ValueError("reasoning_tokens exceed completion_tokens, which include them")
+        return self
+
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return self.model_dump_json().encode()
+        return _encode_fields(self.model_dump())
 
 
 _record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
@@ -115,13 +174,21 @@ class WireRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fa
     attrs: Annotated[
         dict[str, Annotated[str, msgspec.Meta(max_length=128)]], msgspec.Meta(max_length=16)
     ] = {}
+    cached_prompt_tokens: _Count = 0
+    cache_write_tokens: _Count = 0
+    reasoning_tokens: _Count = 0
+    images: Annotated[int, msgspec.Meta(ge=0, le=_MAX_REQUESTS)] = 0
+    cost_micros: Annotated[int, msgspec.Meta(ge=0, le=_MAX_COST_MICROS)] | None = None
+    provider: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
+    price_version: _Id | None = None
+    user: _Id | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return _wire_encoder.encode(self)
+        return _encode_fields(msgspec.structs.asdict(self))
 
     @classmethod
     def of(cls, record: UsageRecord) -> WireRecord:
@@ -129,6 +196,28 @@ class WireRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fa
 
 
 _wire_encoder = msgspec.json.Encoder()
+
+#: The v2 fields and their defaults: left out of the JSON when at them.
+V2_DEFAULTS: dict[str, Any] = {
+    "cached_prompt_tokens": 0,
+    "cache_write_tokens": 0,
+    "reasoning_tokens": 0,
+    "images": 0,
+    "cost_micros": None,
+    "provider": None,
+    "price_version": None,
+    "user": None,
+}
+
+
+def _encode_fields(fields: dict[str, Any]) -> bytes:
+    """A record's fields as JSON, the v2 fields at their defaults left out."""
+    for name, default in V2_DEFAULTS.items():
+        if fields[name] == default:
+            del fields[name]
+    return _wire_encoder.encode(fields)
+
+
 _wire_decoder = msgspec.json.Decoder(WireRecord | list[WireRecord])
 _STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
 # first letters of what _SECRET_LIKE matches: most keys are told apart without the regex
@@ -155,13 +244,21 @@ class RecordedUsage(NamedTuple):
     status: str
     source: str
     attrs: dict[str, str]
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    images: int = 0
+    cost_micros: int | None = None
+    provider: str | None = None
+    price_version: str | None = None
+    user: str | None = None
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return _wire_encoder.encode(self._asdict())
+        return _encode_fields(self._asdict())
 
     def validated(self) -> UsageRecord:
         return _record_adapter.validate_python(self._asdict())
@@ -179,6 +276,14 @@ def make_record(
     status: str,
     source: str,
     attrs: dict[str, str],
+    cached_prompt_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+    images: int = 0,
+    cost_micros: int | None = None,
+    provider: str | None = None,
+    price_version: str | None = None,
+    user: str | None = None,
 ) -> RecordedUsage:
     """A checked record; raises pydantic's ``ValidationError`` naming the field otherwise."""
     # checked inline (no helper calls): this is most of record()'s few microseconds
@@ -211,15 +316,44 @@ def make_record(
                 )
             )
         )
+        # v2: most calls have none of these; one test each when they are plainly absent
+        and (
+            (not cached_prompt_tokens and not cache_write_tokens)
+            or (
+                type(cached_prompt_tokens) is int
+                and type(cache_write_tokens) is int
+                and cached_prompt_tokens >= 0
+                and cache_write_tokens >= 0
+                and cached_prompt_tokens + cache_write_tokens <= prompt_tokens
+            )
+        )
+        and (
+            not reasoning_tokens
+            or (type(reasoning_tokens) is int and 0 <= reasoning_tokens <= completion_tokens)
+        )
+        and (not images or (type(images) is int and 0 <= images <= _MAX_REQUESTS))
+        and (
+            cost_micros is None
+            or (type(cost_micros) is int and 0 <= cost_micros <= _MAX_COST_MICROS)
+        )
+        and (provider is None or (type(provider) is str and 0 < len(provider) <= 64))
+        and (
+            price_version is None or (type(price_version) is str and 0 < len(price_version) <= 128)
+        )
+        and (user is None or (type(user) is str and 0 < len(user) <= 128))
     ):
         return RecordedUsage(
             id, ts, key, model, requests, prompt_tokens, completion_tokens, estimated, status,
-            source, attrs,
+            source, attrs, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, images,
+            cost_micros, provider, price_version, user,
         )  # fmt: skip
     checked = UsageRecord(
         id=id, ts=ts, key=key, model=model, requests=requests, prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens, estimated=estimated, status=status,
-        source=source, attrs=attrs,
+        source=source, attrs=attrs, cached_prompt_tokens=cached_prompt_tokens,
+        cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
+        images=images, cost_micros=cost_micros, provider=provider,
+        price_version=price_version, user=user,
     )  # fmt: skip
     return RecordedUsage(**checked.model_dump())
 
@@ -269,7 +403,12 @@ def parse_usage_value(value: bytes | None) -> tuple[list[WireRecord], list[Rejec
         # this runs for every record a worker reads
         secret_initials, secret_like, inf = _SECRET_INITIALS, _SECRET_LIKE.match, math.inf
         for r in records:
-            if not r.ts < inf or (r.key[0] in secret_initials and secret_like(r.key)):
+            if (
+                not r.ts < inf
+                or (r.key[0] in secret_initials and secret_like(r.key))
+                or r.cached_prompt_tokens + r.cache_write_tokens > r.prompt_tokens
+                or r.reasoning_tokens > r.completion_tokens
+            ):
                 break
         else:
             if records:

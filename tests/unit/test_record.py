@@ -133,8 +133,52 @@ def test_fast_record_encodes_exactly_like_the_model() -> None:
     r = fast()
     assert isinstance(r, RecordedUsage) and r.total_tokens == 120
     model = r.validated()
-    assert json.loads(r.to_json()) == json.loads(model.model_dump_json())
+    assert json.loads(r.to_json()) == json.loads(model.to_json())
     assert parse_usage_value(r.to_json())[0] == [WireRecord.of(model)]
+    v2 = fast(cached_prompt_tokens=40, reasoning_tokens=5, cost_micros=123, provider="openai")
+    assert json.loads(v2.to_json()) == json.loads(v2.validated().to_json())
+    assert parse_usage_value(v2.to_json())[0] == [WireRecord.of(v2.validated())]
+
+
+def test_v2_fields_at_their_defaults_are_left_out_of_the_json() -> None:
+    """A v1 producer and v2 write the same bytes for a call with no v2 units."""
+    doc = json.loads(fast().to_json())
+    assert set(doc) == {
+        "id", "ts", "key", "model", "requests", "prompt_tokens", "completion_tokens",
+        "estimated", "status", "source", "attrs",
+    }  # fmt: skip
+    doc = json.loads(fast(images=2, cost_micros=0).to_json())
+    assert doc["images"] == 2 and doc["cost_micros"] == 0, "a free call says it cost 0"
+
+
+def test_a_v1_record_is_a_v2_record_with_zeros() -> None:
+    v1 = rec()
+    [record], rejected = parse_usage_value(json.dumps(v1).encode())
+    assert rejected == []
+    assert (record.cached_prompt_tokens, record.cache_write_tokens, record.reasoning_tokens) == (
+        0, 0, 0,
+    )  # fmt: skip
+    assert record.images == 0 and record.cost_micros is None and record.price_version is None
+
+
+@pytest.mark.parametrize(
+    ("over", "fragment"),
+    [
+        ({"prompt_tokens": 10, "cached_prompt_tokens": 8, "cache_write_tokens": 3}, "exceed"),
+        ({"completion_tokens": 10, "reasoning_tokens": 11}, "reasoning_tokens exceed"),
+        ({"cost_micros": -1}, "cost_micros"),
+        ({"cost_micros": 10**13}, "cost_micros"),
+        ({"images": -2}, "images"),
+        ({"provider": ""}, "provider"),
+    ],
+)
+def test_v2_parts_never_exceed_their_wholes(over: dict[str, object], fragment: str) -> None:
+    """Both readings refuse it: the worker's fast decode and the SDK's fast check."""
+    records, rejected = parse_usage_value(json.dumps(rec(**over)).encode())
+    assert records == [] and fragment in rejected[0].reason
+    with pytest.raises(ValidationError) as err:
+        fast(**over)
+    assert fragment in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,438 @@
+"""Prices: what one LLM call costs, in integer micro-dollars, from one versioned price table.
+
+The table is `genai-prices`' bundled data (offline: its update functions are never called, so
+nothing here touches the network) overridden by ``config/prices.yaml`` for negotiated prices,
+fine-tunes and self-hosted models::
+
+    version: 1
+    models:
+      - match: "ft:gpt-4o-mini:acme:*"      # a model name or a glob
+        provider: openai                    # optional: only calls that name this provider
+        prices: {input_mtok: 0.3, cache_read_mtok: 0.15, output_mtok: 1.2}
+      - match: "llama-3.1-70b-local"
+        prices: {input_mtok: 0, output_mtok: 0}
+      - match: "dall-e-3"
+        prices: {per_image: 0.04}
+    aliases:
+      gpt4: gpt-4o                          # price "gpt4" as gpt-4o
+
+Prices per million tokens (``*_mtok``), per request and per image are in dollars.
+
+``calc_price`` costs ~120 us a call, far too slow for ``record()``. :meth:`PriceTable.prices`
+resolves a model's prices once into :class:`ModelPrices`, integer rates scaled by
+:data:`RATE_SCALE`, and :meth:`ModelPrices.cost` is a few integer multiplications. Every unit a
+provider bills is decomposed the way genai-prices does: cache reads and writes are parts of the
+prompt, reasoning is part of the completion, and a part the model has no price for is billed at
+its whole's price (``tests/unit/test_prices.py`` holds the two to the micro-dollar).
+
+Historic and time-of-day prices: a resolution is valid for the UTC day it was made in (and
+inside a time-of-day price's interval), so a call is priced at the prices of its own time.
+Service-tier variants (flex, priority) are not applied: calls are priced at standard prices.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import fnmatch
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from importlib.metadata import version as _package_version
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quotaflow._exceptions import ConfigError, QuotaflowError
+
+#: Rates are integers: micro-dollars per unit, times this. Exact for prices with up to 18
+#: decimals of a dollar per million tokens: the data has float artefacts like 0.13999999999999999,
+#: and genai-prices prices them exactly, so we do too (Python's integers do not overflow).
+RATE_SCALE = 10**18
+
+# Per-unit price keys a prices.yaml entry may set, and genai-prices' names for the same.
+_TOKEN_KEYS = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok", "reasoning_mtok")
+_GENAI_KEYS = {
+    "input_mtok": "input_mtok",
+    "cache_read_mtok": "cache_read_mtok",
+    "cache_write_mtok": "cache_write_mtok",
+    "output_mtok": "output_mtok",
+    "reasoning_mtok": "output_reasoning_mtok",
+}
+_OVERRIDE_KEYS = (*_TOKEN_KEYS, "per_request", "per_image")
+
+#: Rates in the order :meth:`ModelPrices.cost` reads them: input, output and per-request rates,
+#: then cache read, cache write and reasoning as differences from their whole's rate (most calls
+#: have none of them: their terms are skipped), then the per-image rate.
+Rates = tuple[int, int, int, int, int, int, int]
+
+
+class UnpricedModel(QuotaflowError, LookupError):
+    """No price is known for a model; ``nearest`` lists the closest known model names."""
+
+    def __init__(self, model: str, provider: str | None, nearest: list[str]) -> None:
+        where = f" from provider {provider!r}" if provider else ""
+        hint = f"; nearest known: {', '.join(nearest)}" if nearest else ""
+        super().__init__(
+            f"no price for model {model!r}{where} in genai-prices or prices.yaml{hint}"
+        )
+        self.model = model
+        self.provider = provider
+        self.nearest = nearest
+
+
+def _rate(price: Decimal | None, per_unit_micros: int) -> int | None:
+    """A price in dollars per ``1e6 / per_unit_micros`` units as micro-dollars per unit, scaled."""
+    if price is None:
+        return None
+    return int((price * per_unit_micros * RATE_SCALE).to_integral_value())
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrices:
+    """One model's resolved prices: integer rates (see :data:`Rates`), and where and when they
+    hold. ``tiers`` are ``(prompt tokens above which, rates)``, highest first (long-context
+    prices)."""
+
+    model: str
+    provider: str
+    source: str
+    rates: Rates
+    tiers: tuple[tuple[int, Rates], ...] = ()
+    valid_from: float = -math.inf
+    valid_until: float = math.inf
+
+    def cost(
+        self,
+        prompt: int,
+        completion: int,
+        cached: int = 0,
+        cache_write: int = 0,
+        reasoning: int = 0,
+        images: int = 0,
+        requests: int = 1,
+    ) -> int:
+        """This call's price in micro-dollars, rounded half up (integer arithmetic only; on
+        record()'s path, hence the flat code)."""
+        rates = self.rates
+        if self.tiers:
+            for start, tier in self.tiers:
+                if prompt > start:
+                    rates = tier
+                    break
+        r_in, r_out, r_req, d_read, d_write, d_reason, r_img = rates
+        scaled = prompt * r_in + completion * r_out + requests * r_req
+        if cached:
+            scaled += cached * d_read
+        if cache_write:
+            scaled += cache_write * d_write
+        if reasoning:
+            scaled += reasoning * d_reason
+        if images:
+            scaled += images * r_img
+        return (2 * scaled + RATE_SCALE) // (2 * RATE_SCALE)
+
+    def holds_at(self, ts: float) -> bool:
+        return self.valid_from <= ts < self.valid_until
+
+    def describe(self) -> dict[str, Any]:
+        """The prices in dollars, for ``quotaflow prices show``."""
+        return {
+            "model": self.model,
+            "provider": self.provider,
+            "source": self.source,
+            "prices": _dollars(self.rates),
+            "tiers": [{"above_prompt_tokens": s, "prices": _dollars(r)} for s, r in self.tiers],
+        }
+
+
+def _dollars(rates: Rates) -> dict[str, str]:
+    """Rates back as dollar prices (per million tokens, per request, per image)."""
+    r_in, r_out, r_req, d_read, d_write, d_reason, r_img = rates
+    per_mtok = {
+        "input_mtok": r_in,
+        "cache_read_mtok": r_in + d_read,
+        "cache_write_mtok": r_in + d_write,
+        "output_mtok": r_out,
+        "reasoning_mtok": r_out + d_reason,
+    }
+    shown = {k: Decimal(v) / RATE_SCALE for k, v in per_mtok.items()}
+    shown["per_request"] = Decimal(r_req) / RATE_SCALE / 10**6
+    shown["per_image"] = Decimal(r_img) / RATE_SCALE / 10**6
+    return {k: f"{v.normalize():f}" for k, v in shown.items()}
+
+
+def _rates_of(prices: dict[str, Decimal | None]) -> Rates:
+    """Rates from dollar prices; a part with no price is billed at its whole's price."""
+    r_in = _rate(prices.get("input_mtok"), 1) or 0
+    r_out = _rate(prices.get("output_mtok"), 1) or 0
+    r_read = _rate(prices.get("cache_read_mtok"), 1)
+    r_write = _rate(prices.get("cache_write_mtok"), 1)
+    r_reason = _rate(prices.get("reasoning_mtok"), 1)
+    return (
+        r_in,
+        r_out,
+        _rate(prices.get("per_request"), 10**6) or 0,
+        0 if r_read is None else r_read - r_in,
+        0 if r_write is None else r_write - r_in,
+        0 if r_reason is None else r_reason - r_out,
+        _rate(prices.get("per_image"), 10**6) or 0,
+    )
+
+
+# -- genai-prices ------------------------------------------------------------------------------
+
+
+def _genai_model_prices(model_price: Any) -> tuple[Rates, tuple[tuple[int, Rates], ...]]:
+    """Rates (and tiers) from a genai-prices ``ModelPrice``."""
+    from genai_prices.types import TieredPrices
+
+    base: dict[str, Decimal | None] = {}
+    tiered: dict[str, Any] = {}
+    starts: set[int] = set()
+    for ours, theirs in _GENAI_KEYS.items():
+        value = getattr(model_price, theirs, None)
+        if isinstance(value, TieredPrices):
+            tiered[ours] = value
+            base[ours] = value.base
+            starts.update(t.start for t in value.tiers)
+        else:
+            base[ours] = value
+    kcount = getattr(model_price, "requests_kcount", None)
+    if isinstance(kcount, Decimal):
+        base["per_request"] = kcount / 1000
+    rates = _rates_of(base)
+    tiers = []
+    for start in sorted(starts, reverse=True):
+        at_tier = dict(base)
+        for name, value in tiered.items():
+            for tier in reversed(value.tiers):
+                if start >= tier.start:
+                    at_tier[name] = tier.price
+                    break
+        tiers.append((start, _rates_of(at_tier)))
+    return rates, tuple(tiers)
+
+
+def _validity(model: Any, ts: float) -> tuple[float, float]:
+    """The interval around ``ts`` in which a genai-prices model's prices do not change."""
+    from genai_prices.types import TimeOfDateConstraint
+
+    day = math.floor(ts / 86400) * 86400
+    start, end = float(day), float(day + 86400)
+    if isinstance(model.prices, list):
+        for conditional in model.prices:
+            constraint = conditional.constraint
+            if isinstance(constraint, TimeOfDateConstraint):
+                for moment in (constraint.start_time, constraint.end_time):
+                    at = day + moment.hour * 3600 + moment.minute * 60 + moment.second
+                    if at <= ts:
+                        start = max(start, float(at))
+                    else:
+                        end = min(end, float(at))
+    return start, end
+
+
+# -- overrides ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PriceOverride:
+    """One ``models`` entry of prices.yaml."""
+
+    match: str
+    provider: str | None
+    prices: dict[str, Decimal | None]
+
+    def matches(self, model: str, provider: str | None) -> bool:
+        if self.provider is not None and provider is not None and provider != self.provider:
+            return False
+        return model == self.match or fnmatch.fnmatchcase(model, self.match)
+
+
+def _decimal(value: Any, where: str) -> Decimal:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: expected a price in dollars, got {value!r}")
+    try:
+        price = Decimal(str(value))  # str(): a YAML 0.3 is the decimal 0.3, not its float
+    except InvalidOperation:
+        raise ConfigError(f"{where}: {value!r} is not a number") from None
+    if not price.is_finite() or price < 0:
+        raise ConfigError(f"{where}: a price must be a finite number >= 0, got {value!r}")
+    return price
+
+
+def parse_overrides(doc: Any, source: str) -> tuple[list[PriceOverride], dict[str, str]]:
+    """Validate a prices.yaml document; errors name the file, the entry and the field."""
+    if doc is None:
+        return [], {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: expected a mapping with 'models' and/or 'aliases'")
+    unknown = set(doc) - {"version", "models", "aliases"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
+    if doc.get("version", 1) != 1:
+        raise ConfigError(f"{source}: version: only version 1 is known")
+    overrides = []
+    models = doc.get("models") or []
+    if not isinstance(models, list):
+        raise ConfigError(f"{source}: models: expected a list")
+    for index, entry in enumerate(models):
+        where = f"{source}: models[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with 'match' and 'prices'")
+        extra = set(entry) - {"match", "provider", "prices"}
+        if extra:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
+        match, provider, prices = entry.get("match"), entry.get("provider"), entry.get("prices")
+        if not isinstance(match, str) or not match:
+            raise ConfigError(f"{where}.match: expected a model name or glob")
+        if provider is not None and not isinstance(provider, str):
+            raise ConfigError(f"{where}.provider: expected a provider id")
+        if not isinstance(prices, dict) or not prices:
+            raise ConfigError(f"{where}.prices: expected a mapping like {{input_mtok: 2.5}}")
+        bad = set(prices) - set(_OVERRIDE_KEYS)
+        if bad:
+            raise ConfigError(
+                f"{where}.prices: unknown price(s) {', '.join(sorted(bad))}; "
+                f"known: {', '.join(_OVERRIDE_KEYS)}"
+            )
+        parsed = {k: _decimal(v, f"{where}.prices.{k}") for k, v in prices.items()}
+        if not {"input_mtok", "output_mtok", "per_request", "per_image"} & set(parsed):
+            raise ConfigError(
+                f"{where}.prices: set input_mtok, output_mtok, per_request or per_image"
+            )
+        overrides.append(PriceOverride(match, provider, parsed))
+    aliases = doc.get("aliases") or {}
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and k and v for k, v in aliases.items()
+    ):
+        raise ConfigError(f"{source}: aliases: expected a mapping of model name to model name")
+    return overrides, dict(aliases)
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+class PriceTable:
+    """genai-prices' data overridden by prices.yaml, resolved once per model.
+
+    ``version`` names the table: the genai-prices release plus a hash of the overrides. Every
+    record says which version priced it, so an audit can explain any cost.
+    """
+
+    CACHE_MAX = 50_000
+
+    def __init__(
+        self,
+        overrides: Iterable[PriceOverride] = (),
+        aliases: dict[str, str] | None = None,
+        *,
+        source: str = "<none>",
+    ) -> None:
+        self.overrides = tuple(overrides)
+        self.aliases = dict(aliases or {})
+        self.source = source
+        digest = hashlib.sha256(json.dumps(_canonical(self), sort_keys=True).encode())
+        self.genai_version = _package_version("genai-prices")
+        self.version = f"genai-prices-{self.genai_version}" + (
+            f"+{digest.hexdigest()[:12]}" if self.overrides or self.aliases else ""
+        )
+        #: Resolved prices per (model, provider), None for unpriced: what record() reads.
+        self.cache: dict[tuple[str, str | None], ModelPrices | None] = {}
+
+    def prices(
+        self, model: str, provider: str | None = None, ts: float | None = None
+    ) -> ModelPrices:
+        """The prices of ``model`` at ``ts`` (default now); raises :class:`UnpricedModel`."""
+        found = self.lookup(model, provider, ts)
+        if found is None:
+            raise UnpricedModel(model, provider, self.nearest(model))
+        return found
+
+    def lookup(
+        self, model: str, provider: str | None = None, ts: float | None = None
+    ) -> ModelPrices | None:
+        """The prices of ``model`` at ``ts`` (default now), None if unpriced. Misses are
+        remembered too: a caller naming unknown models costs one resolution each."""
+        at = dt.datetime.now(dt.UTC).timestamp() if ts is None else ts
+        cache_key = (model, provider)
+        if cache_key in self.cache:
+            cached = self.cache[cache_key]
+            if cached is None or cached.holds_at(at):
+                return cached
+        resolved = self._resolve(model, provider, at)
+        if len(self.cache) >= self.CACHE_MAX:
+            self.cache.clear()  # bounded: a hostile caller can name endless models
+        self.cache[cache_key] = resolved
+        return resolved
+
+    def _resolve(self, model: str, provider: str | None, ts: float) -> ModelPrices | None:
+        priced_as = self.aliases.get(model, model)
+        for override in self.overrides:
+            if override.matches(priced_as, provider):
+                return ModelPrices(
+                    priced_as, provider or override.provider or "", f"prices.yaml {override.match}",
+                    _rates_of(override.prices),
+                )  # fmt: skip
+        from genai_prices import data_snapshot
+
+        snapshot = data_snapshot.get_snapshot()
+        try:
+            found_provider, found = snapshot.find_provider_model(priced_as, None, provider, None)
+        except LookupError:
+            return None
+        when = dt.datetime.fromtimestamp(ts, dt.UTC)
+        rates, tiers = _genai_model_prices(found.get_prices(when))
+        valid_from, valid_until = _validity(found, ts)
+        return ModelPrices(
+            found.id, found_provider.id, f"genai-prices {found_provider.id}/{found.id}",
+            rates, tiers, valid_from, valid_until,
+        )  # fmt: skip
+
+    def nearest(self, model: str, n: int = 5) -> list[str]:
+        """Known model names closest to ``model`` (for errors that say what was meant)."""
+        return difflib.get_close_matches(model.lower(), _known_names(self), n=n, cutoff=0.5)
+
+
+def _canonical(table: PriceTable) -> dict[str, Any]:
+    return {
+        "models": [
+            {"match": o.match, "provider": o.provider, "prices": {k: str(v) for k, v in
+                                                                  o.prices.items()}}
+            for o in table.overrides
+        ],
+        "aliases": table.aliases,
+    }  # fmt: skip
+
+
+def _known_names(table: PriceTable) -> list[str]:
+    from genai_prices import data_snapshot
+
+    names = {m.id for p in data_snapshot.get_snapshot().providers for m in p.models}
+    names.update(o.match for o in table.overrides)
+    names.update(table.aliases)
+    return sorted(names)
+
+
+def load_price_table(path: str | Path | None) -> PriceTable:
+    """genai-prices' data with the overrides in ``path`` (none if ``path`` is None or absent)."""
+    if path is None:
+        return PriceTable()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return PriceTable(source=str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read prices file: {exc}") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    overrides, aliases = parse_overrides(doc, str(path))
+    return PriceTable(overrides, aliases, source=str(path))
