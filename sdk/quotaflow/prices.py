@@ -301,7 +301,9 @@ def parse_overrides(doc: Any, source: str) -> tuple[list[PriceOverride], dict[st
                 f"{where}.prices: unknown price(s) {', '.join(sorted(bad))}; "
                 f"known: {', '.join(_OVERRIDE_KEYS)}"
             )
-        parsed = {k: _decimal(v, f"{where}.prices.{k}") for k, v in prices.items()}
+        parsed: dict[str, Decimal | None] = {
+            str(k): _decimal(v, f"{where}.prices.{k}") for k, v in prices.items()
+        }
         if not {"input_mtok", "output_mtok", "per_request", "per_image"} & set(parsed):
             raise ConfigError(
                 f"{where}.prices: set input_mtok, output_mtok, per_request or per_image"
