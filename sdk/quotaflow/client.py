@@ -37,6 +37,7 @@ from quotaflow.follower import DecisionsFollower
 from quotaflow.ids import IdMinter
 from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
+from quotaflow.prices import PriceTable, load_price_table
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
@@ -72,12 +73,17 @@ class QuotaClient:
         settings: QuotaflowSettings | None = None,
         *,
         policies: PolicySet | None = None,
+        prices: PriceTable | None = None,
         clock: Clock = time.time,
         transport: Transport | None = None,
         follow: bool = True,
     ) -> None:
         self.settings = settings or load_settings()
         self.policies = policies or load_policies(self.settings.policies_file)
+        self.prices = prices or load_price_table(self.settings.prices_file)
+        # record() reads resolved prices straight from the table's cache (one dict lookup)
+        self._resolved_prices = self.prices.cache
+        self._price_version = self.prices.version
         client = self.settings.client
         self.source = client.source
         self.clock = clock
@@ -209,7 +215,14 @@ class QuotaClient:
         *,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+        images: int = 0,
         requests: int = 1,
+        cost_micros: int | None = None,
+        provider: str | None = None,
+        user: str | None = None,
         estimated: bool = False,
         status: Status = "ok",
         id: str | None = None,
@@ -218,7 +231,11 @@ class QuotaClient:
     ) -> RecordedUsage:
         """Count one call locally at once and queue its usage record; never blocks.
 
-        Raises :class:`RecordError` naming the field if the record breaks the v1 contract.
+        Cached and cache-write tokens are parts of ``prompt_tokens``, reasoning tokens part of
+        ``completion_tokens`` (read a provider's usage with :func:`quotaflow.billed_usage`).
+        The call is priced from the price table unless ``cost_micros`` is given; a model the
+        table does not know is recorded unpriced. Raises :class:`RecordError` naming the field
+        if the record breaks the v2 contract.
         """
         if self.state is not _OPENED:
             self.open()
@@ -226,21 +243,21 @@ class QuotaClient:
             # Monotonic per instance: the stream acknowledges our usage by our newest timestamp.
             ts = max(self.clock(), self._last_ts + 1e-6)
             self._last_ts = ts
+        prices = price_version = None
+        if cost_micros is None:
+            price_version = self._price_version  # kept only if the call is priced
+            prices = self._resolved_prices.get((model, provider))
+            if prices is None or not prices.valid_from <= ts < prices.valid_until:
+                prices = self.prices.lookup(model, provider, ts)  # first call of a model, or a day
         # _checked_record and IdMinter inline: two calls were ~0.5 us of record()'s ~10
         try:
             record = make_record(
                 id or f"{self._id_head}{next(self._id_counter):x}",
-                ts,
-                key,
-                model,
-                requests,
-                prompt_tokens,
-                completion_tokens,
-                estimated,
-                status,
-                self.source,
-                dict(attrs) if attrs else {},
-            )
+                ts, key, model, requests, prompt_tokens, completion_tokens, estimated, status,
+                self.source, dict(attrs) if attrs else {}, cached_prompt_tokens,
+                cache_write_tokens, reasoning_tokens, images, cost_micros, provider,
+                price_version, user, prices,
+            )  # fmt: skip
         except ValidationError as exc:
             raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
         self.cache.add_usage(key, model, ts, requests, prompt_tokens, completion_tokens)

@@ -27,7 +27,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Protocol
 
 import msgspec
 from pydantic import (
@@ -39,6 +39,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from quotaflow.prices import ModelPrices
 
 SCHEMA_VERSION = 2
 
@@ -284,8 +287,19 @@ def make_record(
     provider: str | None = None,
     price_version: str | None = None,
     user: str | None = None,
+    prices: ModelPrices | None = None,
 ) -> RecordedUsage:
-    """A checked record; raises pydantic's ``ValidationError`` naming the field otherwise."""
+    """A checked record; raises pydantic's ``ValidationError`` naming the field otherwise.
+
+    Given ``prices`` and no ``cost_micros``, the call is priced once its counts are known to
+    be valid (the arithmetic never sees a bad value). A record neither given a cost nor priced
+    has no ``price_version`` either.
+    """
+    if prices is None:
+        if cost_micros is None:
+            price_version = None
+    elif cost_micros is not None:
+        prices = None
     # checked inline (no helper calls): this is most of record()'s few microseconds
     if (
         type(id) is str
@@ -342,6 +356,11 @@ def make_record(
         )
         and (user is None or (type(user) is str and 0 < len(user) <= 128))
     ):
+        if prices is not None:
+            cost_micros = prices.cost(
+                prompt_tokens, completion_tokens, cached_prompt_tokens, cache_write_tokens,
+                reasoning_tokens, images, requests,
+            )  # fmt: skip
         return RecordedUsage(
             id, ts, key, model, requests, prompt_tokens, completion_tokens, estimated, status,
             source, attrs, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, images,
@@ -355,6 +374,11 @@ def make_record(
         images=images, cost_micros=cost_micros, provider=provider,
         price_version=price_version, user=user,
     )  # fmt: skip
+    if prices is not None:
+        checked = checked.model_copy(update={"cost_micros": prices.cost(
+            checked.prompt_tokens, checked.completion_tokens, checked.cached_prompt_tokens,
+            checked.cache_write_tokens, checked.reasoning_tokens, checked.images, checked.requests,
+        )})  # fmt: skip
     return RecordedUsage(**checked.model_dump())
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Protocol
 
+from quotaflow.billed import billed_usage
 from quotaflow.decision import Decision
 from quotaflow.record import RecordedUsage, Status
 from quotaflow.streaming import StreamUsage
@@ -28,15 +29,13 @@ class RecordUsage(Protocol):
         *,
         prompt_tokens: int = ...,
         completion_tokens: int = ...,
+        cached_prompt_tokens: int = ...,
+        cache_write_tokens: int = ...,
+        reasoning_tokens: int = ...,
         status: Status = ...,
         estimated: bool = ...,
         id: str | None = ...,
     ) -> RecordedUsage: ...
-
-
-def _usage_field(usage: Any, name: str) -> int | None:
-    value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
-    return int(value) if isinstance(value, int) else None
 
 
 class Reservation:
@@ -90,20 +89,27 @@ class Reservation:
     ) -> RecordedUsage:
         """Record the real usage and release the hold; later calls return the same record.
 
-        ``usage`` is the provider's ``usage`` (a dict or the openai client's object). Without
-        it, missing figures fall back to the reservation's estimates and the record says
-        ``estimated``.
+        ``usage`` is the provider's ``usage`` (a dict or a client's object) in any shape
+        :func:`~quotaflow.billed.billed_usage` reads: its cache and reasoning parts are
+        recorded too. Without it, missing figures fall back to the reservation's estimates and
+        the record says ``estimated``.
         """
         with self._lock:
             if self.record is not None:
                 return self.record
-            reported_prompt = _usage_field(usage, "prompt_tokens") if usage is not None else None
-            reported_completion = (
-                _usage_field(usage, "completion_tokens") if usage is not None else None
-            )
+            billed = billed_usage(usage)
+            reported_prompt = billed.prompt_tokens if billed is not None else None
+            reported_completion = billed.completion_tokens if billed is not None else None
             prompt = prompt_tokens if prompt_tokens is not None else reported_prompt
             completion = completion_tokens if completion_tokens is not None else reported_completion
             guessed = prompt is None or completion is None
+            # the reported parts hold only for the reported wholes
+            cached = write = reasoning = 0
+            if billed is not None:
+                if prompt == billed.prompt_tokens:
+                    cached, write = billed.cached_prompt_tokens, billed.cache_write_tokens
+                if completion == billed.completion_tokens:
+                    reasoning = billed.reasoning_tokens
             if prompt is None:
                 prompt = self.prompt_tokens
             if completion is None:
@@ -116,6 +122,9 @@ class Reservation:
                 self.model,
                 prompt_tokens=prompt,
                 completion_tokens=completion,
+                cached_prompt_tokens=cached,
+                cache_write_tokens=write,
+                reasoning_tokens=reasoning,
                 status=status,
                 estimated=estimated,
                 id=self.id,
@@ -128,15 +137,17 @@ class Reservation:
             usage = json.loads(body).get("usage")
         except (ValueError, AttributeError):
             usage = None
-        if isinstance(usage, dict) and "completion_tokens" not in usage:
-            usage = {**usage, "completion_tokens": 0}  # embeddings report prompt tokens only
+        # embeddings report prompt tokens only: billed_usage reads no completion as 0
         return self.settle(usage)
 
     def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> RecordedUsage:
         """Settle a streamed call: the final usage chunk if sent, else the counted content."""
-        if stream.reported and not cancelled:
+        if stream.reported:
+            # the usage chunk comes last: a client that closes right after it (openai's
+            # Stream stops at [DONE]) cancelled nothing
             return self.settle(stream.usage)
-        prompt = _usage_field(stream.usage, "prompt_tokens") if stream.usage else None
+        billed = billed_usage(stream.usage)
+        prompt = billed.prompt_tokens if billed is not None else None
         return self.settle(
             prompt_tokens=prompt if prompt is not None else self.prompt_tokens,
             completion_tokens=stream.completion_tokens(),

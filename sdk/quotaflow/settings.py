@@ -259,6 +259,9 @@ class QuotaflowSettings(BaseSettings):
     client: ClientSettings = Field(default_factory=ClientSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     policies_file: Path = Path("config") / "policies.yaml"
+    #: Price overrides (negotiated prices, fine-tunes, self-hosted models) on top of
+    #: genai-prices' data; a missing file means no overrides.
+    prices_file: Path = Path("config") / "prices.yaml"
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``QUOTAFLOW_*`` variables, to configure a child process alike."""

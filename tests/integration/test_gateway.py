@@ -206,6 +206,45 @@ def test_chat_embeddings_and_streams_with_headers_and_exact_usage(
     )
 
 
+def test_cached_and_reasoning_tokens_and_the_cost_reach_the_audit_trail(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    """Through the gateway, plain and streamed, the v2 record read back from the broker has
+    the upstream's cached and reasoning tokens and genai-prices' cost for them."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    from genai_prices import Usage, calc_price
+
+    c = client(gateway, key="gw-billed")
+    stub.cached_tokens, stub.reasoning_tokens = 6, 30
+    try:
+        c.chat.completions.create(model="o3-mini", messages=MESSAGES)
+        streamed = c.chat.completions.create(
+            model="o3-mini", messages=MESSAGES, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    finally:
+        stub.cached_tokens = stub.reasoning_tokens = 0
+    reported = stub.reported[-2:]
+    flush(gateway)
+    records = [r for _, r in usage_records(base_settings) if r.key == "gw-billed"]
+    assert len(records) == 2
+    for record, upstream in zip(records, reported, strict=True):
+        assert (record.prompt_tokens, record.completion_tokens) == (
+            upstream["prompt_tokens"], upstream["completion_tokens"],
+        )  # fmt: skip
+        assert (record.cached_prompt_tokens, record.reasoning_tokens) == (6, 30)
+        dollars = calc_price(
+            Usage(input_tokens=record.prompt_tokens, cache_read_tokens=6,
+                  output_tokens=record.completion_tokens, output_reasoning_tokens=30),
+            "o3-mini", provider_id="openai",
+        ).total_price  # fmt: skip
+        assert record.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
+        assert record.price_version == gateway.gateway.quota.prices.version
+        assert record.status == "ok" and not record.estimated
+
+
 def test_api_key_becomes_an_hmac_id_and_never_leaves(
     gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
 ) -> None:

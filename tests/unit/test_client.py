@@ -140,3 +140,50 @@ def test_two_apps_in_one_process_keep_their_own_fetch_wait() -> None:
     fast = build_app(load_settings(worker={"app_id": "fast", "fetch_max_wait_ms": 5}))
     slow = build_app(load_settings(worker={"app_id": "slow", "fetch_max_wait_ms": 900}))
     assert (fetch_max_wait(fast), fetch_max_wait(slow)) == (5, 900)
+
+
+def test_record_prices_every_billed_unit_from_the_table() -> None:
+    """The cost rides on the record, to the micro-dollar of genai-prices, with its version."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    from genai_prices import Usage, calc_price
+
+    transport = MemoryTransport()
+    quota = client(transport)
+    r = quota.record(
+        "team-a", "claude-sonnet-4-5", prompt_tokens=3050, cached_prompt_tokens=2000,
+        cache_write_tokens=1000, completion_tokens=300, reasoning_tokens=100,
+    )  # fmt: skip
+    usage = Usage(input_tokens=3050, cache_read_tokens=2000, cache_write_tokens=1000,
+                  output_tokens=300, output_reasoning_tokens=100)  # fmt: skip
+    dollars = calc_price(usage, "claude-sonnet-4-5").total_price
+    assert r.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
+    assert r.price_version == quota.prices.version
+    given = quota.record("team-a", "gpt-4o", prompt_tokens=10, cost_micros=7)
+    assert (given.cost_micros, given.price_version) == (7, None), "a given cost is kept"
+    unknown = quota.record("team-a", "house-model-x", prompt_tokens=10)
+    assert (unknown.cost_micros, unknown.price_version) == (None, None), "the worker prices it"
+    assert quota.close() == 0
+    sent = {rec.model: rec for rec in transport.records()}
+    assert sent["claude-sonnet-4-5"].cost_micros == r.cost_micros
+    assert sent["claude-sonnet-4-5"].cache_write_tokens == 1000
+
+
+@pytest.mark.parametrize(
+    ("over", "field"),
+    [
+        ({"prompt_tokens": "9" * 50}, "prompt_tokens"),
+        ({"cached_prompt_tokens": 11}, "cached_prompt_tokens"),
+        ({"reasoning_tokens": -1}, "reasoning_tokens"),
+        ({"images": 1.5}, "images"),
+    ],
+)
+def test_a_bad_count_is_refused_before_any_price_arithmetic(
+    over: dict[str, object], field: str
+) -> None:
+    """A string count never meets the integer rates (``"9" * rate`` would be a huge string)."""
+    quota = client(MemoryTransport())
+    args: dict[str, object] = {"prompt_tokens": 10, "completion_tokens": 5, **over}
+    with pytest.raises(RecordError, match=field):
+        quota.record("team-a", "gpt-4o", **args)  # type: ignore[arg-type]
+    quota.close()

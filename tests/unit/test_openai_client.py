@@ -194,3 +194,41 @@ def test_async_client_plain_and_streaming(
     assert first.key == "oa-gpt-4o" and second.key == "oa-gpt-4o-mini"
     assert (second.prompt_tokens, second.completion_tokens) == expected_usage("gpt-4o-mini")
     assert not first.estimated and not second.estimated
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cached_and_reasoning_tokens_reach_the_record_and_its_cost(
+    stub: OpenAIStub, quota: QuotaClient, usage: MemoryTransport, stream: bool
+) -> None:
+    """The upstream reports OpenAI's usage details; the v2 record carries each unit and the
+    cost genai-prices gives for exactly that usage."""
+    from decimal import ROUND_HALF_UP, Decimal
+
+    from genai_prices import Usage, calc_price
+
+    stub.cached_tokens, stub.reasoning_tokens = 8, 40
+    try:
+        client = sync_client(stub, quota)
+        if stream:
+            with client.chat.completions.create(
+                model="o3-mini", messages=MESSAGES, stream=True,
+                stream_options={"include_usage": True},
+            ) as chunks:  # fmt: skip
+                list(chunks)
+        else:
+            client.chat.completions.create(model="o3-mini", messages=MESSAGES)
+    finally:
+        stub.cached_tokens = stub.reasoning_tokens = 0
+    reported = stub.reported[-1]
+    [record] = records(quota, usage)
+    assert record.prompt_tokens == reported["prompt_tokens"]
+    assert record.completion_tokens == reported["completion_tokens"]
+    assert record.cached_prompt_tokens == 8 and record.reasoning_tokens == 40
+    assert not record.estimated
+    dollars = calc_price(
+        Usage(input_tokens=record.prompt_tokens, cache_read_tokens=8,
+              output_tokens=record.completion_tokens, output_reasoning_tokens=40),
+        "o3-mini", provider_id="openai",
+    ).total_price  # fmt: skip
+    assert record.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
+    assert record.cost_micros and record.price_version == quota.prices.version

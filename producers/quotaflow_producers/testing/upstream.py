@@ -29,10 +29,16 @@ class OpenAIStub:
         #: The Authorization header of each request, to check what a proxy forwarded.
         self.authorizations: list[str | None] = []
         #: Every usage object this server reported, in order.
-        self.reported: list[dict[str, int]] = []
+        self.reported: list[dict[str, Any]] = []
         #: Added to every token count it reports, as a provider whose tokenizer differs from
         #: the gateway's estimate: tests can tell reported usage from counted content.
         self.usage_offset = 0
+        #: Prompt tokens it reports as read from its cache, and reasoning tokens it adds to
+        #: each completion, in OpenAI's shape (``prompt_tokens_details.cached_tokens`` within
+        #: ``prompt_tokens``, ``completion_tokens_details.reasoning_tokens`` within
+        #: ``completion_tokens``); 0 leaves the details out, as for models without them.
+        self.cached_tokens = 0
+        self.reasoning_tokens = 0
         self.chunk_delay = 0.0
         #: Streams this server wrote to their end (a stream its client left stays unfinished).
         self.streams_finished = 0
@@ -95,11 +101,7 @@ class OpenAIStub:
         body = await self._body(request)
         if body["model"] == "stub-429":
             return self._rate_limited()
-        prompt = count_request(body).tokens + self.usage_offset
-        completion = count_text(REPLY, body["model"]) + self.usage_offset
-        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                 "total_tokens": prompt + completion}  # fmt: skip
-        self.reported.append(usage)
+        usage = self._usage(body)
         base = {"id": "chatcmpl-stub", "created": int(time.time()), "model": body["model"]}
         if not body.get("stream"):
             return web.json_response({
@@ -115,9 +117,21 @@ class OpenAIStub:
             await self._stream(resp, body, base, usage)
         return resp
 
+    def _usage(self, body: dict[str, Any]) -> dict[str, Any]:
+        prompt = count_request(body).tokens + self.usage_offset
+        completion = count_text(REPLY, body["model"]) + self.usage_offset + self.reasoning_tokens
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}  # fmt: skip
+        if self.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(self.cached_tokens, prompt)}
+        if self.reasoning_tokens:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        self.reported.append(usage)
+        return usage
+
     async def _stream(
         self, resp: web.StreamResponse, body: dict[str, Any], base: dict[str, Any],
-        usage: dict[str, int],
+        usage: dict[str, Any],
     ) -> None:  # fmt: skip
         words = REPLY.split(" ")
         for i, word in enumerate(words):
