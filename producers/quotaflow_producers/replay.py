@@ -21,11 +21,14 @@ from typing import Any
 from pydantic import ValidationError
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.record import UsageRecord, describe_validation_error
+from quotaflow.record import EXPORT_ONLY_COLUMNS, UsageRecord, describe_validation_error
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.windows import DAY, MINUTE, bucket_expires_at, bucket_start
 
-_INT_FIELDS = ("requests", "prompt_tokens", "completion_tokens")
+_INT_FIELDS = (
+    "requests", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+    "cache_write_tokens", "reasoning_tokens", "images", "cost_micros",
+)  # fmt: skip
 _BOOL_FIELDS = ("estimated",)
 
 
@@ -73,7 +76,10 @@ def read_rows(path: Path, fmt: str | None = None) -> Iterator[tuple[int, dict[st
                 except json.JSONDecodeError as exc:
                     yield n, f"not JSON: {exc.msg} at column {exc.colno}"
                     continue
-                yield n, doc if isinstance(doc, dict) else "not a JSON object"
+                if isinstance(doc, dict):
+                    yield n, {k: v for k, v in doc.items() if k not in EXPORT_ONLY_COLUMNS}
+                else:
+                    yield n, "not a JSON object"
         else:
             reader = csv.DictReader(handle)
             for doc in reader:
@@ -81,10 +87,10 @@ def read_rows(path: Path, fmt: str | None = None) -> Iterator[tuple[int, dict[st
 
 
 def _from_csv(doc: dict[str, Any]) -> dict[str, Any]:
-    """CSV cells are text: drop empty ones (defaults apply) and the export's ``time`` column."""
+    """CSV cells are text: drop empty ones (defaults apply) and the export's own columns."""
     out: dict[str, Any] = {}
     for name, value in doc.items():
-        if name is None or value is None or value == "" or name == "time":
+        if name is None or value is None or value == "" or name in EXPORT_ONLY_COLUMNS:
             continue
         if name in _BOOL_FIELDS:
             out[name] = value.strip().lower() in ("1", "true", "yes")

@@ -200,6 +200,10 @@ class WireRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fa
 
 _wire_encoder = msgspec.json.Encoder()
 
+#: Columns ``quotaflow audit query|export`` adds beside the record's fields (derived from
+#: them, so ``quotaflow replay`` of an export leaves them out).
+EXPORT_ONLY_COLUMNS = ("time", "cost_usd", "priced_by")
+
 #: The v2 fields and their defaults: left out of the JSON when at them.
 V2_DEFAULTS: dict[str, Any] = {
     "cached_prompt_tokens": 0,

@@ -20,14 +20,22 @@ from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.record import WireRecord, parse_usage_value
+from quotaflow.prices import PriceTable
+from quotaflow.record import EXPORT_ONLY_COLUMNS, WireRecord, parse_usage_value
 from quotaflow.settings import QuotaflowSettings
+
+#: The counted units of a usage record, as totals sum them (cost last, in micro-dollars).
+UNITS = (
+    "requests", "prompt_tokens", "completion_tokens", "cached_prompt_tokens",
+    "cache_write_tokens", "reasoning_tokens", "images", "cost_micros",
+)  # fmt: skip
 
 #: Columns of query and export output, in order.
 COLUMNS = (
-    "id", "time", "ts", "key", "model", "requests", "prompt_tokens", "completion_tokens",
-    "status", "estimated", "source",
+    "id", "time", "ts", "key", "model", *UNITS, "cost_usd", "price_version", "priced_by",
+    "provider", "user", "status", "estimated", "source",
 )  # fmt: skip
+assert set(EXPORT_ONLY_COLUMNS) <= set(COLUMNS)
 
 WINDOWS = {"hour": 3600, "day": 86400}
 GROUP_FIELDS = ("key", "model", "source", "status")
@@ -200,43 +208,79 @@ def matching(
         yield r
 
 
-def row(r: WireRecord) -> dict[str, Any]:
+def cost_of(r: WireRecord, prices: PriceTable) -> tuple[int | None, str | None, str]:
+    """A record's cost, the table version that priced it, and who priced it: the producer
+    (``record``), this audit from the same table (``audit``: a v1 record, or one its producer
+    could not price), or nobody (``unpriced``: cost None)."""
+    if r.cost_micros is not None:
+        return r.cost_micros, r.price_version, "record"
+    found = prices.lookup(r.model, r.provider, r.ts)
+    if found is None:
+        return None, None, "unpriced"
+    cost = found.cost(
+        r.prompt_tokens, r.completion_tokens, r.cached_prompt_tokens, r.cache_write_tokens,
+        r.reasoning_tokens, r.images, r.requests,
+    )  # fmt: skip
+    return cost, prices.version, "audit"
+
+
+def dollars(micros: int | None) -> str:
+    """Micro-dollars as a dollar amount, exactly (no float): 1234567 -> ``1.234567``."""
+    if micros is None:
+        return ""
+    return f"{micros // 10**6}.{micros % 10**6:06d}"
+
+
+def row(r: WireRecord, prices: PriceTable) -> dict[str, Any]:
+    cost, version, priced_by = cost_of(r, prices)
     return {
         "id": r.id,
         "time": iso(r.ts),
         "ts": r.ts,
         "key": r.key,
         "model": r.model,
-        "requests": r.requests,
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
+        **{unit: getattr(r, unit) for unit in UNITS[:-1]},
+        "cost_micros": cost,
+        "cost_usd": dollars(cost),
+        "price_version": version,
+        "priced_by": priced_by,
+        "provider": r.provider,
+        "user": r.user,
         "status": r.status,
         "estimated": r.estimated,
         "source": r.source,
     }
 
 
-#: (records, requests, prompt_tokens, completion_tokens)
+#: records, then each of UNITS (cost of the priced records), then how many are unpriced
 Sums = list[int]
+#: What totals lists per group, in the order of Sums.
+TOTALS = ("records", *UNITS, "unpriced")
 
 
 def totals(
-    records: Iterable[WireRecord], by: tuple[str, ...], window: str | None
+    records: Iterable[WireRecord], by: tuple[str, ...], window: str | None, prices: PriceTable
 ) -> dict[tuple[Any, ...], Sums]:
-    """Sums grouped by the ``by`` fields and, with ``window``, by UTC hour or day."""
+    """Sums (see :data:`TOTALS`) grouped by the ``by`` fields and, with ``window``, by UTC
+    hour or day. Money is summed as integer micro-dollars."""
     size = WINDOWS[window] if window else None
     out: dict[tuple[Any, ...], Sums] = {}
+    counted = UNITS[:-1]
     for r in records:
         group = tuple(getattr(r, f) for f in by)
         if size is not None:
             group = (iso(int(r.ts // size) * size), *group)
         sums = out.get(group)
         if sums is None:
-            sums = out[group] = [0, 0, 0, 0]
+            sums = out[group] = [0] * len(TOTALS)
         sums[0] += 1
-        sums[1] += r.requests
-        sums[2] += r.prompt_tokens
-        sums[3] += r.completion_tokens
+        for i, unit in enumerate(counted, 1):
+            sums[i] += getattr(r, unit)
+        cost = cost_of(r, prices)[0]
+        if cost is None:
+            sums[-1] += 1
+        else:
+            sums[-2] += cost
     return out
 
 
@@ -306,6 +350,7 @@ class Difference:
         return f"{self.key}: {self.where} {self.field} = {got}, the topic says {self.recount}"
 
 
+#: What reconcile compares: the totals the worker keeps per key (the first of TOTALS).
 FIELDS = ("records", "requests", "prompt_tokens", "completion_tokens")
 
 

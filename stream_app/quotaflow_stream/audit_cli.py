@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quotaflow._exceptions import ConfigError
+from quotaflow.prices import load_price_table
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow_stream import audit
 
@@ -27,7 +28,9 @@ def register(sub: Any) -> None:
     q.add_argument("--limit", type=int, default=None, help="at most this many rows")
     q.set_defaults(func=_query)
 
-    t = cmds.add_parser("totals", help="requests and tokens grouped by key, model... per window")
+    t = cmds.add_parser(
+        "totals", help="every unit and the cost, grouped by key, model... per window"
+    )
     t.add_argument(
         "--by", default="key,model", help=f"comma list of {', '.join(audit.GROUP_FIELDS)}"
     )
@@ -99,7 +102,8 @@ def _scan(args: argparse.Namespace, settings: QuotaflowSettings, stats: audit.Sc
 def _query(args: argparse.Namespace) -> int:
     settings = _settings()
     stats = audit.ScanStats()
-    rows = [audit.row(r) for r in _scan(args, settings, stats)]
+    prices = load_price_table(settings.prices_file)
+    rows = [audit.row(r, prices) for r in _scan(args, settings, stats)]
     rows.sort(key=lambda r: r["ts"])
     if args.limit is not None:
         rows = rows[: args.limit]
@@ -116,11 +120,13 @@ def _totals(args: argparse.Namespace) -> int:
                           f"use {', '.join(audit.GROUP_FIELDS)}")  # fmt: skip
     settings = _settings()
     stats = audit.ScanStats()
-    sums = audit.totals(_scan(args, settings, stats), by, args.window)
-    columns = (("window",) if args.window else ()) + by + audit.FIELDS + ("tokens",)
+    prices = load_price_table(settings.prices_file)
+    sums = audit.totals(_scan(args, settings, stats), by, args.window, prices)
+    columns = (("window",) if args.window else ()) + by + audit.TOTALS + ("tokens", "cost_usd")
     rows = []
     for group, s in sorted(sums.items()):
-        row = dict(zip(columns, (*group, *s, s[2] + s[3]), strict=True))
+        cost = s[audit.TOTALS.index("cost_micros")]
+        row = dict(zip(columns, (*group, *s, s[2] + s[3], audit.dollars(cost)), strict=True))
         rows.append(row)
     _emit(rows, columns, args.format, "usage totals")
     _summary(stats, f"{len(rows)} groups")
@@ -134,7 +140,10 @@ def _export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--to {path}: cannot tell the format; add --format csv|jsonl|parquet")
     settings = _settings()
     stats = audit.ScanStats()
-    rows = sorted((audit.row(r) for r in _scan(args, settings, stats)), key=lambda r: r["ts"])
+    prices = load_price_table(settings.prices_file)
+    rows = sorted(
+        (audit.row(r, prices) for r in _scan(args, settings, stats)), key=lambda r: r["ts"]
+    )
     if fmt == "parquet":
         n = audit.write_parquet(rows, str(path), audit.COLUMNS)
     else:
@@ -149,7 +158,10 @@ def _reconcile(args: argparse.Namespace) -> int:
     stats = audit.ScanStats()
     bar, update = _progress(sys.stderr.isatty())
     with bar:
-        recount = audit.totals(audit.scan_usage(settings, stats, update), ("key",), None)
+        recount = audit.totals(
+            audit.scan_usage(settings, stats, update), ("key",), None,
+            load_price_table(settings.prices_file),
+        )  # fmt: skip
     by_key = {group[0]: sums for group, sums in recount.items()}
     base = args.worker or f"http://{settings.worker.web_host}:{settings.worker.web_port}"
     deadline = time.monotonic() + args.settle

@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 
 from quotaflow._exceptions import ConfigError
+from quotaflow.prices import PriceTable
 from quotaflow.record import UsageRecord
 from quotaflow_producers.replay import read_rows
 from quotaflow_stream import audit
 
 NOW = 1_763_800_000.0
+PRICES = PriceTable()
 
 
 def rec(i: int, ts: float, key: str = "k", model: str = "m", pt: int = 10) -> UsageRecord:
@@ -42,13 +44,36 @@ def test_a_bad_time_names_the_accepted_forms() -> None:
 
 def test_totals_group_by_fields_and_window() -> None:
     records = [rec(1, 7200.5, model="a"), rec(2, 7300, model="b"), rec(3, 10800, model="a")]
-    by_model = audit.totals(records, ("key", "model"), None)
-    assert by_model == {("k", "a"): [2, 2, 20, 0], ("k", "b"): [1, 1, 10, 0]}
-    hourly = audit.totals(records, ("key",), "hour")
-    assert hourly == {
-        ("1970-01-01T02:00:00.000Z", "k"): [2, 2, 20, 0],
-        ("1970-01-01T03:00:00.000Z", "k"): [1, 1, 10, 0],
+    by_model = audit.totals(records, ("key", "model"), None, PRICES)
+    # records, requests, prompt, completion, cached, cache write, reasoning, images, cost, unpriced
+    assert by_model == {
+        ("k", "a"): [2, 2, 20, 0, 0, 0, 0, 0, 0, 2],
+        ("k", "b"): [1, 1, 10, 0, 0, 0, 0, 0, 0, 1],
     }
+    hourly = audit.totals(records, ("key",), "hour", PRICES)
+    assert hourly == {
+        ("1970-01-01T02:00:00.000Z", "k"): [2, 2, 20, 0, 0, 0, 0, 0, 0, 2],
+        ("1970-01-01T03:00:00.000Z", "k"): [1, 1, 10, 0, 0, 0, 0, 0, 0, 1],
+    }
+
+
+def test_totals_carry_every_unit_and_sum_the_cost_exactly() -> None:
+    """A v1 record is priced by the audit from the same table; a priced record keeps its
+    cost; one the table cannot price is counted apart, never as free."""
+    v1 = rec(1, NOW, model="gpt-4o", pt=1_000_000)
+    v2 = UsageRecord(
+        id="2", ts=NOW, key="k", model="claude-sonnet-4-5", prompt_tokens=3050,
+        cached_prompt_tokens=2000, cache_write_tokens=1000, completion_tokens=300,
+        reasoning_tokens=100, images=0, cost_micros=12_345, price_version="genai-prices-x",
+        source="s",
+    )  # fmt: skip
+    unknown = rec(3, NOW, model="house-model")
+    [sums] = audit.totals([v1, v2, unknown], ("key",), None, PRICES).values()
+    assert sums == [3, 3, 1_003_060, 300, 2000, 1000, 100, 0, 2_500_000 + 12_345, 1]
+    assert audit.cost_of(v1, PRICES) == (2_500_000, PRICES.version, "audit")
+    assert audit.cost_of(v2, PRICES) == (12_345, "genai-prices-x", "record")
+    assert audit.cost_of(unknown, PRICES) == (None, None, "unpriced")
+    assert audit.dollars(2_512_345) == "2.512345" and audit.dollars(7) == "0.000007"
 
 
 def test_compare_lists_every_differing_field_and_missing_keys() -> None:
@@ -63,7 +88,7 @@ def test_compare_lists_every_differing_field_and_missing_keys() -> None:
 
 
 def test_rows_as_csv_and_jsonl() -> None:
-    rows = [audit.row(rec(1, 1.5))]
+    rows = [audit.row(rec(1, 1.5), PRICES)]
     out = io.StringIO()
     assert audit.write_rows(rows, "csv", out, audit.COLUMNS) == 1
     assert out.getvalue().splitlines()[0] == ",".join(audit.COLUMNS)
@@ -77,12 +102,24 @@ def test_rows_as_csv_and_jsonl() -> None:
 
 def test_replay_reads_csv_as_exported_and_reports_bad_lines(tmp_path: Path) -> None:
     out = io.StringIO()
-    audit.write_rows([audit.row(rec(1, 1.5)), audit.row(rec(2, 2.5))], "csv", out, audit.COLUMNS)
+    priced = rec(3, 3.5, model="gpt-4o")
+    rows = [audit.row(r, PRICES) for r in (rec(1, 1.5), rec(2, 2.5), priced)]
+    audit.write_rows(rows, "csv", out, audit.COLUMNS)
     path = tmp_path / "trail.csv"
     path.write_text(out.getvalue())
     rows = list(read_rows(path))
-    assert [n for n, _ in rows] == [2, 3]
+    assert [n for n, _ in rows] == [2, 3, 4]
     assert UsageRecord.model_validate(rows[0][1]) == rec(1, 1.5)
+    # the audit's price travels with a replayed record, with the version that priced it
+    again = UsageRecord.model_validate(rows[2][1])
+    assert again.cost_micros == audit.cost_of(priced, PRICES)[0] == 25
+    assert again.price_version == PRICES.version
+    assert again.model_copy(update={"cost_micros": None, "price_version": None}) == priced
+    jsonl = tmp_path / "trail.jsonl"
+    with jsonl.open("w") as handle:
+        audit.write_rows([audit.row(priced, PRICES)], "jsonl", handle, audit.COLUMNS)
+    [(_, doc)] = list(read_rows(jsonl))
+    assert isinstance(doc, dict) and UsageRecord.model_validate(doc) == again
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "1"}\n\nnot json\n[1]\n')
     assert [(n, r if isinstance(r, str) else "doc") for n, r in read_rows(bad)] == [
