@@ -13,7 +13,9 @@ from quotaflow._exceptions import (
     QuotaflowError,
     RecordError,
     TransportFull,
+    UnpricedModel,
 )
+from quotaflow.billed import BilledUsage, billed_usage
 from quotaflow.cache import QuotaCache
 from quotaflow.client import ClientState, QuotaClient
 from quotaflow.decision import Decision
@@ -21,6 +23,7 @@ from quotaflow.emitter import UsageEmitter
 from quotaflow.keys import key_id
 from quotaflow.partitioner import murmur2, partition_for
 from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, load_policies
+from quotaflow.prices import ModelPrices, PriceTable, load_price_table
 from quotaflow.record import (
     RecordedUsage,
     UsageRecord,
@@ -38,6 +41,7 @@ from quotaflow.transports import KafkaTransport, MemoryTransport, Transport
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilledUsage",
     "Binding",
     "BrokerError",
     "BrokerUnavailable",
@@ -50,8 +54,10 @@ __all__ = [
     "LimitSpec",
     "Limits",
     "MemoryTransport",
+    "ModelPrices",
     "Policy",
     "PolicySet",
+    "PriceTable",
     "QuotaCache",
     "QuotaClient",
     "QuotaExceeded",
@@ -65,15 +71,18 @@ __all__ = [
     "TokenCount",
     "Transport",
     "TransportFull",
+    "UnpricedModel",
     "UsageEmitter",
     "UsageRecord",
     "WireRecord",
     "__version__",
+    "billed_usage",
     "count_chat_prompt",
     "count_inputs",
     "count_request",
     "key_id",
     "load_policies",
+    "load_price_table",
     "load_settings",
     "murmur2",
     "parse_usage_value",

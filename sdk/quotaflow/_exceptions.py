@@ -4,7 +4,8 @@ The tree::
 
     QuotaflowError
     ├── ConfigError                 settings or policy file invalid (names file, path and field)
-    ├── RecordError                 a usage record that fails the v1 contract
+    ├── RecordError                 a usage record that fails the v2 contract
+    ├── UnpricedModel               no price for a model (lists the nearest known names)
     ├── ClientStateError            a QuotaClient used after close
     ├── QuotaExceeded               raised by integrations that turn a denial into an exception
     └── BrokerError                 Kafka failed the call (librdkafka's errors, translated)
@@ -35,7 +36,7 @@ class ConfigError(QuotaflowError):
 
 
 class RecordError(QuotaflowError, ValueError):
-    """A usage record does not satisfy the v1 contract."""
+    """A usage record does not satisfy the v2 contract."""
 
 
 class ClientStateError(QuotaflowError, RuntimeError):
@@ -73,3 +74,17 @@ class TransportFull(BrokerError):
 
 class DeliveryFailed(BrokerError):
     """Some messages were not delivered (the broker refused them or was away too long)."""
+
+
+class UnpricedModel(QuotaflowError, LookupError):
+    """No price is known for a model; ``nearest`` lists the closest known model names."""
+
+    def __init__(self, model: str, provider: str | None, nearest: list[str]) -> None:
+        where = f" from provider {provider!r}" if provider else ""
+        hint = f"; nearest known: {', '.join(nearest)}" if nearest else ""
+        super().__init__(
+            f"no price for model {model!r}{where} in genai-prices or prices.yaml{hint}"
+        )
+        self.model = model
+        self.provider = provider
+        self.nearest = nearest

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from quotaflow._exceptions import ConfigError, QuotaflowError
+from quotaflow._exceptions import ConfigError, UnpricedModel
 
 #: Rates are integers: micro-dollars per unit, times this. Exact for prices with up to 18
 #: decimals of a dollar per million tokens: the data has float artefacts like 0.13999999999999999,
@@ -69,20 +69,6 @@ _OVERRIDE_KEYS = (*_TOKEN_KEYS, "per_request", "per_image")
 #: then cache read, cache write and reasoning as differences from their whole's rate (most calls
 #: have none of them: their terms are skipped), then the per-image rate.
 Rates = tuple[int, int, int, int, int, int, int]
-
-
-class UnpricedModel(QuotaflowError, LookupError):
-    """No price is known for a model; ``nearest`` lists the closest known model names."""
-
-    def __init__(self, model: str, provider: str | None, nearest: list[str]) -> None:
-        where = f" from provider {provider!r}" if provider else ""
-        hint = f"; nearest known: {', '.join(nearest)}" if nearest else ""
-        super().__init__(
-            f"no price for model {model!r}{where} in genai-prices or prices.yaml{hint}"
-        )
-        self.model = model
-        self.provider = provider
-        self.nearest = nearest
 
 
 def _rate(price: Decimal | None, per_unit_micros: int) -> int | None:
