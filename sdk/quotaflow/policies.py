@@ -116,6 +116,20 @@ class Policy(BaseModel):
         ge=1,
         description="Output tokens a reservation holds when a request sets none.",
     )
+    alerts: list[float] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Fractions of each limit (e.g. [0.5, 0.8, 1.0]): crossing one in a "
+        "limit's period emits one event to the alerts topic.",
+    )
+
+    @field_validator("alerts")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        for fraction in value:
+            if not 0 < fraction <= 10:
+                raise ValueError(f"{fraction} is not a fraction of a limit in (0, 10]")
+        return sorted(set(value))
 
     @model_validator(mode="after")
     def _has_target(self) -> Policy:
@@ -131,6 +145,10 @@ class Policy(BaseModel):
     def specs(self) -> tuple[LimitSpec, ...]:
         """The limits that are set, in a stable order (computed once: checks read it often)."""
         return _specs_of(self.limits)
+
+    def spec_named(self, name: str) -> LimitSpec | None:
+        """The limit called ``name`` (``tokens_per_minute``), if this policy sets it."""
+        return next((spec for spec in self.specs if spec.name == name), None)
 
     def matches_model(self, model: str) -> bool:
         return self.models is None or any(fnmatch.fnmatchcase(model, p) for p in self.models)
@@ -205,6 +223,8 @@ class PolicySet:
         self.policies: tuple[Policy, ...] = tuple(policies)
         self.source = source
         self._by_name = {p.name: p for p in self.policies}
+        #: Whether any policy has alerts (publication skips looking for them otherwise).
+        self.alerting = any(p.alerts for p in self.policies)
         self._cache: dict[tuple[str, str | None], tuple[Binding, ...]] = {}
 
     def __len__(self) -> int:

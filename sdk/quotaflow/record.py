@@ -5,8 +5,8 @@ v2 adds what providers bill beyond prompt and completion tokens: ``cached_prompt
 ``completion_tokens``), ``images``, the call's price ``cost_micros`` (integer micro-dollars)
 with the ``price_version`` of the table that priced it, the ``provider`` and the end ``user``.
 Every v2 field has a default (0 or null), so a v1 record is a valid v2 record; one without
-``cost_micros`` is priced by the worker. Fields at their v2 default are left out of the JSON,
-so what a v1 producer writes and what v2 writes for the same call are the same bytes.
+``cost_micros`` is priced by the worker. Fields at their defaults are left out of the JSON
+(the schema states each default, and every reader fills them in).
 
 A message on the usage topic holds one record (a JSON object) or several (a JSON array) whose
 counter keys all hash to the message's partition. :func:`parse_usage_value` turns such a message
@@ -87,7 +87,9 @@ class UsageRecord(BaseModel):
     )
     status: Status = "ok"
     source: str = Field(min_length=1, max_length=128, description="Emitting instance id.")
-    attrs: dict[str, Label] = Field(default_factory=dict, max_length=16)
+    attrs: dict[str, Label] = Field(
+        default_factory=dict, max_length=16, json_schema_extra={"default": {}}
+    )
     # v2
     cached_prompt_tokens: int = Field(
         default=0,
@@ -151,7 +153,7 @@ class UsageRecord(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return _encode_fields(self.model_dump())
+        return _wire_encoder.encode(_Encoded(**self.model_dump()))
 
 
 _record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
@@ -191,7 +193,7 @@ class WireRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fa
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return _encode_fields(msgspec.structs.asdict(self))
+        return _wire_encoder.encode(_Encoded(*msgspec.structs.astuple(self)))
 
     @classmethod
     def of(cls, record: UsageRecord) -> WireRecord:
@@ -204,25 +206,31 @@ _wire_encoder = msgspec.json.Encoder()
 #: them, so ``quotaflow replay`` of an export leaves them out).
 EXPORT_ONLY_COLUMNS = ("time", "cost_usd", "priced_by")
 
-#: The v2 fields and their defaults: left out of the JSON when at them.
-V2_DEFAULTS: dict[str, Any] = {
-    "cached_prompt_tokens": 0,
-    "cache_write_tokens": 0,
-    "reasoning_tokens": 0,
-    "images": 0,
-    "cost_micros": None,
-    "provider": None,
-    "price_version": None,
-    "user": None,
-}
 
+class _Encoded(msgspec.Struct, omit_defaults=True, gc=False):
+    """A record's fields in order, for encoding only: fields at their defaults are left out
+    (``requests`` 1, counts 0, ``status`` ok, v2 fields 0 or null), which keeps messages small
+    and lets every reader, v1 or v2, fill them back from the schema's defaults."""
 
-def _encode_fields(fields: dict[str, Any]) -> bytes:
-    """A record's fields as JSON, the v2 fields at their defaults left out."""
-    for name, default in V2_DEFAULTS.items():
-        if fields[name] == default:
-            del fields[name]
-    return _wire_encoder.encode(fields)
+    id: str
+    ts: float
+    key: str
+    model: str
+    requests: int = 1
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    estimated: bool = False
+    status: str = "ok"
+    source: str = ""
+    attrs: dict[str, str] = {}
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    images: int = 0
+    cost_micros: int | None = None
+    provider: str | None = None
+    price_version: str | None = None
+    user: str | None = None
 
 
 _wire_decoder = msgspec.json.Decoder(WireRecord | list[WireRecord])
@@ -265,7 +273,7 @@ class RecordedUsage(NamedTuple):
         return self.prompt_tokens + self.completion_tokens
 
     def to_json(self) -> bytes:
-        return _encode_fields(self._asdict())
+        return _wire_encoder.encode(_Encoded(*self))
 
     def validated(self) -> UsageRecord:
         return _record_adapter.validate_python(self._asdict())

@@ -99,6 +99,8 @@ class TopicSettings(BaseModel):
     usage: str = "quotaflow.usage"
     decisions: str = "quotaflow.decisions"
     dlq: str = "quotaflow.usage.dlq"
+    #: Soft-budget alerts (one event per threshold per period); long retention.
+    alerts: str = "quotaflow.alerts"
     partitions: int = Field(default=8, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     #: The audit trail is kept long; -1 keeps it forever.
@@ -232,6 +234,18 @@ class GatewaySettings(BaseModel):
         )
 
 
+class AlertSettings(BaseModel):
+    """``quotaflow alerts forward``: where alert events are POSTed and how."""
+
+    #: Signs each POST: ``X-Quotaflow-Signature: sha256=<HMAC-SHA256 of the body, hex>``.
+    webhook_secret: SecretStr | None = None
+    webhook_timeout: float = Field(default=10.0, gt=0)
+    #: Retries back off from 0.5 s, doubling, to this many seconds between attempts.
+    max_backoff: float = Field(default=30.0, gt=0)
+    #: The forwarder's consumer group: offsets are committed after each delivered event.
+    group_id: str = "quotaflow-alerts-forward"
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback name or address (an empty host or 0.0.0.0 is not)."""
     if host.lower() == "localhost":
@@ -258,6 +272,7 @@ class QuotaflowSettings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     client: ClientSettings = Field(default_factory=ClientSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
     policies_file: Path = Path("config") / "policies.yaml"
     #: Price overrides (negotiated prices, fine-tunes, self-hosted models) on top of
     #: genai-prices' data; a missing file means no overrides.

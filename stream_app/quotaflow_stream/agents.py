@@ -81,6 +81,7 @@ class StreamWorker:
             snapshot,
             self.decisions_topic,
             decisions_topic=t.decisions,
+            alerts_topic=t.alerts,
             partitions=usage_partitions,
             counters=self.counters,
             ready=lambda: self.ready,

@@ -18,6 +18,7 @@ class Counters:
         self.forwarded = 0
         self.states_published = 0
         self.heartbeats = 0
+        self.alerts = 0
         self.started_at = time.time()
         #: Wall-clock time of the first and latest aggregated record (throughput = records
         #: over their difference, worker start-up excluded).

@@ -94,7 +94,7 @@ def _topics(settings: QuotaflowSettings, admin: Any, timeout: float, checks: lis
     t = settings.topics
     meta = admin.list_topics(timeout=timeout)
     counts: dict[str, int] = {}
-    for name in (t.usage, t.decisions, t.dlq):
+    for name in (t.usage, t.decisions, t.dlq, t.alerts):
         topic = meta.topics.get(name)
         if topic is None or topic.error is not None:
             checks.append(

@@ -53,6 +53,9 @@ class Entry(TypedDict, total=False):
     xid: dict[str, float]
     #: Prune again once the watermark reaches this.
     pa: float
+    #: Alerts fired: ``"<limit>@<threshold>"`` -> start of the period it fired in. Only keys
+    #: of policies with ``alerts`` have it (see :mod:`quotaflow_stream.alerts`).
+    al: dict[str, float]
 
 
 def new_entry() -> Entry:

@@ -14,6 +14,7 @@ one.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
@@ -23,6 +24,7 @@ from typing import Any, Protocol
 from quotaflow.policies import PolicySet
 from quotaflow.settings import WorkerSettings
 from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_json
+from quotaflow_stream.alerts import crossed
 from quotaflow_stream.counters import Counters
 from quotaflow_stream.entry import Entry
 from quotaflow_stream.evaluate import ACTIVE_SOURCE_SECONDS, evaluate
@@ -42,6 +44,8 @@ class Entries(Protocol):
     """What the publisher reads of the store (an :class:`~.store.AggregateStore`)."""
 
     entries: dict[str, Entry]
+    #: Keys changed since their last save (alert marks join them).
+    unsaved: set[str]
 
     def get(self, key: str) -> Entry | None: ...
 
@@ -79,6 +83,7 @@ class StatePublisher:
         heartbeats: HeartbeatTopic,
         *,
         decisions_topic: str,
+        alerts_topic: str | None = None,
         partitions: int,
         counters: Counters,
         ready: Callable[[], bool],
@@ -92,6 +97,8 @@ class StatePublisher:
         self.snapshot = snapshot
         self.heartbeats = heartbeats
         self.decisions_topic = decisions_topic
+        #: Where alert events go (None: alerts off, as in tests that do not look at them).
+        self.alerts_topic = alerts_topic
         self.partitions = partitions
         self.counters = counters
         self._ready = ready
@@ -178,6 +185,8 @@ class StatePublisher:
 
     def _publish(self, key: str, entry: Entry, now: float) -> QuotaState:
         state = evaluate(key, entry, self.policies, now)
+        if self.alerts_topic is not None and self.policies.alerting:
+            self._alert(key, entry, state, now)
         before = self.latest.get(key)
         if state.throttled and (before is None or not before.throttled):
             self.throttle_onsets += 1
@@ -187,6 +196,23 @@ class StatePublisher:
         self.snapshot.put(key, payload)
         self.counters.states_published += 1
         return state
+
+    def _alert(self, key: str, entry: Entry, state: QuotaState, now: float) -> None:
+        """Send the alerts this state raises; their marks are saved with the entry (see
+        :mod:`quotaflow_stream.alerts`: sent first, so a crash repeats one, never loses it)."""
+        fired = entry.get("al")
+        marks = dict(fired) if fired else {}
+        events = list(crossed(state, self.policies, marks, now))
+        if not events:
+            return
+        assert self.alerts_topic is not None
+        for event in events:
+            self.output.send(self.alerts_topic, key.encode(), json.dumps(event).encode())
+            log.info("alert %s: %s at %g of %s", key, event["limit"], event["threshold"],
+                     event["limit_value"])  # fmt: skip
+        entry["al"] = marks
+        self.store.unsaved.add(key)
+        self.counters.alerts += len(events)
 
     def current_state(self, key: str) -> QuotaState | None:
         """The key's state now, if this worker owns it (evaluated afresh: windows slide)."""

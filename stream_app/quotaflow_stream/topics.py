@@ -22,7 +22,8 @@ class TopicSpec:
 
 
 def topic_specs(settings: QuotaflowSettings) -> list[TopicSpec]:
-    """Usage (long retention: the audit trail), decisions (compacted), and the dead letters."""
+    """Usage (long retention: the audit trail), decisions (compacted), the dead letters and
+    the alerts."""
     t = settings.topics
     return [
         TopicSpec(
@@ -34,6 +35,12 @@ def topic_specs(settings: QuotaflowSettings) -> list[TopicSpec]:
         TopicSpec(t.decisions, t.partitions, t.replication_factor, {"cleanup.policy": "compact"}),
         TopicSpec(
             t.dlq,
+            t.partitions,
+            t.replication_factor,
+            {"retention.ms": str(t.usage_retention_ms), "cleanup.policy": "delete"},
+        ),
+        TopicSpec(
+            t.alerts,
             t.partitions,
             t.replication_factor,
             {"retention.ms": str(t.usage_retention_ms), "cleanup.policy": "delete"},

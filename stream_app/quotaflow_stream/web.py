@@ -175,6 +175,7 @@ class WebApi:
             "late": c.late,
             "dlq": c.dlq,
             "states_published": c.states_published,
+            "alerts": c.alerts,
             "consumer_lag": sum((await self._lag()).values()),
             "ready": self.worker.ready,
         }
@@ -242,6 +243,7 @@ class _Metrics:
             ("quotaflow_late_records", c.late, "Records too late for at least one window."),
             ("quotaflow_dlq_records", c.dlq, "Records sent to the dead-letter topic."),
             ("quotaflow_states_published", c.states_published, "Quota states published."),
+            ("quotaflow_alerts", c.alerts, "Soft-budget alert events emitted."),
             (
                 "quotaflow_denials",
                 self.worker.publisher.throttle_onsets,

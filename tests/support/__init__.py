@@ -29,6 +29,7 @@ def pipeline_settings(
             "usage": f"t-{run}.usage",
             "decisions": f"t-{run}.decisions",
             "dlq": f"t-{run}.dlq",
+            "alerts": f"t-{run}.alerts",
             "partitions": partitions,
         },
         worker={
