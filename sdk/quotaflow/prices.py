@@ -71,6 +71,14 @@ _OVERRIDE_KEYS = (*_TOKEN_KEYS, "per_request", "per_image")
 Rates = tuple[int, int, int, int, int, int, int]
 
 
+def dollars(micros: int | None) -> str:
+    """Micro-dollars as a dollar amount, exactly (no float): 1234567 -> ``1.234567``; ``""``
+    for None (unpriced)."""
+    if micros is None:
+        return ""
+    return f"{micros // 10**6}.{micros % 10**6:06d}"
+
+
 def _rate(price: Decimal | None, per_unit_micros: int) -> int | None:
     """A price in dollars per ``1e6 / per_unit_micros`` units as micro-dollars per unit, scaled."""
     if price is None:

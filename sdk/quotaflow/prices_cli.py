@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.prices import PriceTable, load_price_table
+from quotaflow.prices import PriceTable, dollars, load_price_table
 
 
 def register(sub: Any) -> None:
@@ -44,7 +44,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         **prices.describe(),
         "price_version": table.version,
         "example": {"prompt_tokens": 1000, "completion_tokens": 1000, "cost_micros": example,
-                    "cost_usd": f"{example / 1e6:.6f}"},
+                    "cost_usd": dollars(example)},
     }  # fmt: skip
     if args.json:
         print(json.dumps(doc))
@@ -56,7 +56,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
         above = tier["above_prompt_tokens"]
         shown = ", ".join(f"{k}=${v}" for k, v in tier["prices"].items() if v != "0")
         print(f"  above {above:,} prompt tokens: {shown}")
-    print(f"  1,000 prompt + 1,000 completion tokens: ${example / 1e6:.6f}")
+    print(f"  1,000 prompt + 1,000 completion tokens: ${dollars(example)}")
     print(f"  price table {table.version}")
     return 0
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.prices import PriceTable
+from quotaflow.prices import PriceTable, dollars
 from quotaflow.record import EXPORT_ONLY_COLUMNS, WireRecord, parse_usage_value
 from quotaflow.settings import QuotaflowSettings
 
@@ -222,13 +222,6 @@ def cost_of(r: WireRecord, prices: PriceTable) -> tuple[int | None, str | None, 
         r.reasoning_tokens, r.images, r.requests,
     )  # fmt: skip
     return cost, prices.version, "audit"
-
-
-def dollars(micros: int | None) -> str:
-    """Micro-dollars as a dollar amount, exactly (no float): 1234567 -> ``1.234567``."""
-    if micros is None:
-        return ""
-    return f"{micros // 10**6}.{micros % 10**6:06d}"
 
 
 def row(r: WireRecord, prices: PriceTable) -> dict[str, Any]:

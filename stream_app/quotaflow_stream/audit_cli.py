@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.prices import load_price_table
+from quotaflow.prices import dollars, load_price_table
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow_stream import audit
 
@@ -126,7 +126,7 @@ def _totals(args: argparse.Namespace) -> int:
     rows = []
     for group, s in sorted(sums.items()):
         cost = s[audit.TOTALS.index("cost_micros")]
-        row = dict(zip(columns, (*group, *s, s[2] + s[3], audit.dollars(cost)), strict=True))
+        row = dict(zip(columns, (*group, *s, s[2] + s[3], dollars(cost)), strict=True))
         rows.append(row)
     _emit(rows, columns, args.format, "usage totals")
     _summary(stats, f"{len(rows)} groups")

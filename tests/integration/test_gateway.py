@@ -218,7 +218,7 @@ def test_cached_and_reasoning_tokens_and_the_cost_reach_the_audit_trail(
     c = client(gateway, key="gw-billed")
     stub.cached_tokens, stub.reasoning_tokens = 6, 30
     try:
-        c.chat.completions.create(model="o3-mini", messages=MESSAGES)
+        plain = c.chat.completions.with_raw_response.create(model="o3-mini", messages=MESSAGES)
         streamed = c.chat.completions.create(
             model="o3-mini", messages=MESSAGES, stream=True,
             stream_options={"include_usage": True},
@@ -243,6 +243,11 @@ def test_cached_and_reasoning_tokens_and_the_cost_reach_the_audit_trail(
         assert record.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
         assert record.price_version == gateway.gateway.quota.prices.version
         assert record.status == "ok" and not record.estimated
+    # the plain answer says what it cost (a stream's headers go before its usage is known)
+    cost = records[0].cost_micros
+    assert cost is not None
+    assert plain.headers["x-quotaflow-cost-usd"] == f"{cost // 10**6}.{cost % 10**6:06d}"
+    assert plain.headers["x-quotaflow-price-version"] == records[0].price_version
 
 
 def test_api_key_becomes_an_hmac_id_and_never_leaves(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.prices import PriceTable
+from quotaflow.prices import PriceTable, dollars
 from quotaflow.record import UsageRecord
 from quotaflow_producers.replay import read_rows
 from quotaflow_stream import audit
@@ -73,7 +73,7 @@ def test_totals_carry_every_unit_and_sum_the_cost_exactly() -> None:
     assert audit.cost_of(v1, PRICES) == (2_500_000, PRICES.version, "audit")
     assert audit.cost_of(v2, PRICES) == (12_345, "genai-prices-x", "record")
     assert audit.cost_of(unknown, PRICES) == (None, None, "unpriced")
-    assert audit.dollars(2_512_345) == "2.512345" and audit.dollars(7) == "0.000007"
+    assert dollars(2_512_345) == "2.512345" and dollars(7) == "0.000007" and dollars(None) == ""
 
 
 def test_compare_lists_every_differing_field_and_missing_keys() -> None:

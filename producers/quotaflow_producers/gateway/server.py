@@ -21,6 +21,7 @@ from aiohttp import web
 
 from quotaflow._exceptions import ConfigError, QuotaExceeded, RecordError
 from quotaflow.client import QuotaClient
+from quotaflow.prices import dollars
 from quotaflow.record import looks_like_secret
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings
@@ -37,6 +38,9 @@ from quotaflow_producers.gateway.responses import (
 log = logging.getLogger(__name__)
 
 METERED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+#: The call's price in dollars (exact, from integer micro-dollars), and the table that priced it.
+COST_HEADER = "x-quotaflow-cost-usd"
+PRICE_VERSION_HEADER = "x-quotaflow-price-version"
 # Never forwarded: connection-level headers, and what the gateway itself sets.
 _DROP_REQUEST = {"host", "content-length", "connection", "keep-alive", "transfer-encoding",
                  "accept-encoding", "te", "upgrade", "proxy-authorization"}  # fmt: skip
@@ -256,6 +260,11 @@ class Gateway:
         data = await upstream.read()
         record = reservation.settle_body(data)
         headers.update(self._limit_headers(key, model))
+        if record.cost_micros is not None:
+            # what this call cost, exactly (a stream's is known only after its headers went)
+            headers[COST_HEADER] = dollars(record.cost_micros)
+            if record.price_version:
+                headers[PRICE_VERSION_HEADER] = record.price_version
         if self.g.consumed_tokens_header:
             headers[self.g.consumed_tokens_header] = str(record.total_tokens)
         return web.Response(status=upstream.status, body=data, headers=headers)
