@@ -29,10 +29,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from quotaflow._exceptions import ConfigError
+from quotaflow._yaml import Missing, read_yaml
 from quotaflow.record import describe_validation_error
 from quotaflow.windows import WINDOW_SECONDS, bucket_size
 
@@ -285,15 +285,9 @@ def load_policies(path: str | Path) -> PolicySet:
     """Load and validate a YAML policy file; any problem raises :class:`ConfigError`."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        doc = read_yaml(path, "policy file")
+    except Missing:
         raise ConfigError(f"{path}: policy file not found (set QUOTAFLOW_POLICIES_FILE)") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read policy file: {exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping with a 'policies' list")
     return parse_policies(doc, source=str(path))

@@ -45,9 +45,8 @@ from importlib.metadata import version as _package_version
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from quotaflow._exceptions import ConfigError, UnpricedModel
+from quotaflow._yaml import Missing, read_yaml
 
 #: Rates are integers: micro-dollars per unit, times this. Exact for prices with up to 18
 #: decimals of a dollar per million tokens: the data has float artefacts like 0.13999999999999999,
@@ -421,14 +420,8 @@ def load_price_table(path: str | Path | None) -> PriceTable:
         return PriceTable()
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        doc = read_yaml(path, "prices file")
+    except Missing:
         return PriceTable(source=str(path))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read prices file: {exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     overrides, aliases = parse_overrides(doc, str(path))
     return PriceTable(overrides, aliases, source=str(path))

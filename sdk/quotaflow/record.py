@@ -207,32 +207,6 @@ _wire_encoder = msgspec.json.Encoder()
 EXPORT_ONLY_COLUMNS = ("time", "cost_usd", "priced_by")
 
 
-class _Encoded(msgspec.Struct, omit_defaults=True, gc=False):
-    """A record's fields in order, for encoding only: fields at their defaults are left out
-    (``requests`` 1, counts 0, ``status`` ok, v2 fields 0 or null), which keeps messages small
-    and lets every reader, v1 or v2, fill them back from the schema's defaults."""
-
-    id: str
-    ts: float
-    key: str
-    model: str
-    requests: int = 1
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    estimated: bool = False
-    status: str = "ok"
-    source: str = ""
-    attrs: dict[str, str] = {}
-    cached_prompt_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-    images: int = 0
-    cost_micros: int | None = None
-    provider: str | None = None
-    price_version: str | None = None
-    user: str | None = None
-
-
 _wire_decoder = msgspec.json.Decoder(WireRecord | list[WireRecord])
 _STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
 # first letters of what _SECRET_LIKE matches: most keys are told apart without the regex
@@ -277,6 +251,26 @@ class RecordedUsage(NamedTuple):
 
     def validated(self) -> UsageRecord:
         return _record_adapter.validate_python(self._asdict())
+
+
+def _encoding_struct() -> Any:
+    """A struct of the record's fields in order (those of :class:`RecordedUsage`), for
+    encoding only: with :class:`UsageRecord`'s defaults and ``omit_defaults``, fields at their
+    defaults (``requests`` 1, counts 0, ``status`` ok, v2 fields 0 or null) are left out, which
+    keeps messages small while every reader, v1 or v2, fills them back from the schema."""
+    fields: list[Any] = []
+    for name in RecordedUsage._fields:
+        info = UsageRecord.model_fields[name]
+        # a required field after optional ones needs a default too: UNSET, which no value
+        # equals, so it is always written
+        default = (
+            msgspec.UNSET if info.is_required() else info.get_default(call_default_factory=True)
+        )
+        fields.append((name, Any, default))
+    return msgspec.defstruct("EncodedRecord", fields, omit_defaults=True, gc=False)
+
+
+_Encoded = _encoding_struct()
 
 
 def make_record(

@@ -28,6 +28,7 @@ from quotaflow_producers.testing import REPLY, OpenAIStub
 from quotaflow_stream.harness import DevStack, free_port
 from quotaflow_stream.topics import ensure_topics
 from tests.support import pipeline_settings, wait_for
+from tests.support.prices import genai_cost
 
 pytestmark = pytest.mark.integration
 
@@ -211,10 +212,6 @@ def test_cached_and_reasoning_tokens_and_the_cost_reach_the_audit_trail(
 ) -> None:
     """Through the gateway, plain and streamed, the v2 record read back from the broker has
     the upstream's cached and reasoning tokens and genai-prices' cost for them."""
-    from decimal import ROUND_HALF_UP, Decimal
-
-    from genai_prices import Usage, calc_price
-
     c = client(gateway, key="gw-billed")
     stub.cached_tokens, stub.reasoning_tokens = 6, 30
     try:
@@ -235,12 +232,10 @@ def test_cached_and_reasoning_tokens_and_the_cost_reach_the_audit_trail(
             upstream["prompt_tokens"], upstream["completion_tokens"],
         )  # fmt: skip
         assert (record.cached_prompt_tokens, record.reasoning_tokens) == (6, 30)
-        dollars = calc_price(
-            Usage(input_tokens=record.prompt_tokens, cache_read_tokens=6,
-                  output_tokens=record.completion_tokens, output_reasoning_tokens=30),
-            "o3-mini", provider_id="openai",
-        ).total_price  # fmt: skip
-        assert record.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
+        assert record.cost_micros == genai_cost(
+            "o3-mini", record.prompt_tokens, record.completion_tokens, cached=6, reasoning=30,
+            provider="openai",
+        )  # fmt: skip
         assert record.price_version == gateway.gateway.quota.prices.version
         assert record.status == "ok" and not record.estimated
     # the plain answer says what it cost (a stream's headers go before its usage is known)

@@ -3,7 +3,6 @@ genai-prices' own extractors (a second reading: a mix-up like LiteLLM #36168 fai
 
 from __future__ import annotations
 
-from decimal import ROUND_HALF_UP, Decimal
 from types import SimpleNamespace
 from typing import Any
 
@@ -12,6 +11,7 @@ from genai_prices import calc_price, extract_usage
 
 from quotaflow.billed import BilledUsage, billed_usage
 from quotaflow.prices import PriceTable
+from tests.support.prices import micros
 
 # OpenAI Chat Completions: prompt_tokens includes the cached ones, completion the reasoning.
 OPENAI_CHAT = {
@@ -71,10 +71,6 @@ def test_an_upstream_claiming_parts_larger_than_wholes_is_clamped() -> None:
              "prompt_tokens_details": {"cached_tokens": 99},
              "completion_tokens_details": {"reasoning_tokens": 50}}  # fmt: skip
     assert billed_usage(lying) == BilledUsage(10, 2, 10, 0, 2)
-
-
-def micros(price: Decimal) -> int:
-    return int((price * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
 
 
 @pytest.mark.parametrize(

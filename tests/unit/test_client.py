@@ -144,9 +144,7 @@ def test_two_apps_in_one_process_keep_their_own_fetch_wait() -> None:
 
 def test_record_prices_every_billed_unit_from_the_table() -> None:
     """The cost rides on the record, to the micro-dollar of genai-prices, with its version."""
-    from decimal import ROUND_HALF_UP, Decimal
-
-    from genai_prices import Usage, calc_price
+    from tests.support.prices import genai_cost
 
     transport = MemoryTransport()
     quota = client(transport)
@@ -154,10 +152,7 @@ def test_record_prices_every_billed_unit_from_the_table() -> None:
         "team-a", "claude-sonnet-4-5", prompt_tokens=3050, cached_prompt_tokens=2000,
         cache_write_tokens=1000, completion_tokens=300, reasoning_tokens=100,
     )  # fmt: skip
-    usage = Usage(input_tokens=3050, cache_read_tokens=2000, cache_write_tokens=1000,
-                  output_tokens=300, output_reasoning_tokens=100)  # fmt: skip
-    dollars = calc_price(usage, "claude-sonnet-4-5").total_price
-    assert r.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
+    assert r.cost_micros == genai_cost("claude-sonnet-4-5", 3050, 300, 2000, 1000, 100)
     assert r.price_version == quota.prices.version
     given = quota.record("team-a", "gpt-4o", prompt_tokens=10, cost_micros=7)
     assert (given.cost_micros, given.price_version) == (7, None), "a given cost is kept"

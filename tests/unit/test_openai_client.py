@@ -18,6 +18,7 @@ from quotaflow.record import UsageRecord
 from quotaflow.tokens import count_request, count_text
 from quotaflow.transports import MemoryTransport
 from quotaflow_producers.testing import REPLY, OpenAIStub
+from tests.support.prices import genai_cost
 
 POLICIES = parse_policies(
     {
@@ -202,10 +203,6 @@ def test_cached_and_reasoning_tokens_reach_the_record_and_its_cost(
 ) -> None:
     """The upstream reports OpenAI's usage details; the v2 record carries each unit and the
     cost genai-prices gives for exactly that usage."""
-    from decimal import ROUND_HALF_UP, Decimal
-
-    from genai_prices import Usage, calc_price
-
     stub.cached_tokens, stub.reasoning_tokens = 8, 40
     try:
         client = sync_client(stub, quota)
@@ -225,10 +222,8 @@ def test_cached_and_reasoning_tokens_reach_the_record_and_its_cost(
     assert record.completion_tokens == reported["completion_tokens"]
     assert record.cached_prompt_tokens == 8 and record.reasoning_tokens == 40
     assert not record.estimated
-    dollars = calc_price(
-        Usage(input_tokens=record.prompt_tokens, cache_read_tokens=8,
-              output_tokens=record.completion_tokens, output_reasoning_tokens=40),
-        "o3-mini", provider_id="openai",
-    ).total_price  # fmt: skip
-    assert record.cost_micros == int((dollars * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
+    assert record.cost_micros == genai_cost(
+        "o3-mini", record.prompt_tokens, record.completion_tokens, cached=8, reasoning=40,
+        provider="openai",
+    )  # fmt: skip
     assert record.cost_micros and record.price_version == quota.prices.version

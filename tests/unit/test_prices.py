@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 import pytest
@@ -18,13 +17,9 @@ from quotaflow.prices import (
     _genai_model_prices,
     parse_overrides,
 )
+from tests.support.prices import micros
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
-
-
-def micros(price: Decimal) -> int:
-    """genai-prices' dollars to micro-dollars, rounded half up (as quotaflow rounds)."""
-    return int((price * 10**6).quantize(Decimal(1), ROUND_HALF_UP))
 
 
 def random_usage(rng: random.Random) -> tuple[int, int, int, int, int]:
