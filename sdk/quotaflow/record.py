@@ -128,10 +128,10 @@ class UsageRecord(BaseModel):
             raise ValueError("must be a finite number of epoch seconds")
         return value
 
-    @field_validator("key")
+    @field_validator("key", "user")
     @classmethod
-    def _not_a_secret(cls, value: str) -> str:
-        if _SECRET_LIKE.match(value):
+    def _not_a_secret(cls, value: str | None) -> str | None:
+        if value is not None and _SECRET_LIKE.match(value):
             raise ValueError(
                 "looks like a raw API secret; use an id (quotaflow.key_id() derives one)"
             )
@@ -360,7 +360,14 @@ def make_record(
         and (
             price_version is None or (type(price_version) is str and 0 < len(price_version) <= 128)
         )
-        and (user is None or (type(user) is str and 0 < len(user) <= 128))
+        and (
+            user is None
+            or (
+                type(user) is str
+                and 0 < len(user) <= 128
+                and not (user[0] in _SECRET_INITIALS and _SECRET_LIKE.match(user))
+            )
+        )
     ):
         if prices is not None:
             cost_micros = prices.cost(
@@ -436,6 +443,7 @@ def parse_usage_value(value: bytes | None) -> tuple[list[WireRecord], list[Rejec
             if (
                 not r.ts < inf
                 or (r.key[0] in secret_initials and secret_like(r.key))
+                or (r.user is not None and secret_like(r.user))
                 or r.cached_prompt_tokens + r.cache_write_tokens > r.prompt_tokens
                 or r.reasoning_tokens > r.completion_tokens
             ):
@@ -469,10 +477,11 @@ def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[WireRecord], 
     try:
         return [WireRecord.of(_record_adapter.validate_python(doc))], []
     except ValidationError as exc:
-        key = doc.get("key")
-        if isinstance(key, str) and looks_like_secret(key):
+        leaked = {f: REDACTED for f in ("key", "user")
+                  if isinstance(doc.get(f), str) and looks_like_secret(doc[f])}  # fmt: skip
+        if leaked:
             # Do not spread a leaked credential further: the dead letter keeps a redacted copy.
-            raw = json.dumps({**doc, "key": REDACTED}, separators=(",", ":")).encode()
+            raw = json.dumps({**doc, **leaked}, separators=(",", ":")).encode()
         return [], [Rejected(raw, describe_validation_error(exc, prefix))]
 
 

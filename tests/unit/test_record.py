@@ -113,6 +113,8 @@ def test_a_secret_looking_key_is_redacted_in_the_rejection() -> None:
     assert records == [] and "raw API secret" in rejected[0].reason
     assert secret.encode() not in rejected[0].raw
     assert json.loads(rejected[0].raw)["id"] == "r1", "the rest of the record is kept"
+    records, rejected = parse_usage_value(json.dumps(rec(user=secret)).encode())
+    assert records == [] and secret.encode() not in rejected[0].raw, "an end user's too"
 
 
 def fast(**over: object) -> object:
@@ -174,6 +176,7 @@ def test_a_v1_record_is_a_v2_record_with_zeros() -> None:
         ({"cost_micros": 10**13}, "cost_micros"),
         ({"images": -2}, "images"),
         ({"provider": ""}, "provider"),
+        ({"user": "sk-live-" + "u" * 20}, "raw API secret"),
     ],
 )
 def test_v2_parts_never_exceed_their_wholes(over: dict[str, object], fragment: str) -> None:
