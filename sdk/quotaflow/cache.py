@@ -98,8 +98,11 @@ class QuotaCache:
         clock: Clock = time.time,
         pending_ttl: float = 120,
         rng: random.Random | None = None,
+        priced: Callable[[str], bool] | None = None,
     ) -> None:
         self.policies = policies
+        #: Whether a model has a price (policies with ``unpriced: reject`` deny those without).
+        self._priced = priced
         self._random = (rng or random.Random()).random
         self.source = source
         self.clock = clock
@@ -247,6 +250,16 @@ class QuotaCache:
         stale_reason: Reason | None = None
         for binding in bindings:
             policy = binding.policy
+            if (
+                policy.unpriced == "reject"
+                and model is not None
+                and self._priced is not None
+                and not self._priced(model)
+            ):
+                return Decision(
+                    False, key, model, "unpriced", "unpriced", policy.name, _EMPTY, 0.0,
+                    None, age,
+                )  # fmt: skip
             stale = silent_for > policy.max_staleness
             if stale:
                 if policy.fail_mode == "open":

@@ -37,7 +37,13 @@ from quotaflow.follower import DecisionsFollower
 from quotaflow.ids import IdMinter
 from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
-from quotaflow.prices import PriceTable, load_price_table
+from quotaflow.prices import (
+    FREE,
+    ModelPrices,
+    PriceTable,
+    check_unpriced_fallbacks,
+    load_price_table,
+)
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
@@ -81,6 +87,7 @@ class QuotaClient:
         self.settings = settings or load_settings()
         self.policies = policies or load_policies(self.settings.policies_file)
         self.prices = prices or load_price_table(self.settings.prices_file)
+        check_unpriced_fallbacks(self.policies, self.prices)
         # record() reads resolved prices straight from the table's cache (one dict lookup)
         self._resolved_prices = self.prices.cache
         self._price_version = self.prices.version
@@ -88,7 +95,11 @@ class QuotaClient:
         self.source = client.source
         self.clock = clock
         self.cache = QuotaCache(
-            self.policies, self.source, clock=clock, pending_ttl=client.pending_ttl
+            self.policies,
+            self.source,
+            clock=clock,
+            pending_ttl=client.pending_ttl,
+            priced=lambda model: self.prices.lookup(model) is not None,
         )
         kafka_conf = self.settings.kafka.confluent_config()
         self._transport = transport
@@ -243,12 +254,14 @@ class QuotaClient:
             # Monotonic per instance: the stream acknowledges our usage by our newest timestamp.
             ts = max(self.clock(), self._last_ts + 1e-6)
             self._last_ts = ts
-        prices = price_version = None
+        prices = price_version = priced_as = None
         if cost_micros is None:
             price_version = self._price_version  # kept only if the call is priced
             prices = self._resolved_prices.get((model, provider))
             if prices is None or not prices.valid_from <= ts < prices.valid_until:
                 prices = self.prices.lookup(model, provider, ts)  # first call of a model, or a day
+                if prices is None:
+                    prices, priced_as = self._unpriced(key, model, ts)
         # _checked_record and IdMinter inline: two calls were ~0.5 us of record()'s ~10
         try:
             record = make_record(
@@ -256,7 +269,7 @@ class QuotaClient:
                 ts, key, model, requests, prompt_tokens, completion_tokens, estimated, status,
                 self.source, dict(attrs) if attrs else {}, cached_prompt_tokens,
                 cache_write_tokens, reasoning_tokens, images, cost_micros, provider,
-                price_version, user, prices,
+                price_version, user, prices, priced_as,
             )  # fmt: skip
         except ValidationError as exc:
             raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
@@ -264,6 +277,20 @@ class QuotaClient:
         assert self.emitter is not None
         self.emitter.emit(record)
         return record
+
+    def _unpriced(self, key: str, model: str, ts: float) -> tuple[ModelPrices | None, str | None]:
+        """Prices for a model the table does not know, as the key's policy says: a fallback
+        model's (``estimate``), none (``free``), or nothing (``reject``, no policy: the record
+        goes unpriced)."""
+        bindings = self.policies.resolve(key, model)
+        if not bindings:
+            return None, None
+        policy = bindings[0].policy
+        if policy.unpriced == "free":
+            return FREE, "free"
+        if policy.unpriced == "estimate":
+            return self.prices.lookup(policy.unpriced_as, None, ts), policy.unpriced_as
+        return None, None
 
     def reserve(
         self,
@@ -311,6 +338,15 @@ class QuotaClient:
         decision = self.check(
             key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens
         )
+        if decision.reason == "unpriced":
+            nearest = ", ".join(self.prices.nearest(model)) or "none"
+            raise QuotaExceeded(
+                f"{key}: model {model!r} has no price, and policy {decision.policy!r} rejects "
+                f"unpriced models (unpriced: reject); nearest known: {nearest}",
+                retry_after=0.0,
+                limit="unpriced",
+                decision=decision,
+            )
         if not decision.allowed:
             raise QuotaExceeded(
                 f"{key}: {decision.limit} would be exceeded by {prompt_tokens} prompt + "

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
-Reason = Literal["ok", "limit", "share", "no_policy", "stale_open", "stale_closed", "stale_local"]
+Reason = Literal[
+    "ok", "limit", "share", "no_policy", "stale_open", "stale_closed", "stale_local", "unpriced"
+]
 
 
 class Decision(NamedTuple):

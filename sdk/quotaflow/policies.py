@@ -116,6 +116,18 @@ class Policy(BaseModel):
         ge=1,
         description="Output tokens a reservation holds when a request sets none.",
     )
+    unpriced: Literal["estimate", "reject", "free"] = Field(
+        default="estimate",
+        description="A call of a model the price table does not know: priced as "
+        "`unpriced_as` and marked (estimate), denied by check() with reason unpriced (reject), "
+        "or recorded at no cost (free).",
+    )
+    unpriced_as: str = Field(
+        default="gpt-4o",
+        min_length=1,
+        max_length=128,
+        description="The model whose prices an unpriced call is estimated at.",
+    )
     alerts: list[float] = Field(
         default_factory=list,
         max_length=16,

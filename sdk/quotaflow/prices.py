@@ -47,6 +47,7 @@ from typing import Any
 
 from quotaflow._exceptions import ConfigError, UnpricedModel
 from quotaflow._yaml import Missing, read_yaml
+from quotaflow.policies import PolicySet
 
 #: Rates are integers: micro-dollars per unit, times this. Exact for prices with up to 18
 #: decimals of a dollar per million tokens: the data has float artefacts like 0.13999999999999999,
@@ -178,6 +179,22 @@ def _rates_of(prices: dict[str, Decimal | None]) -> Rates:
 
 
 # -- genai-prices ------------------------------------------------------------------------------
+
+
+#: What a call of a model its policy says is ``free`` is priced at.
+FREE = ModelPrices("free", "", "policy: unpriced free", (0, 0, 0, 0, 0, 0, 0))
+
+
+def check_unpriced_fallbacks(policies: PolicySet, table: PriceTable) -> None:
+    """Every policy that estimates unpriced calls names a model the table prices (else a
+    :class:`ConfigError` naming the policy and the nearest known models)."""
+    for policy in policies.policies:
+        if policy.unpriced == "estimate" and table.lookup(policy.unpriced_as) is None:
+            nearest = ", ".join(table.nearest(policy.unpriced_as)) or "none"
+            raise ConfigError(
+                f"{policies.source}: policy {policy.name!r}: unpriced_as "
+                f"{policy.unpriced_as!r} has no price; nearest known: {nearest}"
+            )
 
 
 def _genai_model_prices(model_price: Any) -> tuple[Rates, tuple[tuple[int, Rates], ...]]:

@@ -120,6 +120,13 @@ class UsageRecord(BaseModel):
     user: str | None = Field(
         default=None, min_length=1, max_length=128, description="End user of the key: an id."
     )
+    priced_as: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Whose prices made cost_micros when not the model's own: the model an "
+        "unpriced call was estimated at, or 'free' (its policy's `unpriced`).",
+    )
 
     @field_validator("ts")
     @classmethod
@@ -187,6 +194,7 @@ class WireRecord(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, gc=Fa
     provider: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] | None = None
     price_version: _Id | None = None
     user: _Id | None = None
+    priced_as: _Id | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -241,6 +249,7 @@ class RecordedUsage(NamedTuple):
     provider: str | None = None
     price_version: str | None = None
     user: str | None = None
+    priced_as: str | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -294,6 +303,7 @@ def make_record(
     price_version: str | None = None,
     user: str | None = None,
     prices: ModelPrices | None = None,
+    priced_as: str | None = None,
 ) -> RecordedUsage:
     """A checked record; raises pydantic's ``ValidationError`` naming the field otherwise.
 
@@ -368,6 +378,7 @@ def make_record(
                 and not (user[0] in _SECRET_INITIALS and _SECRET_LIKE.match(user))
             )
         )
+        and (priced_as is None or (type(priced_as) is str and 0 < len(priced_as) <= 128))
     ):
         if prices is not None:
             cost_micros = prices.cost(
@@ -377,7 +388,7 @@ def make_record(
         return RecordedUsage(
             id, ts, key, model, requests, prompt_tokens, completion_tokens, estimated, status,
             source, attrs, cached_prompt_tokens, cache_write_tokens, reasoning_tokens, images,
-            cost_micros, provider, price_version, user,
+            cost_micros, provider, price_version, user, priced_as,
         )  # fmt: skip
     checked = UsageRecord(
         id=id, ts=ts, key=key, model=model, requests=requests, prompt_tokens=prompt_tokens,
@@ -385,7 +396,7 @@ def make_record(
         source=source, attrs=attrs, cached_prompt_tokens=cached_prompt_tokens,
         cache_write_tokens=cache_write_tokens, reasoning_tokens=reasoning_tokens,
         images=images, cost_micros=cost_micros, provider=provider,
-        price_version=price_version, user=user,
+        price_version=price_version, user=user, priced_as=priced_as,
     )  # fmt: skip
     if prices is not None:
         checked = checked.model_copy(update={"cost_micros": prices.cost(

@@ -33,7 +33,7 @@ UNITS = (
 #: Columns of query and export output, in order.
 COLUMNS = (
     "id", "time", "ts", "key", "model", *UNITS, "cost_usd", "price_version", "priced_by",
-    "provider", "user", "status", "estimated", "source",
+    "priced_as", "provider", "user", "status", "estimated", "source",
 )  # fmt: skip
 assert set(EXPORT_ONLY_COLUMNS) <= set(COLUMNS)
 
@@ -237,6 +237,7 @@ def row(r: WireRecord, prices: PriceTable) -> dict[str, Any]:
         "cost_usd": dollars(cost),
         "price_version": version,
         "priced_by": priced_by,
+        "priced_as": r.priced_as,
         "provider": r.provider,
         "user": r.user,
         "status": r.status,

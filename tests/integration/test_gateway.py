@@ -53,6 +53,8 @@ policies:
      limits: {requests_per_minute: 2}}
   - {name: uncounted, keys: ["uncounted-*"], max_staleness: 600,
      limits: {requests_per_minute: 2}}
+  - {name: priced-only, keys: ["priced-*"], max_staleness: 600, unpriced: reject,
+     limits: {requests_per_minute: 100}}
 """
 
 
@@ -550,6 +552,23 @@ def test_nothing_reaches_the_upstream_unless_its_usage_is_recorded(
         assert not reached or key in recorded, f"{key[:40]} served ({status}) but not recorded"
     assert outcomes["gw-inv-ok"] == (200, True)
     assert not any(reached for k, (_, reached) in outcomes.items() if k != "gw-inv-ok")
+
+
+def test_a_policy_that_rejects_unpriced_models_answers_400_before_the_upstream(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    c = client(gateway, key="priced-team")
+    before = len(stub.requests)
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="house-model-x", messages=MESSAGES)
+    assert err.value.code == "model_not_priced"
+    assert "has no price" in str(err.value) and "unpriced: reject" in str(err.value)
+    assert len(stub.requests) == before, "nothing reached the upstream"
+    c.chat.completions.create(model="gpt-4o", messages=MESSAGES)  # a priced model passes
+    assert len(stub.requests) == before + 1
+    flush(gateway)
+    records = [r for _, r in usage_records(base_settings) if r.key == "priced-team"]
+    assert [r.model for r in records] == ["gpt-4o"]
 
 
 def test_the_default_salt_is_refused_beyond_loopback(

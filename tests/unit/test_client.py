@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from quotaflow import ClientState, ClientStateError, QuotaClient, RecordError, load_settings
+from quotaflow import (
+    ClientState,
+    ClientStateError,
+    QuotaClient,
+    QuotaExceeded,
+    RecordError,
+    load_settings,
+)
 from quotaflow.policies import parse_policies
 from quotaflow.settings import DEFAULT_KEY_SALT, GatewaySettings, is_loopback
 from quotaflow.transports import MemoryTransport
@@ -157,7 +164,7 @@ def test_record_prices_every_billed_unit_from_the_table() -> None:
     given = quota.record("team-a", "gpt-4o", prompt_tokens=10, cost_micros=7)
     assert (given.cost_micros, given.price_version) == (7, None), "a given cost is kept"
     unknown = quota.record("team-a", "house-model-x", prompt_tokens=10)
-    assert (unknown.cost_micros, unknown.price_version) == (None, None), "the worker prices it"
+    assert (unknown.cost_micros, unknown.priced_as) == (25, "gpt-4o"), "estimated, and says so"
     assert quota.close() == 0
     sent = {rec.model: rec for rec in transport.records()}
     assert sent["claude-sonnet-4-5"].cost_micros == r.cost_micros
@@ -182,3 +189,42 @@ def test_a_bad_count_is_refused_before_any_price_arithmetic(
     with pytest.raises(RecordError, match=field):
         quota.record("team-a", "gpt-4o", **args)  # type: ignore[arg-type]
     quota.close()
+
+
+def unpriced_client(mode: str, **extra: object) -> QuotaClient:
+    policies = parse_policies(
+        {"policies": [{"name": "p", "keys": ["*"], "max_staleness": 600, "unpriced": mode,
+                       "limits": {"requests_per_minute": 100}, **extra}]}
+    )  # fmt: skip
+    settings = load_settings(client={"journal": False})
+    return QuotaClient(settings, policies=policies, transport=MemoryTransport(), follow=False)
+
+
+def test_each_policy_says_what_an_unpriced_model_costs() -> None:
+    free = unpriced_client("free")
+    r = free.record("team-a", "house-model-x", prompt_tokens=10)
+    assert (r.cost_micros, r.priced_as) == (0, "free")
+    assert free.check("team-a", "house-model-x").allowed
+    free.close()
+    estimate = unpriced_client("estimate", unpriced_as="gpt-4o-mini")
+    r = estimate.record("team-a", "house-model-x", prompt_tokens=1_000_000)
+    assert (r.cost_micros, r.priced_as) == (150_000, "gpt-4o-mini")
+    assert estimate.record("team-a", "gpt-4o", prompt_tokens=10).priced_as is None
+    estimate.close()
+    reject = unpriced_client("reject")
+    reject.cache.mark_heard()
+    d = reject.check("team-a", "house-model-x")
+    assert (d.allowed, d.reason, d.policy) == (False, "unpriced", "p")
+    assert reject.check("team-a", "gpt-4o").allowed, "priced models pass"
+    with pytest.raises(QuotaExceeded):
+        reject.reserve("team-a", "house-model-x", prompt_tokens=1, max_output_tokens=1)
+    r = reject.record("team-a", "house-model-x", prompt_tokens=10)
+    assert (r.cost_micros, r.priced_as) == (None, None), "what happened is still recorded"
+    reject.close()
+
+
+def test_an_estimate_at_a_model_without_a_price_is_refused_at_start() -> None:
+    from quotaflow import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unpriced_as 'gpt-4o-mnii' has no price.*gpt-4o-mini"):
+        unpriced_client("estimate", unpriced_as="gpt-4o-mnii")

@@ -142,6 +142,9 @@ class Gateway:
         try:
             reservation = self.quota.reserve(key, model, body)
         except QuotaExceeded as exc:
+            if exc.decision is not None and exc.decision.reason == "unpriced":
+                # not a rate: retrying cannot help, so not a 429
+                return openai_error(400, str(exc), code="model_not_priced")
             return self._rate_limited(key, model, exc)
         except RecordError as exc:
             # nothing is forwarded that could not be recorded (see QuotaClient.reserve)
