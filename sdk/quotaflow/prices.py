@@ -383,6 +383,17 @@ class PriceTable:
         self.cache[cache_key] = resolved
         return resolved
 
+    def record_cost(self, r: Any) -> int | None:
+        """The cost of a usage record that came without one (a v1 record), at the prices of
+        its own time; None if its model is unpriced. The worker and the audit both price so."""
+        found = self.lookup(r.model, r.provider, r.ts)
+        if found is None:
+            return None
+        return found.cost(
+            r.prompt_tokens, r.completion_tokens, r.cached_prompt_tokens, r.cache_write_tokens,
+            r.reasoning_tokens, r.images, r.requests,
+        )  # fmt: skip
+
     def _resolve(self, model: str, provider: str | None, ts: float) -> ModelPrices | None:
         priced_as = self.aliases.get(model, model)
         for override in self.overrides:

@@ -78,6 +78,8 @@ class Totals:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    #: Spend in micro-dollars (states from workers before v2 records say 0).
+    cost_micros: int = 0
 
     @property
     def tokens(self) -> int:
@@ -132,9 +134,10 @@ class QuotaState:
                 "requests": self.totals.requests,
                 "prompt_tokens": self.totals.prompt_tokens,
                 "completion_tokens": self.totals.completion_tokens,
+                "cost_micros": self.totals.cost_micros,
             },
             "models": {
-                m: [t.records, t.requests, t.prompt_tokens, t.completion_tokens]
+                m: [t.records, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_micros]
                 for m, t in self.models.items()
             },
         }
@@ -177,14 +180,14 @@ class QuotaState:
             instances=int(doc.get("instances", 0)),
             shares={str(k): float(v) for k, v in doc.get("shares", {}).items()},
             models={
-                str(m): Totals(int(t[0]), int(t[1]), int(t[2]), int(t[3]))
-                for m, t in doc.get("models", {}).items()
+                str(m): Totals(*(int(x) for x in t[:5])) for m, t in doc.get("models", {}).items()
             },
             totals=Totals(
                 records=int(totals.get("records", 0)),
                 requests=int(totals.get("requests", 0)),
                 prompt_tokens=int(totals.get("prompt_tokens", 0)),
                 completion_tokens=int(totals.get("completion_tokens", 0)),
+                cost_micros=int(totals.get("cost_micros", 0)),
             ),
         )
 

@@ -16,6 +16,7 @@ from typing import Any
 import faust
 
 from quotaflow.policies import PolicySet
+from quotaflow.prices import load_price_table
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
 from quotaflow_stream.counters import Counters
@@ -70,6 +71,7 @@ class StreamWorker:
             usage_partitions,
             self.output,
             scopes_for=scopes_for(policies),
+            price=load_price_table(settings.prices_file).record_cost,
             grace=w.grace_seconds,
             horizon=w.dedup_horizon,
         )

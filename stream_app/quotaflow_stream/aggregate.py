@@ -92,6 +92,7 @@ def fold_records(
     now: float | None = None,
     touched: set[str] | None = None,
     load: Callable[[str], Entry | None] | None = None,
+    price: Callable[[WireRecord], int | None] | None = None,
 ) -> tuple[int, int]:
     """Fold records of any keys into their entries (created where missing), in place; returns
     (records late for a window, duplicates dropped), and adds each key it saw to ``touched``.
@@ -105,6 +106,9 @@ def fold_records(
     within ``horizon`` seconds before ``now``, the worker's clock; event time if not given) is
     not counted at all; ``entry["dup"]`` counts them. Arrival time, not event time, bounds the
     horizon, so replaying an old log twice still counts it once.
+
+    Each record's cost (``cost_micros``) adds to the lifetime totals; a record without one is
+    priced with ``price`` (:meth:`~quotaflow.prices.PriceTable.record_cost`), 0 if unpriced.
     """
     # In place, record by record in message order, every lookup hoisted: this loop is the
     # worker's hot path (a few microseconds a record). Grouping a message by key first, or
@@ -170,18 +174,23 @@ def fold_records(
         if ts > wm:
             e["wm"] = wm = ts
         req, pt, ct = r.requests, r.prompt_tokens, r.completion_tokens
+        cost = r.cost_micros
+        if cost is None:  # a v1 record, or one its producer could not price
+            cost = (price(r) or 0) if price is not None else 0
         totals[0] += 1
         totals[1] += req
         totals[2] += pt
         totals[3] += ct
+        totals[4] += cost
         sums = models.get(r.model)
         if sums is None:
-            models[r.model] = [1, req, pt, ct]
+            models[r.model] = [1, req, pt, ct, cost]
         else:
             sums[0] += 1
             sums[1] += req
             sums[2] += pt
             sums[3] += ct
+            sums[4] += cost
         was = src.get(r.source)
         src[r.source] = (
             (ts, float(req))

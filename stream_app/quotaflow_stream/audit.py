@@ -214,13 +214,9 @@ def cost_of(r: WireRecord, prices: PriceTable) -> tuple[int | None, str | None, 
     could not price), or nobody (``unpriced``: cost None)."""
     if r.cost_micros is not None:
         return r.cost_micros, r.price_version, "record"
-    found = prices.lookup(r.model, r.provider, r.ts)
-    if found is None:
+    cost = prices.record_cost(r)
+    if cost is None:
         return None, None, "unpriced"
-    cost = found.cost(
-        r.prompt_tokens, r.completion_tokens, r.cached_prompt_tokens, r.cache_write_tokens,
-        r.reasoning_tokens, r.images, r.requests,
-    )  # fmt: skip
     return cost, prices.version, "audit"
 
 
@@ -344,8 +340,9 @@ class Difference:
         return f"{self.key}: {self.where} {self.field} = {got}, the topic says {self.recount}"
 
 
-#: What reconcile compares: the totals the worker keeps per key (the first of TOTALS).
-FIELDS = ("records", "requests", "prompt_tokens", "completion_tokens")
+#: What reconcile compares: the totals the worker keeps per key, and where each is in Sums.
+FIELDS = ("records", "requests", "prompt_tokens", "completion_tokens", "cost_micros")
+_RECOUNT_INDEX = tuple(TOTALS.index(name) for name in FIELDS)
 
 
 def compare(
@@ -354,11 +351,12 @@ def compare(
     """Every field of every key where ``aggregated`` differs from the topic's recount."""
     diffs = []
     for key in sorted(set(recount) | {k for k, v in aggregated.items() if v is not None}):
-        want = recount.get(key, [0, 0, 0, 0])
+        want = recount.get(key)
         got = aggregated.get(key)
         for i, name in enumerate(FIELDS):
-            if got is None or got[i] != want[i]:
-                diffs.append(Difference(key, where, name, want[i], None if got is None else got[i]))
+            wanted = want[_RECOUNT_INDEX[i]] if want is not None else 0
+            if got is None or got[i] != wanted:
+                diffs.append(Difference(key, where, name, wanted, None if got is None else got[i]))
                 if got is None:
                     break
     return diffs
@@ -366,7 +364,7 @@ def compare(
 
 def _sums(state: Any) -> Sums:
     t = state.totals
-    return [t.records, t.requests, t.prompt_tokens, t.completion_tokens]
+    return [t.records, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_micros]
 
 
 def snapshot_totals(settings: QuotaflowSettings) -> dict[str, Sums | None]:

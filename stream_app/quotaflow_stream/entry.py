@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import TypedDict
 
+#: Length of the lifetime totals lists (``t`` and each of ``m``).
+TOTALS = 5
+
 #: Flat buckets: ``[start, requests, prompt, completion, start, ...]``, starts ascending.
 Buckets = list[float]
 
@@ -39,7 +42,8 @@ class Entry(TypedDict, total=False):
     s: dict[str, Windows]
     #: Source (emitting instance) -> (newest event time, recent requests).
     src: dict[str, SourceSeen]
-    #: Lifetime totals: [records, requests, prompt tokens, completion tokens].
+    #: Lifetime totals: [records, requests, prompt tokens, completion tokens, cost in
+    #: micro-dollars] (entries saved before cost was counted have four; upgraded() adds it).
     t: list[int]
     #: Lifetime totals per model, laid out like ``t``.
     m: dict[str, list[int]]
@@ -59,7 +63,7 @@ class Entry(TypedDict, total=False):
 
 
 def new_entry() -> Entry:
-    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0], "late": 0, "dup": 0, "ids": {},
+    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0, 0], "late": 0, "dup": 0, "ids": {},
             "m": {}}  # fmt: skip
 
 
@@ -68,6 +72,12 @@ def upgraded(entry: Entry) -> Entry:
     fold reads them without checking)."""
     for field, empty in new_entry().items():
         entry.setdefault(field, empty)  # type: ignore[misc]
+    # totals saved before cost was counted: their cost starts at 0
+    if len(entry["t"]) < TOTALS:
+        entry["t"].append(0)
+    for sums in entry["m"].values():
+        if len(sums) < TOTALS:
+            sums.append(0)
     return entry
 
 

@@ -147,7 +147,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
         sources={s: source_ts(seen) for s, seen in sources.items()},
         instances=len(shares),
         shares=shares,
-        totals=Totals(records=t[0], requests=t[1], prompt_tokens=t[2], completion_tokens=t[3]),
+        totals=Totals(*t),
         models={m: Totals(*sums) for m, sums in entry.get("m", {}).items()},
     )
 

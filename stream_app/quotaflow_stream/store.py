@@ -17,7 +17,7 @@ redelivered messages; record ids in each entry make those count once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 import faust
@@ -91,8 +91,11 @@ class AggregateStore:
         scopes_for: ScopesFor,
         grace: float,
         horizon: float = DEDUP_HORIZON,
+        price: Callable[[WireRecord], int | None] | None = None,
     ) -> None:
         self.partitions = partitions
+        #: Prices records that arrive without a cost (see fold_records).
+        self._price = price
         self.output = output
         self._scopes_for = scopes_for
         self.grace = grace
@@ -135,7 +138,7 @@ class AggregateStore:
         touched: set[str] = set()
         late, duplicates = fold_records(
             self.entries, records, self._scopes_for, self.grace, self.horizon, now, touched,
-            load=self.load,
+            load=self.load, price=self._price,
         )  # fmt: skip
         self.unsaved |= touched
         return Folded(touched, late, duplicates)

@@ -50,9 +50,37 @@ def test_records_fold_into_windows_and_totals() -> None:
     entry, late = add_records(None, [rec(1, M0 + 1), rec(2, M0 + 2, source="b")], SCOPES, 10)
     assert late == 0
     assert counted(entry, "", 60, M0 + 30) == (2, 20, 10)
-    assert entry["t"] == [2, 2, 20, 10]
+    assert entry["t"] == [2, 2, 20, 10, 0], "records, requests, prompt, completion, cost"
     assert {s: seen[0] for s, seen in entry["src"].items()} == {"a": M0 + 1, "b": M0 + 2}
     assert "small" not in entry["s"], "no model policy binds 'small'"
+
+
+def test_lifetime_totals_sum_each_records_cost_and_price_those_without() -> None:
+    """A v2 record's cost as given; a v1 record priced by the table at its own time; one
+    nobody can price adds nothing. Integers throughout."""
+    from quotaflow.prices import PriceTable
+    from quotaflow.state import QuotaState
+    from quotaflow_stream.aggregate import fold_records
+    from quotaflow_stream.entry import upgraded
+
+    table = PriceTable()
+    priced = UsageRecord(id="1", ts=M0, key="k1", model="gpt-4o", prompt_tokens=10,
+                         cost_micros=7, source="a")  # fmt: skip
+    v1 = UsageRecord(id="2", ts=M0, key="k1", model="gpt-4o", prompt_tokens=1_000_000, source="a")
+    unknown = UsageRecord(id="3", ts=M0, key="k1", model="house-x", prompt_tokens=5, source="a")
+    entries: dict = {}
+    fold_records(entries, [priced, v1, unknown], SCOPES, 10, now=M0, price=table.record_cost)
+    assert entries["k1"]["t"][4] == 7 + 2_500_000
+    assert entries["k1"]["m"]["gpt-4o"][4] == 2_500_007 and entries["k1"]["m"]["house-x"][4] == 0
+    state = evaluate("k1", entries["k1"], POLICIES, M0 + 1)
+    assert state.totals.cost_micros == 2_500_007
+    assert QuotaState.from_json(state.to_json()).models["gpt-4o"].cost_micros == 2_500_007
+    # an entry saved before cost was counted loads with cost 0 and goes on counting
+    old = {"wm": M0, "s": {}, "src": {}, "t": [3, 3, 30, 0], "m": {"gpt-4o": [3, 3, 30, 0]},
+           "late": 0, "dup": 0, "ids": {}}  # fmt: skip
+    entries = {"k1": upgraded(old)}  # type: ignore[arg-type]
+    fold_records(entries, [priced], SCOPES, 10, now=M0, price=table.record_cost)
+    assert entries["k1"]["t"] == [4, 4, 40, 0, 7]
 
 
 def test_model_scope_is_kept_where_a_model_policy_binds() -> None:

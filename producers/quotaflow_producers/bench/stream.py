@@ -22,6 +22,7 @@ def stream_records(count: int, keys: int, seed: int = 7) -> list[Any]:
     import random
 
     from quotaflow.ids import record_id
+    from quotaflow.prices import PriceTable
     from quotaflow.record import WireRecord
 
     rng = random.Random(seed)
@@ -34,20 +35,28 @@ def stream_records(count: int, keys: int, seed: int = 7) -> list[Any]:
     start = time.time() - count / 100_000 - 5
     chosen_keys = rng.choices(names, cum_weights=key_weights, k=count)
     chosen_models = rng.choices(models, cum_weights=model_weights, k=count)
+    # priced as the SDK prices them (record() puts the cost on every record it sends)
+    table = PriceTable()
     out = []
     for i in range(count):
         inst = rng.randrange(len(instances))
         counters[inst] += 1
         source, prefix = instances[inst]
+        ts = start + i / 100_000 + rng.random() * 0.005
+        prompt = int(rng.lognormvariate(6, 1)) % 100_000
+        completion = int(rng.lognormvariate(4.5, 1)) % 20_000
+        prices = table.lookup(chosen_models[i], None, ts)
         out.append(
             WireRecord(
                 id=record_id(prefix, counters[inst]),
-                ts=start + i / 100_000 + rng.random() * 0.005,
+                ts=ts,
                 key=chosen_keys[i],
                 model=chosen_models[i],
-                prompt_tokens=int(rng.lognormvariate(6, 1)) % 100_000,
-                completion_tokens=int(rng.lognormvariate(4.5, 1)) % 20_000,
+                prompt_tokens=prompt,
+                completion_tokens=completion,
                 source=source,
+                cost_micros=prices.cost(prompt, completion) if prices is not None else None,
+                price_version=table.version if prices is not None else None,
             )
         )
     return out
