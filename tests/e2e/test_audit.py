@@ -87,6 +87,14 @@ def test_duplicates_and_replays_reconcile_to_zero(
     t = cli(settings, "audit", "totals", "--by", "key,model", "--window", "day", "--format", "csv")
     assert t.returncode == 0, t.stderr
     totals = {(r["key"], r["model"]): r for r in csv.DictReader(t.stdout.splitlines())}
+    # the replayed log is v1 (no cost): it counts as before, and the audit and the worker
+    # (whose totals reconcile above) price it from the same table, at 100 + 5 tokens of gpt-4o
+    imported = [r for r in csv.DictReader(t.stdout.splitlines()) if r["key"] == "aud-imported"]
+    # (rows per UTC day: the two-day-old record has a day of its own)
+    assert sum(int(r["records"]) for r in imported) == 6
+    assert sum(int(r["cost_micros"]) for r in imported) == 6 * 300
+    assert "0.000300" in {r["cost_usd"] for r in imported}, "the old one's day: one call"
+    assert all(r["unpriced"] == "0" for r in imported)
     mini = [r for r in sent if r.key == "aud-0" and r.model == "gpt-4o-mini"]
     assert int(totals[("aud-0", "gpt-4o-mini")]["records"]) == len(mini)
     assert int(totals[("aud-0", "gpt-4o-mini")]["prompt_tokens"]) == sum(
