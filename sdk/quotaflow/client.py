@@ -245,8 +245,8 @@ class QuotaClient:
         Cached and cache-write tokens are parts of ``prompt_tokens``, reasoning tokens part of
         ``completion_tokens`` (read a provider's usage with :func:`quotaflow.billed_usage`).
         The call is priced from the price table unless ``cost_micros`` is given; a model the
-        table does not know is recorded unpriced. Raises :class:`RecordError` naming the field
-        if the record breaks the v2 contract.
+        table does not know is priced as its policy's ``unpriced`` says. Raises
+        :class:`RecordError` naming the field if the record breaks the v2 contract.
         """
         if self.state is not _OPENED:
             self.open()

@@ -38,6 +38,7 @@ import fnmatch
 import hashlib
 import json
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -371,7 +372,7 @@ class PriceTable:
     ) -> ModelPrices | None:
         """The prices of ``model`` at ``ts`` (default now), None if unpriced. Misses are
         remembered too: a caller naming unknown models costs one resolution each."""
-        at = dt.datetime.now(dt.UTC).timestamp() if ts is None else ts
+        at = time.time() if ts is None else ts  # check() asks this for reject policies
         cache_key = (model, provider)
         if cache_key in self.cache:
             cached = self.cache[cache_key]
