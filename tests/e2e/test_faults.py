@@ -61,6 +61,20 @@ def reconcile(settings: QuotaflowSettings, base: str) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
+def forensics(procs: list[WorkerProcess], stats: dict[str, object]) -> str:
+    """What a failure needs to be explained: the survivor's counters, and every warning and
+    error the workers logged (rebalances, saves, dead letters)."""
+    lines = [f"\nsurvivor stats: {json.dumps(stats, default=str)}"]
+    for p in procs:
+        text = p.log_path.read_text(errors="replace") if p.log_path.exists() else ""
+        notable = [
+            line for line in text.splitlines()
+            if any(w in line for w in ("WARNING", "ERROR", "revoked", "recovered", "Traceback"))
+        ]  # fmt: skip
+        lines.append(f"--- {p.log_path.name}:\n" + "\n".join(notable[-80:]))
+    return "\n".join(lines)
+
+
 def recount(settings: QuotaflowSettings) -> int:
     return sum(1 for _ in audit.scan_usage(settings))
 
@@ -89,7 +103,9 @@ def test_kill_9_under_load_loses_nothing_and_counts_nothing_twice(
         sent = load.finish()
         assert recount(settings) == sent, "the audit trail holds every record once"
         done = reconcile(settings, procs[-1].base_url)
-        assert done.returncode == 0, done.stdout + done.stderr
+        stats = procs[-1].stats() or {}
+        assert done.returncode == 0, done.stdout + done.stderr + forensics(procs, stats)
+        assert stats.get("dlq") == 0, "nothing dead-lettered" + forensics(procs, stats)
         report = json.loads(done.stdout)
         # the surviving worker's own table, not only the snapshot, equals the recount
         assert report["compared_with"] == ["snapshot", procs[-1].base_url]
