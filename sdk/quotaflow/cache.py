@@ -29,11 +29,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from operator import add
 from types import MappingProxyType
+from typing import Any
 
 from quotaflow.decision import Decision, Reason
 from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
-from quotaflow.state import Expiry, QuotaState, WindowCounts, of_dimension
+from quotaflow.state import EXPIRIES, Expiry, QuotaState, WindowCounts
+from quotaflow.units import UNIT_FORMS, unit_value
 from quotaflow.windows import (
     bucket_expires_at,
     bucket_start,
@@ -45,8 +48,10 @@ from quotaflow.windows import (
 
 Clock = Callable[[], float]
 
-# A pending entry: (event ts, model, requests, prompt_tokens, completion_tokens)
-_Pending = tuple[float, str, int, int, int]
+#: A call's measures, in the order of :data:`quotaflow.units.MEASURES`.
+Usage = tuple[int, ...]
+# A pending entry: (event ts, model, *measures)
+_Pending = tuple[Any, ...]
 
 _EMPTY: MappingProxyType[str, int] = MappingProxyType({})
 
@@ -68,23 +73,29 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
-def _pending_used(pending: Iterable[_Pending], scope: str, dim: int, start: float) -> int:
-    """Unacknowledged local usage of one dimension since ``start`` (index as in LimitRow)."""
+def _pending_used(pending: Iterable[_Pending], scope: str, unit: int, start: float) -> int:
+    """Unacknowledged local usage of one unit (index as in LimitRow) since ``start``."""
+    a, b, sign = UNIT_FORMS[unit]
+    a += 2
+    b += 2
     used = 0
-    for ts, p_model, req, pt, ct in pending:
-        if ts >= start and (scope == KEY_SCOPE or p_model == scope):
-            used += of_dimension(dim, req, pt, ct)
+    for p in pending:
+        if p[0] >= start and (scope == KEY_SCOPE or p[1] == scope):
+            used += p[a] + sign * p[b] if sign else p[a]
     return used
 
 
-def _expired(expiries: Iterable[Expiry], dim: int, now: float) -> int:
-    """Usage of one dimension in a state's listed buckets that have expired by ``now``."""
-    freed = 0
-    for at, req, pt, ct in expiries:
-        if at > now:
+def _expired(expiries: Iterable[Expiry], unit: int, now: float) -> int:
+    """Usage of one unit in a state's listed buckets that have expired by ``now``."""
+    a, b, sign = UNIT_FORMS[unit]
+    a += 1
+    b += 1
+    freed = 0.0
+    for x in expiries:
+        if x[0] > now:
             break
-        freed += of_dimension(dim, req, pt, ct)
-    return freed
+        freed += x[a] + sign * x[b] if sign else x[a]
+    return int(freed)
 
 
 class QuotaCache:
@@ -111,8 +122,8 @@ class QuotaCache:
         self._pending: dict[str, list[_Pending]] = {}
         # Reserved but not yet settled calls, per key and reservation id.
         self._held: dict[str, dict[str, _Pending]] = {}
-        # Own usage per (key, scope, window size): [window_start, req, prompt, completion].
-        # It survives acknowledgement, for the ``local`` fail mode.
+        # Own usage per (key, scope, window size): [window_start, *measures]. It survives
+        # acknowledgement, for the ``local`` fail mode.
         self._own: dict[tuple[str, str, int], list[int]] = {}
         self._lock = threading.Lock()
         #: Local clock time the stream was last heard from (a state or a heartbeat).
@@ -156,31 +167,27 @@ class QuotaCache:
         self._fleet[worker] = instances
         self.fleet_instances = max(self._fleet.values())
 
-    def add_usage(
-        self, key: str, model: str, ts: float, requests: int, prompt: int, completion: int
-    ) -> None:
-        """Count this process's own usage until the stream acknowledges it."""
+    def add_usage(self, key: str, model: str, ts: float, usage: Usage) -> None:
+        """Count this process's own usage (its measures, ``usage``) until the stream
+        acknowledges it."""
         bindings = self.policies.resolve(key, model)
         with self._lock:
-            self._pending.setdefault(key, []).append((ts, model, requests, prompt, completion))
+            self._pending.setdefault(key, []).append((ts, model, *usage))
             for binding in bindings:
                 for size in binding.windows:  # once per window, however many limits share it
                     slot = (key, binding.scope, size)
                     start = int(ts // size) * size
                     own = self._own.get(slot)
                     if own is None or own[0] < start:
-                        self._own[slot] = [start, requests, prompt, completion]
+                        self._own[slot] = [start, *usage]
                     elif own[0] == start:
-                        own[1] += requests
-                        own[2] += prompt
-                        own[3] += completion
+                        self._own[slot] = [start, *map(add, own[1:], usage)]
 
-    def hold(
-        self, key: str, hold_id: str, model: str, ts: float, prompt: int, completion: int
-    ) -> None:
-        """Count a reserved call until it is settled or released."""
+    def hold(self, key: str, hold_id: str, model: str, ts: float, usage: Usage) -> None:
+        """Count a reserved call (its worst case, ``usage``) until it is settled or
+        released."""
         with self._lock:
-            self._held.setdefault(key, {})[hold_id] = (ts, model, 1, prompt, completion)
+            self._held.setdefault(key, {})[hold_id] = (ts, model, *usage)
 
     def release(self, key: str, hold_id: str) -> bool:
         """Stop counting a reservation; False if it was not held."""
@@ -225,12 +232,18 @@ class QuotaCache:
         requests: int = 1,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
+        cached_prompt_tokens: int = 0,
+        images: int = 0,
+        cost_micros: int = 0,
     ) -> Decision:
-        """Decide from memory whether a call of this size may proceed now.
+        """Decide from memory whether a call of this size may proceed now (its measures as
+        :data:`quotaflow.units.MEASURES` names them; the caller prices it for money limits).
 
         This is the request path: written for speed (precomputed limit rows, no helper calls
         in the common case) rather than brevity.
         """
+        call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+                cost_micros)  # fmt: skip
         now = self.clock()
         bindings = self.policies.resolve(key, model)
         if not bindings:
@@ -244,6 +257,7 @@ class QuotaCache:
         if held:
             pending = [*(pending or ()), *held.values()]
         share = self._share(state)
+        forms = UNIT_FORMS
         remaining: dict[str, int] = {}
         # (reason, name, binding, reset_at, used, limit, want)
         deny: tuple[Reason, str, Binding, float, int, int, int] | None = None
@@ -274,11 +288,13 @@ class QuotaCache:
             windows = state.scopes.get(binding.scope) if state is not None else None
             scope = binding.scope
             shared = policy.budget_shares and share < 1.0 and not stale
-            for name, dim, size, limit, bucket in binding.rows:
+            for name, unit, size, limit, bucket in binding.rows:
+                # the unit's value is measure a, plus sign x measure b where it combines two
+                a, b, sign = forms[unit]
                 mine = 0
                 if stale:
                     start = window_start(now, size)
-                    counted = self._own_used(key, scope, dim, size, start)
+                    counted = self._own_used(key, scope, unit, size, start)
                     limit = limit // policy.expected_instances
                 else:
                     # the stream's sliding count, less what expired since it was published
@@ -286,30 +302,21 @@ class QuotaCache:
                     if windows is not None:
                         w = windows.get(size)
                         if w is not None:
-                            counted = (
-                                w[1] if dim == 0
-                                else w[2] if dim == 1
-                                else w[3] if dim == 2
-                                else w[2] + w[3]
-                            )  # fmt: skip
-                            if w[4] and w[4][0][0] <= now:
-                                counted -= _expired(w[4], dim, now)
+                            counted = w[a + 1] + sign * w[b + 1] if sign else w[a + 1]
+                            expiries = w[EXPIRIES]
+                            if expiries and expiries[0][0] <= now:
+                                counted -= _expired(expiries, unit, now)
                     if pending:
-                        mine = _pending_used(pending, scope, dim, (now // bucket) * bucket - size)
+                        mine = _pending_used(pending, scope, unit, (now // bucket) * bucket - size)
                 used = counted + mine
-                want = (
-                    requests if dim == 0
-                    else prompt_tokens if dim == 1
-                    else completion_tokens if dim == 2
-                    else prompt_tokens + completion_tokens
-                )  # fmt: skip
+                want = call[a] + sign * call[b] if sign else call[a]
                 left = limit - used - want
                 remaining[name] = left if left > 0 else 0
                 if left < 0 or (want == 0 and limit <= used):
                     reset_at = (
                         float(window_end(now, size)) if stale
                         else self._denied_until(
-                            windows, pending, scope, dim, size, limit - max(want, 1), now
+                            windows, pending, scope, unit, size, limit - max(want, 1), now
                         )
                     )  # fmt: skip
                     if deny is None or deny[0] != "limit" or reset_at > deny[3]:
@@ -352,7 +359,7 @@ class QuotaCache:
         windows: Mapping[int, WindowCounts] | None,
         pending: Iterable[_Pending] | None,
         scope: str,
-        dim: int,
+        unit: int,
         size: int,
         allowed: int,
         now: float,
@@ -364,13 +371,14 @@ class QuotaCache:
         w = windows.get(size) if windows is not None else None
         used = 0
         if w is not None:
-            used = of_dimension(dim, w[1], w[2], w[3])
-            for at, req, pt, ct in w[4]:
-                frees.append((at, of_dimension(dim, req, pt, ct)))
+            used = unit_value(unit, w, 1)
+            for x in w[EXPIRIES]:
+                frees.append((x[0], unit_value(unit, x, 1)))
         floor = sliding_floor(now, size)
-        for ts, p_model, req, pt, ct in pending or ():
-            if ts >= floor and (scope == KEY_SCOPE or p_model == scope):
-                amount = of_dimension(dim, req, pt, ct)
+        for p in pending or ():
+            ts = p[0]
+            if ts >= floor and (scope == KEY_SCOPE or p[1] == scope):
+                amount = unit_value(unit, p, 2)
                 used += amount
                 frees.append((bucket_expires_at(bucket_start(ts, size), size), amount))
         frees.sort()
@@ -388,20 +396,20 @@ class QuotaCache:
         for binding in self.policies.resolve(key, model):
             windows = state.scopes.get(binding.scope) if state is not None else None
             # rows are the specs precomputed, in the same order
-            for spec, (name, dim, size, _, _) in zip(
+            for spec, (name, unit, size, _, _) in zip(
                 binding.policy.specs, binding.rows, strict=True
             ):
                 current = bucket_start(now, size)
-                used = _pending_used(pending, binding.scope, dim, sliding_floor(now, size))
+                used = _pending_used(pending, binding.scope, unit, sliding_floor(now, size))
                 w = windows.get(size) if windows is not None else None
                 if w is not None:
-                    used += of_dimension(dim, w[1], w[2], w[3]) - _expired(w[4], dim, now)
+                    used += unit_value(unit, w, 1) - _expired(w[EXPIRIES], unit, now)
                 rows.append(LimitUsage(name, spec, used, bucket_expires_at(current, size)))
         return tuple(rows)
 
-    def _own_used(self, key: str, scope: str, dim: int, size: int, start: int) -> int:
-        """This instance's own usage in the window starting at ``start``."""
+    def _own_used(self, key: str, scope: str, unit: int, size: int, start: int) -> int:
+        """This instance's own usage of one unit in the window starting at ``start``."""
         own = self._own.get((key, scope, size))
         if own is None or own[0] != start:
             return 0
-        return of_dimension(dim, own[1], own[2], own[3])
+        return unit_value(unit, own, 1)

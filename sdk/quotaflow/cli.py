@@ -28,7 +28,7 @@ def _cmd_policies_check(args: argparse.Namespace) -> int:
     for p in policies.policies:
         target = "default" if p.default else ", ".join(p.keys)
         models = f" models={','.join(p.models)}" if p.models else ""
-        limits = ", ".join(f"{s.name}={s.limit}" for s in p.specs)
+        limits = ", ".join(f"{s.name}={s.show(s.limit)}" for s in p.specs)
         print(f"{p.name}: keys={target}{models} fail_mode={p.fail_mode} [{limits}]")
     print(f"{args.file}: {len(policies)} policies OK")
     return 0

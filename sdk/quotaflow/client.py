@@ -37,13 +37,8 @@ from quotaflow.follower import DecisionsFollower
 from quotaflow.ids import IdMinter
 from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
-from quotaflow.prices import (
-    FREE,
-    ModelPrices,
-    PriceTable,
-    check_unpriced_fallbacks,
-    load_price_table,
-)
+from quotaflow.prices import PriceTable, check_unpriced_fallbacks, dollars, load_price_table
+from quotaflow.pricing import CallPricer
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
@@ -88,9 +83,10 @@ class QuotaClient:
         self.policies = policies or load_policies(self.settings.policies_file)
         self.prices = prices or load_price_table(self.settings.prices_file)
         check_unpriced_fallbacks(self.policies, self.prices)
+        self.pricer = CallPricer(self.prices, self.policies)
         # record() reads resolved prices straight from the table's cache (one dict lookup)
-        self._resolved_prices = self.prices.cache
-        self._price_version = self.prices.version
+        self._resolved_prices = self.pricer.cache
+        self._price_version = self.pricer.version
         client = self.settings.client
         self.source = client.source
         self.clock = clock
@@ -202,12 +198,16 @@ class QuotaClient:
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
         requests: int = 1,
+        cached_prompt_tokens: int = 0,
+        images: int = 0,
+        cost_micros: int | None = None,
     ) -> Decision:
         """May a call of this size proceed now? No I/O; microseconds.
 
         ``tokens`` is the call's expected total. Give ``prompt_tokens`` and ``completion_tokens``
         instead when prompt or completion limits apply; with only ``tokens``, all of it counts as
-        prompt (the conservative reading for prompt limits).
+        prompt (the conservative reading for prompt limits). Where a money limit binds, the call
+        is priced from its model and sizes unless ``cost_micros`` is given.
         """
         if self.state is not _OPENED:
             self.open()
@@ -215,9 +215,17 @@ class QuotaClient:
             prompt, completion = tokens, 0
         else:
             prompt, completion = prompt_tokens or 0, completion_tokens or 0
+        if cost_micros is None:
+            cost_micros = 0
+            if self.policies.money and any(b.money for b in self.policies.resolve(key, model)):
+                cost_micros = self.pricer.cost(
+                    key, model, self.clock(), prompt, completion,
+                    cached=cached_prompt_tokens, images=images, requests=requests,
+                )  # fmt: skip
         return self.cache.check(
-            key, model, requests=requests, prompt_tokens=prompt, completion_tokens=completion
-        )
+            key, model, requests=requests, prompt_tokens=prompt, completion_tokens=completion,
+            cached_prompt_tokens=cached_prompt_tokens, images=images, cost_micros=cost_micros,
+        )  # fmt: skip
 
     def record(
         self,
@@ -259,9 +267,8 @@ class QuotaClient:
             price_version = self._price_version  # kept only if the call is priced
             prices = self._resolved_prices.get((model, provider))
             if prices is None or not prices.valid_from <= ts < prices.valid_until:
-                prices = self.prices.lookup(model, provider, ts)  # first call of a model, or a day
-                if prices is None:
-                    prices, priced_as = self._unpriced(key, model, ts)
+                # first call of a model (or of a day), or one the table does not know
+                prices, priced_as = self.pricer.resolve(key, model, provider, ts)
         # _checked_record and IdMinter inline: two calls were ~0.5 us of record()'s ~10
         try:
             record = make_record(
@@ -273,24 +280,14 @@ class QuotaClient:
             )  # fmt: skip
         except ValidationError as exc:
             raise RecordError(f"usage record: {describe_validation_error(exc)}") from None
-        self.cache.add_usage(key, model, ts, requests, prompt_tokens, completion_tokens)
+        self.cache.add_usage(
+            key, model, ts,
+            (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+             record.cost_micros or 0),
+        )  # fmt: skip
         assert self.emitter is not None
         self.emitter.emit(record)
         return record
-
-    def _unpriced(self, key: str, model: str, ts: float) -> tuple[ModelPrices | None, str | None]:
-        """Prices for a model the table does not know, as the key's policy says: a fallback
-        model's (``estimate``), none (``free``), or nothing (``reject``, no policy: the record
-        goes unpriced)."""
-        bindings = self.policies.resolve(key, model)
-        if not bindings:
-            return None, None
-        policy = bindings[0].policy
-        if policy.unpriced == "free":
-            return FREE, "free"
-        if policy.unpriced == "estimate":
-            return self.prices.lookup(policy.unpriced_as, None, ts), policy.unpriced_as
-        return None, None
 
     def reserve(
         self,
@@ -300,9 +297,12 @@ class QuotaClient:
         *,
         prompt_tokens: int | None = None,
         max_output_tokens: int | None = None,
+        images: int = 0,
     ) -> Reservation:
-        """Admit a call by its estimated prompt tokens plus its output ceiling, and hold that
-        amount until it is settled; raises :class:`QuotaExceeded` if it does not fit.
+        """Admit a call by its estimated prompt tokens plus its output ceiling (and ``images``),
+        and hold that amount, and its price at the model's prices, until it is settled; raises
+        :class:`QuotaExceeded` if it does not fit. Settling charges the real usage and cost and
+        gives the rest back.
 
         ``request`` is the OpenAI request body (chat, completions or embeddings); its prompt is
         counted locally and its ``max_completion_tokens``/``max_tokens`` is the ceiling, else
@@ -335,9 +335,13 @@ class QuotaClient:
             reservation_id, self.clock(), key, model, 1, prompt_tokens, max_output_tokens,
             estimated, "ok", self.source, {},
         )  # fmt: skip
+        now = self.clock()
+        # the worst case: the whole prompt uncached and every output token used
+        cost = self.pricer.cost(key, model, now, prompt_tokens, max_output_tokens, images=images)
         decision = self.check(
-            key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens
-        )
+            key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens,
+            images=images, cost_micros=cost,
+        )  # fmt: skip
         if decision.reason == "unpriced":
             nearest = ", ".join(self.prices.nearest(model)) or "none"
             raise QuotaExceeded(
@@ -350,12 +354,12 @@ class QuotaClient:
         if not decision.allowed:
             raise QuotaExceeded(
                 f"{key}: {decision.limit} would be exceeded by {prompt_tokens} prompt + "
-                f"{max_output_tokens} output tokens; retry after {decision.retry_after:.1f}s",
+                f"{max_output_tokens} output tokens (${dollars(cost)}); "
+                f"retry after {decision.retry_after:.1f}s",
                 retry_after=decision.retry_after,
                 limit=decision.limit,
                 decision=decision,
             )
-        now = self.clock()
         reservation = Reservation(
             reservation_id,
             key,
@@ -370,7 +374,9 @@ class QuotaClient:
             clock=self.clock,
         )
         self._reservations[reservation.id] = reservation
-        self.cache.hold(key, reservation.id, model, now, prompt_tokens, max_output_tokens)
+        self.cache.hold(
+            key, reservation.id, model, now, (1, prompt_tokens, max_output_tokens, 0, images, cost)
+        )
         return reservation
 
     def _end_reservation(self, key: str, reservation_id: str) -> None:

@@ -6,7 +6,7 @@ A policy file is YAML::
     policies:
       - name: team-alpha
         keys: ["team-alpha"]            # exact ids or globs ("free-*")
-        limits: {requests_per_minute: 600, tokens_per_minute: 90000}
+        limits: {requests_per_minute: 600, tokens_per_minute: 90000, cost_per_day: 25.00}
         fail_mode: local                # open | closed | local
       - name: gpt4o-per-model
         keys: ["team-*"]
@@ -15,6 +15,10 @@ A policy file is YAML::
       - name: default
         default: true
         limits: {requests_per_minute: 60}
+
+A limit is ``<unit>_per_<window>``: units as :mod:`quotaflow.units` lists them (requests,
+prompt, completion and total tokens, uncached prompt tokens, images, and ``cost`` in dollars),
+windows ``minute``, ``hour`` and ``day``, sliding (:mod:`quotaflow.windows`).
 
 For a call, at most one key-wide policy (no ``models``) and at most one model policy apply; each
 is chosen by precedence: an exact key beats a glob, globs in file order, ``default`` last.
@@ -27,63 +31,100 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from quotaflow._exceptions import ConfigError
 from quotaflow._yaml import Missing, read_yaml
 from quotaflow.record import describe_validation_error
+from quotaflow.units import MONEY, UNIT_NAMES, dollars, dollars_to_micros
 from quotaflow.windows import WINDOW_SECONDS, bucket_size
 
 FailMode = Literal["open", "closed", "local"]
-Dimension = Literal["requests", "prompt_tokens", "completion_tokens", "tokens"]
-DIMENSIONS: tuple[Dimension, ...] = ("requests", "prompt_tokens", "completion_tokens", "tokens")
 
 #: The scope of key-wide counters (all models together).
 KEY_SCOPE = ""
 
 
-class Limits(BaseModel):
-    """Per-window ceilings; any subset may be set. ``tokens`` means prompt + completion."""
+def _positive(value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise ValueError("must be > 0")
+    return value
 
+
+def _money(value: Any) -> int | None:
+    """A money limit: dollars in the document, integer micro-dollars inside."""
+    if value is None:
+        return None
+    return dollars_to_micros(value)
+
+
+#: A limit of a count (requests, tokens, images), and one of money (given in dollars).
+_Count = Annotated[int | None, AfterValidator(_positive)]
+_Dollars = Annotated[int | None, BeforeValidator(_money), AfterValidator(_positive)]
+
+
+class _LimitsBase(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    requests_per_minute: int | None = None
-    requests_per_hour: int | None = None
-    requests_per_day: int | None = None
-    prompt_tokens_per_minute: int | None = None
-    prompt_tokens_per_hour: int | None = None
-    prompt_tokens_per_day: int | None = None
-    completion_tokens_per_minute: int | None = None
-    completion_tokens_per_hour: int | None = None
-    completion_tokens_per_day: int | None = None
-    tokens_per_minute: int | None = None
-    tokens_per_hour: int | None = None
-    tokens_per_day: int | None = None
-
-    @field_validator("*")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
-            raise ValueError("must be > 0")
-        return value
-
     @model_validator(mode="after")
-    def _at_least_one(self) -> Limits:
+    def _at_least_one(self) -> _LimitsBase:
         if not any(v is not None for v in self.model_dump().values()):
             raise ValueError("set at least one limit, e.g. requests_per_minute")
         return self
 
 
+if TYPE_CHECKING:
+
+    class Limits(_LimitsBase):
+        """Typing stand-in for the generated model below."""
+
+        def __getattr__(self, name: str) -> int | None: ...
+
+else:
+    #: Per-window ceilings, ``<unit>_per_<window>`` for every unit and window (``tokens`` is
+    #: prompt + completion, ``cost`` is in dollars); any subset may be set.
+    Limits = create_model(
+        "Limits",
+        __base__=_LimitsBase,
+        __doc__="Per-window ceilings, <unit>_per_<window> for every unit (quotaflow.units) and "
+        "window; any subset may be set. Money limits are in dollars, kept as micro-dollars.",
+        **{
+            f"{unit}_per_{window}": (_Dollars if unit == MONEY else _Count, None)
+            for unit in UNIT_NAMES
+            for window in WINDOW_SECONDS
+        },
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
-    """One ceiling: ``name`` like ``tokens_per_minute``, its dimension and window length."""
+    """One ceiling: ``name`` like ``tokens_per_minute``, its unit, window length and limit
+    (micro-dollars for ``cost``)."""
 
     name: str
-    dimension: Dimension
+    unit: str
     window: int
     limit: int
+
+    @property
+    def money(self) -> bool:
+        return self.unit == MONEY
+
+    def show(self, amount: int) -> str:
+        """An amount of this limit's unit as people read it (``$25.000000`` for money)."""
+        return f"${dollars(amount)}" if self.money else str(amount)
 
 
 class Policy(BaseModel):
@@ -168,12 +209,12 @@ class Policy(BaseModel):
 
 def _specs_of(limits: Limits) -> tuple[LimitSpec, ...]:
     specs = []
-    for dimension in DIMENSIONS:
+    for unit in UNIT_NAMES:
         for window_name, seconds in WINDOW_SECONDS.items():
-            name = f"{dimension}_per_{window_name}"
+            name = f"{unit}_per_{window_name}"
             value = getattr(limits, name)
             if value is not None:
-                specs.append(LimitSpec(name, dimension, seconds, value))
+                specs.append(LimitSpec(name, unit, seconds, value))
     return tuple(specs)
 
 
@@ -193,37 +234,39 @@ class PolicyFile(BaseModel):
         return self
 
 
-#: A limit as the request path reads it:
-#: (display name, dimension index, window, limit, bucket length of its sliding window).
-#: Dimension indexes: 0 requests, 1 prompt tokens, 2 completion tokens, 3 total tokens.
+#: A limit as the request path reads it: (display name, unit index in
+#: :data:`~quotaflow.units.UNIT_NAMES`, window, limit, bucket length of its sliding window).
 LimitRow = tuple[str, int, int, int, float]
-DIMENSION_INDEX = {d: i for i, d in enumerate(DIMENSIONS)}
+UNIT_INDEX = {unit: i for i, unit in enumerate(UNIT_NAMES)}
 
 
 @dataclass(frozen=True, slots=True)
 class Binding:
     """A policy applied to a call: ``scope`` is ``""`` for key-wide counters, else the model.
     ``rows`` are its limits precomputed for the request path; ``windows`` their distinct
-    window lengths (several limits can share one window)."""
+    window lengths (several limits can share one window); ``money`` whether one of them
+    counts cost (the call must then be priced before it is checked)."""
 
     scope: str
     policy: Policy
     rows: tuple[LimitRow, ...] = ()
     windows: tuple[int, ...] = ()
+    money: bool = False
 
     @classmethod
     def of(cls, scope: str, policy: Policy) -> Binding:
         rows = tuple(
             (
                 spec.name if scope == KEY_SCOPE else f"{scope}/{spec.name}",
-                DIMENSION_INDEX[spec.dimension],
+                UNIT_INDEX[spec.unit],
                 spec.window,
                 spec.limit,
                 bucket_size(spec.window),
             )
             for spec in policy.specs
         )
-        return cls(scope, policy, rows, tuple(sorted({row[2] for row in rows})))
+        windows = tuple(sorted({row[2] for row in rows}))
+        return cls(scope, policy, rows, windows, any(spec.money for spec in policy.specs))
 
 
 class PolicySet:
@@ -237,6 +280,8 @@ class PolicySet:
         self._by_name = {p.name: p for p in self.policies}
         #: Whether any policy has alerts (publication skips looking for them otherwise).
         self.alerting = any(p.alerts for p in self.policies)
+        #: Whether any policy limits money (checks price calls only then).
+        self.money = any(spec.money for p in self.policies for spec in p.specs)
         self._cache: dict[tuple[str, str | None], tuple[Binding, ...]] = {}
 
     def __len__(self) -> int:

@@ -50,6 +50,9 @@ from quotaflow._exceptions import ConfigError, UnpricedModel
 from quotaflow._yaml import Missing, read_yaml
 from quotaflow.policies import PolicySet
 
+# re-exported: money is formatted in one place
+from quotaflow.units import dollars as dollars
+
 #: Rates are integers: micro-dollars per unit, times this. Exact for prices with up to 18
 #: decimals of a dollar per million tokens: the data has float artefacts like 0.13999999999999999,
 #: and genai-prices prices them exactly, so we do too (Python's integers do not overflow).
@@ -70,14 +73,6 @@ _OVERRIDE_KEYS = (*_TOKEN_KEYS, "per_request", "per_image")
 #: then cache read, cache write and reasoning as differences from their whole's rate (most calls
 #: have none of them: their terms are skipped), then the per-image rate.
 Rates = tuple[int, int, int, int, int, int, int]
-
-
-def dollars(micros: int | None) -> str:
-    """Micro-dollars as a dollar amount, exactly (no float): 1234567 -> ``1.234567``; ``""``
-    for None (unpriced)."""
-    if micros is None:
-        return ""
-    return f"{micros // 10**6}.{micros % 10**6:06d}"
 
 
 def _rate(price: Decimal | None, per_unit_micros: int) -> int | None:

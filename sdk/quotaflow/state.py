@@ -2,10 +2,10 @@
 
 One JSON document per key on the compacted decisions topic (and in the Redis snapshot)::
 
-    {"v": 2, "key": "team-alpha", "published_at": 1700000000.12, "watermark": 1699999999.8,
+    {"v": 3, "key": "team-alpha", "published_at": 1700000000.12, "watermark": 1699999999.8,
      "scopes": {"": {"policy": "team-alpha",
-                     "windows": {"60": [bucket_start, req, prompt, completion,
-                                        [[expires_at, req, prompt, completion], ...]]}}},
+                     "windows": {"60": [bucket_start, req, prompt, completion, cached, images,
+                                        cost, [[expires_at, req, prompt, ..., cost], ...]]}}},
      "limits": [{"scope": "", "name": "requests_per_minute", "limit": 600, "used": 12,
                  "remaining": 588, "reset_at": 1700000040}],
      "throttled": false, "denied_by": null, "retry_after": 0.0,
@@ -14,16 +14,21 @@ One JSON document per key on the compacted decisions topic (and in the Redis sna
      "totals": {"records": 812, "requests": 812, "prompt_tokens": 91000,
                 "completion_tokens": 30100}}
 
-``scopes`` holds each window's sliding count at ``published_at`` (``""`` is key-wide, otherwise a
-model; see :mod:`quotaflow.windows`) and the next buckets to expire, so each SDK can apply its
+``scopes`` holds each window's sliding count of every measure (:data:`quotaflow.units.MEASURES`)
+at ``published_at`` (``""`` is key-wide, otherwise a model; see :mod:`quotaflow.windows`) and
+the next buckets to expire, so each SDK can apply its
 own policies and clock and free usage as its buckets expire without waiting for a new state.
 ``limits`` is the worker's own evaluation, for readers without policies (gateway headers,
 dashboards). ``sources`` maps each emitting instance to the event time of its newest record that
 the state includes: an SDK drops its own pending usage up to that point. ``shares`` gives each
 active instance its share of the remaining budget until the next state.
-A heartbeat (``{"v": 2, "heartbeat": true, "instances": 20, ...}``) under :data:`HEARTBEAT_KEY`
+A heartbeat (``{"v": 3, "heartbeat": true, "instances": 20, ...}``) under :data:`HEARTBEAT_KEY`
 tells followers that the worker is alive when no key changes, and how many instances it has
 heard from lately (the share a key with no state yet starts from).
+
+Version 3 added the measures after completion tokens. This SDK still reads states and
+heartbeats of version 2 workers (their windows widened with zeros), but a version 2 SDK does not
+read version 3: upgrade SDKs and gateways before workers.
 """
 
 from __future__ import annotations
@@ -34,22 +39,35 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-STATE_VERSION = 2
+from quotaflow.units import WIDTH
+
+STATE_VERSION = 3
+#: Versions this SDK reads (version 2 windows lack the measures after completion tokens).
+READABLE_VERSIONS = (2, 3)
 HEARTBEAT_KEY = "__quotaflow_heartbeat__"
 
 #: Bucket expiries listed per window: enough for the seconds between two states of a busy key.
 STATE_EXPIRIES = 16
 
-#: ``(expires_at, requests, prompt_tokens, completion_tokens)``
-Expiry = tuple[float, int, int, int]
-#: ``(bucket_start, requests, prompt_tokens, completion_tokens, expiries)``
-WindowCounts = tuple[float, int, int, int, tuple[Expiry, ...]]
+#: ``(expires_at, *measures)``: a bucket's measures (:data:`~quotaflow.units.MEASURES`) and
+#: when they stop counting.
+Expiry = tuple[float, ...]
+#: ``(bucket_start, *measures, expiries)``: a window's sliding count of every measure; the
+#: expiries are last, at :data:`EXPIRIES`.
+WindowCounts = tuple[Any, ...]
+#: Where a window's expiries are in its :data:`WindowCounts`.
+EXPIRIES = 1 + WIDTH
 
 
-def of_dimension(dim: int, req: int, pt: int, ct: int) -> int:
-    """One dimension of a (requests, prompt, completion) triple: 0 requests, 1 prompt tokens,
-    2 completion tokens, 3 total tokens (the indexes of ``policies.DIMENSIONS``)."""
-    return req if dim == 0 else pt if dim == 1 else ct if dim == 2 else pt + ct
+def _window(w: list[Any]) -> WindowCounts:
+    """A window as published (``[start, *measures, expiries]``), widened to this version's
+    measures if an older worker published fewer."""
+    *counts, expiries = w
+    pad = (0,) * (EXPIRIES - len(counts))
+    return (
+        float(counts[0]), *(int(x) for x in counts[1:]), *pad,
+        tuple((float(x[0]), *(int(v) for v in x[1:]), *pad) for x in expiries),
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +136,7 @@ class QuotaState:
             "scopes": {
                 scope: {
                     "policy": self.scope_policies.get(scope),
-                    "windows": {str(size): [*w[:4], w[4]] for size, w in windows.items()},
+                    "windows": {str(size): list(w) for size, w in windows.items()},
                 }
                 for scope, windows in self.scopes.items()
             },
@@ -148,21 +166,12 @@ class QuotaState:
     def from_json(cls, raw: bytes | str) -> QuotaState:
         """Parse a published state; raises ``ValueError`` (or ``KeyError``) on a malformed one."""
         doc = json.loads(raw)
-        if not isinstance(doc, dict) or doc.get("v") != STATE_VERSION or "key" not in doc:
+        if not isinstance(doc, dict) or doc.get("v") not in READABLE_VERSIONS or "key" not in doc:
             raise ValueError(f"not a quotaflow v{STATE_VERSION} quota state")
         scopes: dict[str, dict[int, WindowCounts]] = {}
         policies: dict[str, str] = {}
         for scope, body in doc.get("scopes", {}).items():
-            scopes[scope] = {
-                int(size): (
-                    float(w[0]),
-                    int(w[1]),
-                    int(w[2]),
-                    int(w[3]),
-                    tuple((float(x[0]), int(x[1]), int(x[2]), int(x[3])) for x in w[4]),
-                )
-                for size, w in body.get("windows", {}).items()
-            }
+            scopes[scope] = {int(size): _window(w) for size, w in body.get("windows", {}).items()}
             if body.get("policy"):
                 policies[scope] = body["policy"]
         totals = doc.get("totals") or {}
@@ -218,7 +227,7 @@ def read_heartbeat(raw: bytes | None) -> Heartbeat | None:
     the decisions topic can write bytes under the heartbeat key)."""
     try:
         doc = json.loads(raw or b"")
-        if doc.get("v") != STATE_VERSION or not doc.get("heartbeat"):
+        if doc.get("v") not in READABLE_VERSIONS or not doc.get("heartbeat"):
             return None
         return Heartbeat(
             float(doc["published_at"]), str(doc.get("worker", "")), int(doc.get("instances", 0))

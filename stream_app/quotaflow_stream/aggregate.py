@@ -16,9 +16,10 @@ time; budget shares are drawn from it (see :mod:`quotaflow_stream.evaluate`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 from quotaflow.record import WireRecord
+from quotaflow.units import WIDTH
 from quotaflow.windows import DAY, HOUR, MINUTE, bucket_size
 from quotaflow_stream.dedup import (
     DEDUP_HORIZON,
@@ -30,6 +31,7 @@ from quotaflow_stream.dedup import (
     sdk_seen_before,
 )
 from quotaflow_stream.entry import (
+    STRIDE,
     Entry,
     InstanceIds,
     SourceSeen,
@@ -38,6 +40,10 @@ from quotaflow_stream.entry import (
     new_entry,
     source_ts,
 )
+
+# The fold adds a record's measures to its minute bucket inline, one statement each, in the
+# order of quotaflow.units.MEASURES: a measure added there is added here too.
+assert WIDTH == 6, "fold_records adds each measure inline"
 
 #: Every scope keeps these windows, whatever its policy limits, so dashboards can show them.
 WINDOW_SIZES: tuple[int, ...] = (MINUTE, HOUR, DAY)
@@ -174,6 +180,7 @@ def fold_records(
         if ts > wm:
             e["wm"] = wm = ts
         req, pt, ct = r.requests, r.prompt_tokens, r.completion_tokens
+        cached, images = r.cached_prompt_tokens, r.images
         cost = r.cost_micros
         if cost is None:  # a v1 record, or one its producer could not price
             cost = (price(r) or 0) if price is not None else 0
@@ -211,19 +218,23 @@ def fold_records(
             if windows is None:
                 windows = scopes[scope] = {}
             if minute_late:
-                was_late = _add_coarse(windows, ts, req, pt, ct, wm, grace) or was_late
+                usage = (req, pt, ct, cached, images, cost)
+                was_late = _add_coarse(windows, ts, usage, wm, grace) or was_late
                 continue
             buckets = windows.get(MINUTE_FIELD)
             if not buckets:
-                windows[MINUTE_FIELD] = [start, req, pt, ct]
-            elif buckets[-4] == start:
-                buckets[-3] += req
-                buckets[-2] += pt
-                buckets[-1] += ct
-            elif buckets[-4] < start:
-                buckets += (start, req, pt, ct)
+                windows[MINUTE_FIELD] = [start, req, pt, ct, cached, images, cost]
+            elif buckets[-STRIDE] == start:
+                buckets[-6] += req
+                buckets[-5] += pt
+                buckets[-4] += ct
+                buckets[-3] += cached
+                buckets[-2] += images
+                buckets[-1] += cost
+            elif buckets[-STRIDE] < start:
+                buckets += (start, req, pt, ct, cached, images, cost)
             else:  # an older bucket: records arrive mostly in order, so this is rare
-                add_bucket(buckets, start, req, pt, ct)
+                add_bucket(buckets, start, (req, pt, ct, cached, images, cost))
         if was_late:
             late_total += 1
             e["late"] += 1
@@ -244,13 +255,12 @@ _MINUTE_LATE = MINUTE + _MINUTE_BUCKET
 def _add_coarse(
     windows: dict[str, list[float]],
     ts: float,
-    req: float,
-    pt: float,
-    ct: float,
+    usage: Sequence[float],
     wm: float,
     grace: float,
 ) -> bool:
-    """Add usage at ``ts`` to the hour and day windows; True if it was too late for one."""
+    """Add ``usage`` (every measure) at ``ts`` to the hour and day windows; True if it was too
+    late for one."""
     late = False
     for field, size, b in _COARSE:
         start = (ts // b) * b
@@ -259,9 +269,9 @@ def _add_coarse(
             continue
         buckets = windows.get(field)
         if buckets is None:
-            windows[field] = [start, req, pt, ct]
+            windows[field] = [start, *usage]
         else:
-            add_bucket(buckets, start, req, pt, ct)
+            add_bucket(buckets, start, usage)
     return late
 
 
@@ -277,16 +287,15 @@ def prune(
             # minute buckets leaving the minute window roll up into the longer windows
             k, n = 0, len(minute)
             while k < n and minute[k] + _MINUTE_LATE + grace <= wm:
-                start, req, pt, ct = minute[k : k + 4]
-                _add_coarse(windows, start, req, pt, ct, wm, grace)
-                k += 4
+                _add_coarse(windows, minute[k], minute[k + 1 : k + STRIDE], wm, grace)
+                k += STRIDE
             del minute[:k]
         for field, size, b in _COARSE:
             buckets = windows.get(field)
             if buckets and buckets[0] + size + b + grace <= wm:
                 k, n = 0, len(buckets)
                 while k < n and buckets[k] + size + b + grace <= wm:
-                    k += 4
+                    k += STRIDE
                 del buckets[:k]
     src = entry["src"]
     for source in [s for s, seen in src.items() if source_ts(seen) < wm - SOURCE_HORIZON]:

@@ -5,8 +5,9 @@ The fold (:mod:`quotaflow_stream.aggregate`) writes entries, the store
 (:mod:`quotaflow_stream.evaluate`) reads them. Field names stay short: every active key's entry
 is MessagePack-encoded into the changelog each save, and saved entries must keep loading.
 
-Buckets lie flat, four numbers each in start order (``[start, requests, prompt, completion,
-start, ...]``), and per-instance figures are tuples replaced on update: a worker holds millions
+Buckets lie flat, :data:`STRIDE` numbers each in start order (``[start, *measures, start,
+...]``, the measures of :data:`quotaflow.units.MEASURES`), and per-instance figures are tuples
+replaced on update: a worker holds millions
 of these, and Python's cycle collector scans every list it tracks (nested bucket lists cost a
 quarter of the worker's time in collections), while a tuple of numbers is untracked once it
 survives a collection. Per-model totals, a few per key, are lists updated in place.
@@ -14,12 +15,23 @@ survives a collection. Per-model totals, a few per key, are lists updated in pla
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
+
+from quotaflow.units import WIDTH, widen
 
 #: Length of the lifetime totals lists (``t`` and each of ``m``).
 TOTALS = 5
 
-#: Flat buckets: ``[start, requests, prompt, completion, start, ...]``, starts ascending.
+#: Numbers per flat bucket: its start, then every measure.
+STRIDE = 1 + WIDTH
+
+#: The entry layout this version writes (``v``): 2 has every measure in each bucket; entries
+#: without ``v`` had requests, prompt and completion tokens only.
+ENTRY_VERSION = 2
+_V1_STRIDE = 4
+
+#: Flat buckets: ``[start, *measures, start, ...]``, starts ascending.
 Buckets = list[float]
 
 #: One scope's windows, by window length as a string (``"60"``, ``"3600"``, ``"86400"``).
@@ -36,6 +48,8 @@ class Entry(TypedDict, total=False):
     """One counter key's aggregate (the table's value). ``total=False``: entries saved by
     earlier versions lack fields, which :func:`upgraded` fills."""
 
+    #: Layout version (:data:`ENTRY_VERSION`).
+    v: int
     #: Watermark: the newest event time of this key.
     wm: float
     #: Scope (``""`` key-wide, or a model name) -> its windows.
@@ -63,13 +77,19 @@ class Entry(TypedDict, total=False):
 
 
 def new_entry() -> Entry:
-    return {"wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0, 0], "late": 0, "dup": 0, "ids": {},
-            "m": {}}  # fmt: skip
+    return {"v": ENTRY_VERSION, "wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0, 0], "late": 0,
+            "dup": 0, "ids": {}, "m": {}}  # fmt: skip
 
 
 def upgraded(entry: Entry) -> Entry:
     """A saved entry with the fields :func:`new_entry` has that older versions lacked (the
     fold reads them without checking)."""
+    if entry.get("v", 1) < ENTRY_VERSION:
+        # buckets of three measures: the measures added since count nothing in them
+        for windows in entry.get("s", {}).values():
+            for field, flat in windows.items():
+                windows[field] = widen(flat, _V1_STRIDE)
+        entry["v"] = ENTRY_VERSION
     for field, empty in new_entry().items():
         entry.setdefault(field, empty)  # type: ignore[misc]
     # totals saved before cost was counted: their cost starts at 0
@@ -87,23 +107,24 @@ def source_ts(seen: SourceSeen) -> float:
 
 
 def first_at_or_after(buckets: Buckets, start: float) -> int:
-    """Index of the first flat bucket beginning at or after ``start`` (a multiple of 4)."""
-    lo, hi = 0, len(buckets) // 4
+    """Index of the first flat bucket beginning at or after ``start`` (a multiple of
+    :data:`STRIDE`)."""
+    lo, hi = 0, len(buckets) // STRIDE
     while lo < hi:
         mid = (lo + hi) // 2
-        if buckets[mid * 4] < start:
+        if buckets[mid * STRIDE] < start:
             lo = mid + 1
         else:
             hi = mid
-    return lo * 4
+    return lo * STRIDE
 
 
-def add_bucket(buckets: Buckets, start: float, req: float, pt: float, ct: float) -> None:
-    """Add usage to the flat bucket beginning at ``start``, inserting it in order if new."""
+def add_bucket(buckets: Buckets, start: float, usage: Sequence[float]) -> None:
+    """Add ``usage`` (every measure) to the flat bucket beginning at ``start``, inserting it in
+    order if new."""
     i = first_at_or_after(buckets, start)
     if i < len(buckets) and buckets[i] == start:
-        buckets[i + 1] += req
-        buckets[i + 2] += pt
-        buckets[i + 3] += ct
+        for j, amount in enumerate(usage, i + 1):
+            buckets[j] += amount
     else:
-        buckets[i:i] = (start, req, pt, ct)
+        buckets[i:i] = (start, *usage)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from quotaflow.policies import DIMENSION_INDEX, KEY_SCOPE, PolicySet
+from quotaflow.policies import KEY_SCOPE, UNIT_INDEX, PolicySet
 from quotaflow.state import (
+    EXPIRIES,
     STATE_EXPIRIES,
+    Expiry,
     LimitStatus,
     QuotaState,
     Totals,
     WindowCounts,
-    of_dimension,
 )
+from quotaflow.units import WIDTH, unit_value
 from quotaflow.windows import (
     MINUTE,
     bucket_expires_at,
@@ -23,7 +25,7 @@ from quotaflow.windows import (
     sliding_floor,
 )
 from quotaflow_stream.aggregate import MINUTE_FIELD, RATE_HALF_LIFE, WINDOW_SIZES, ScopesFor
-from quotaflow_stream.entry import Buckets, Entry, first_at_or_after, source_ts
+from quotaflow_stream.entry import STRIDE, Buckets, Entry, first_at_or_after, source_ts
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).
 ACTIVE_SOURCE_SECONDS = 60.0
@@ -108,23 +110,23 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
             for size in WINDOW_SIZES
         }
         scopes[scope] = {
-            size: (*w[:4], w[4][:STATE_EXPIRIES]) if size in limited else w
+            size: (*w[:EXPIRIES], w[EXPIRIES][:STATE_EXPIRIES]) if size in limited else w
             for size, w in full.items()
         }
         if binding is None:
             continue
         scope_policies[scope] = binding.policy.name
         for spec in binding.policy.specs:
-            _, req, pt, ct, expiries = full[spec.window]
-            dim = DIMENSION_INDEX[spec.dimension]
-            used = of_dimension(dim, req, pt, ct)
+            w = full[spec.window]
+            unit = UNIT_INDEX[spec.unit]
+            used = unit_value(unit, w, 1)
             status = LimitStatus(
                 scope=scope,
                 name=spec.name,
                 limit=spec.limit,
                 used=used,
                 remaining=max(spec.limit - used, 0),
-                reset_at=_reset_at(used, spec.limit, dim, expiries, now),
+                reset_at=_reset_at(used, spec.limit, unit, w[EXPIRIES], now),
             )
             limits.append(status)
             if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
@@ -152,28 +154,30 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
     )
 
 
-def _reset_at(
-    used: int, limit: int, dim: int, expiries: tuple[tuple[float, int, int, int], ...], now: float
-) -> float:
+def _reset_at(used: int, limit: int, unit: int, expiries: tuple[Expiry, ...], now: float) -> float:
     """A limit's ``reset_at`` in a state: for a throttled one, when it next admits a call
     (:func:`~quotaflow.windows.frees_at`), else when all its current usage has freed."""
     everything = float(expiries[-1][0]) if expiries else now
     if used < limit:
         return everything
-    frees = ((at, of_dimension(dim, req, pt, ct)) for at, req, pt, ct in expiries)
+    frees = ((x[0], unit_value(unit, x, 1)) for x in expiries)
     return frees_at(used, limit - 1, frees, now, everything)
+
+
+#: A window's sliding count with nothing in it: its bucket start goes in front.
+_NOTHING = (0,) * WIDTH
 
 
 def sliding_counts(
     entry: Entry, scope: str, size: int, now: float, max_expiries: int
-) -> tuple[float, int, int, int, tuple[tuple[float, int, int, int], ...]]:
+) -> WindowCounts:
     """The sliding count of one window at ``now``, and when its usage frees.
 
-    Returns ``(bucket_start, requests, prompt, completion, expiries)``: the start of the bucket
-    holding ``now``, the sums over every bucket that counts at ``now``, and the first
-    ``max_expiries`` of those buckets as ``(expires_at, requests, prompt, completion)``, oldest
-    first, so a reader can subtract what has freed since ``now``. The hour and day windows
-    include the minute buckets not rolled up into them yet.
+    Returns ``(bucket_start, *measures, expiries)`` (a :data:`~quotaflow.state.WindowCounts`):
+    the start of the bucket holding ``now``, each measure summed over every bucket that counts
+    at ``now``, and the first ``max_expiries`` of those buckets as ``(expires_at, *measures)``,
+    oldest first, so a reader can subtract what has freed since ``now``. The hour and day
+    windows include the minute buckets not rolled up into them yet.
     """
     # Every published state reads every window of every scope, so this runs for each key on
     # each publication: buckets are in start order, so a binary search finds the first that
@@ -183,7 +187,7 @@ def sliding_counts(
     floor = sliding_floor(now, size)  # a multiple of b: buckets starting at or after it count
     windows = entry["s"].get(scope)
     if not windows:
-        return current, 0, 0, 0, ()
+        return (current, *_NOTHING, ())
     buckets: Any = windows.get(str(size), ())
     minute: Any = windows.get(MINUTE_FIELD) if size != MINUTE else None
     if minute and max_expiries:
@@ -191,18 +195,16 @@ def sliding_counts(
         buckets = _merged(buckets, minute, b)
         minute = None
     i = first_at_or_after(buckets, floor)
-    req, pt, ct = sum(buckets[i + 1 :: 4]), sum(buckets[i + 2 :: 4]), sum(buckets[i + 3 :: 4])
+    sums = [sum(buckets[i + m :: STRIDE]) for m in range(1, STRIDE)]
     if minute:  # minute buckets start at or after the coarse bucket they roll into
         j = first_at_or_after(minute, floor)
-        req += sum(minute[j + 1 :: 4])
-        pt += sum(minute[j + 2 :: 4])
-        ct += sum(minute[j + 3 :: 4])
+        sums = [total + sum(minute[j + m :: STRIDE]) for m, total in enumerate(sums, 1)]
     lasting = bucket_expires_at(0.0, size)  # a bucket's start to its expiry
     expiries = tuple(
-        (float(buckets[k]) + lasting, int(buckets[k + 1]), int(buckets[k + 2]), int(buckets[k + 3]))
-        for k in range(i, min(len(buckets), i + 4 * max_expiries), 4)
+        (float(buckets[k]) + lasting, *map(int, buckets[k + 1 : k + STRIDE]))
+        for k in range(i, min(len(buckets), i + STRIDE * max_expiries), STRIDE)
     )
-    return current, int(req), int(pt), int(ct), expiries
+    return (current, *map(int, sums), expiries)
 
 
 def _merged(coarse: Buckets, minute: Buckets, b: float) -> Buckets:
@@ -210,13 +212,12 @@ def _merged(coarse: Buckets, minute: Buckets, b: float) -> Buckets:
     ``b`` they fall in, in start order."""
     merged: dict[float, list[float]] = {}
     for flat in (coarse, minute):
-        for i in range(0, len(flat), 4):
+        for i in range(0, len(flat), STRIDE):
             start = (flat[i] // b) * b
             sums = merged.get(start)
             if sums is None:
-                merged[start] = [start, flat[i + 1], flat[i + 2], flat[i + 3]]
+                merged[start] = [start, *flat[i + 1 : i + STRIDE]]
             else:
-                sums[1] += flat[i + 1]
-                sums[2] += flat[i + 2]
-                sums[3] += flat[i + 3]
+                for m in range(1, STRIDE):
+                    sums[m] += flat[i + m]
     return [x for bk in sorted(merged.values()) for x in bk]

@@ -23,6 +23,7 @@ from quotaflow import QuotaClient, key_id
 from quotaflow.record import UsageRecord, parse_usage_value
 from quotaflow.settings import DEFAULT_KEY_SOURCES, GatewaySettings, QuotaflowSettings
 from quotaflow.tokens import count_request, count_text
+from quotaflow.units import dollars
 from quotaflow_producers.gateway.runner import GatewayThread
 from quotaflow_producers.testing import REPLY, OpenAIStub
 from quotaflow_stream.harness import DevStack, free_port
@@ -55,6 +56,7 @@ policies:
      limits: {requests_per_minute: 2}}
   - {name: priced-only, keys: ["priced-*"], max_staleness: 600, unpriced: reject,
      limits: {requests_per_minute: 100}}
+  - {name: budget, keys: ["budget-*"], max_staleness: 600, limits: {cost_per_minute: 0.05}}
 """
 
 
@@ -295,6 +297,41 @@ def test_over_the_limit_is_a_429_with_openai_shape_and_headers(gateway: GatewayT
     assert "requests_per_minute" in body["message"]
     assert "Limit 3, Used 3, Requested 1" in body["message"]
     assert "try again in" in body["message"]
+
+
+def test_a_spent_budget_is_insufficient_quota_in_dollars(
+    gateway: GatewayThread, stub: OpenAIStub, base_settings: QuotaflowSettings
+) -> None:
+    """A call is admitted by its worst case at the model's prices (4,000 output tokens of
+    gpt-4o: $0.04 of a $0.05 budget), charged what the upstream says it used (~$0.025), and
+    the answer says what is left; the next worst case no longer fits: OpenAI's
+    insufficient_quota, in dollars."""
+    c = client(gateway, key="budget-team")
+    stub.usage_offset = 2000
+    try:
+        first = c.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=MESSAGES, max_tokens=4000
+        )
+    finally:
+        stub.usage_offset = 0
+    flush(gateway)
+    [record] = [r for _, r in usage_records(base_settings) if r.key == "budget-team"]
+    cost = record.cost_micros
+    assert cost is not None and cost == genai_cost(
+        "gpt-4o", record.prompt_tokens, record.completion_tokens, provider="openai"
+    )
+    assert first.headers["x-quotaflow-budget-limit"] == "cost_per_minute"
+    assert first.headers["x-quotaflow-budget-limit-usd"] == "0.050000"
+    assert first.headers["x-quotaflow-budget-remaining-usd"] == dollars(50_000 - cost)
+    with pytest.raises(openai.RateLimitError) as err:
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=4000)
+    resp = err.value.response
+    body = resp.json()["error"]
+    assert resp.status_code == 429 and int(resp.headers["retry-after"]) >= 1
+    assert body["code"] == "insufficient_quota" and body["type"] == "insufficient_quota"
+    assert f"cost_per_minute of budget-team: ${dollars(cost)} used of $0.050000" in body["message"]
+    # a call whose worst case fits is still served
+    c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100)
 
 
 def test_custom_rate_limit_response_file(make_gateway: GatewayFactory, tmp_path: Path) -> None:

@@ -6,8 +6,10 @@ from hypothesis import strategies as st
 
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
+from quotaflow.state import EXPIRIES
 from quotaflow.windows import bucket_size
 from quotaflow_stream.aggregate import add_records
+from quotaflow_stream.entry import STRIDE
 from quotaflow_stream.evaluate import budget_shares, evaluate, scopes_for, sliding_counts
 
 M0 = 1_700_000_040  # a minute boundary
@@ -36,7 +38,7 @@ def counted(entry, scope: str, size: int, now: float) -> tuple[int, int, int]:
 def starts_and_requests(entry, field: str) -> list[list[float]]:
     """(start, requests) of each of a window's buckets (they lie flat, four numbers each)."""
     flat = entry["s"][""][field]
-    return [[flat[i], flat[i + 1]] for i in range(0, len(flat), 4)]
+    return [[flat[i], flat[i + 1]] for i in range(0, len(flat), STRIDE)]
 
 
 def rec(i: int, ts: float, model: str = "small", pt: int = 10, ct: int = 5, source: str = "a"):
@@ -101,9 +103,11 @@ def test_windows_slide_bucket_by_bucket() -> None:
     assert counted(entry, "", 60, M0 + 70.9)[0] == 2, "bucket [10.5, 11) still counts"
     assert counted(entry, "", 60, M0 + 71.0)[0] == 1, "it expires 60.5 s after it began"
     assert counted(entry, "", 60, M0 + 100.5)[0] == 0
-    _, req, _, _, expiries = sliding_counts(entry, "", 60, M0 + 50, 16)
-    assert req == 2 and expiries == ((M0 + 71, 1, 10, 5), (M0 + 100.5, 1, 10, 5))
-    assert sliding_counts(entry, "", 60, M0 + 50, 1)[4] == ((M0 + 71, 1, 10, 5),)
+    window = sliding_counts(entry, "", 60, M0 + 50, 16)
+    req, expiries = window[1], window[EXPIRIES]
+    # (expires_at, requests, prompt, completion, cached, images, cost)
+    assert req == 2 and expiries == ((M0 + 71, 1, 10, 5, 0, 0, 0), (M0 + 100.5, 1, 10, 5, 0, 0, 0))
+    assert sliding_counts(entry, "", 60, M0 + 50, 1)[EXPIRIES] == ((M0 + 71, 1, 10, 5, 0, 0, 0),)
 
 
 def test_late_within_grace_counts_in_its_window_beyond_grace_does_not() -> None:
@@ -253,6 +257,6 @@ def test_sliding_counts_equal_a_recount_of_the_records_each_window_took(
         expected = sum(pt for start, pt in kept if start >= floor)
         got = sliding_counts(entry, "", size, now, 1 << 30)
         assert got[2] == expected, (size, now)
-        assert sum(x[2] for x in got[4]) == expected, "expiries add up to the count"
+        assert sum(x[2] for x in got[EXPIRIES]) == expected, "expiries add up to the count"
         # without expiries the hour and day windows sum minute buckets without merging them
-        assert sliding_counts(entry, "", size, now, 0) == (*got[:4], ())
+        assert sliding_counts(entry, "", size, now, 0) == (*got[:EXPIRIES], ())

@@ -65,7 +65,7 @@ def test_specs_list_each_set_limit_with_its_window() -> None:
         )
     )
     specs = ps.policies[0].specs
-    assert [(s.name, s.dimension, s.window, s.limit) for s in specs] == [
+    assert [(s.name, s.unit, s.window, s.limit) for s in specs] == [
         ("requests_per_minute", "requests", 60, 1),
         ("tokens_per_day", "tokens", 86400, 5),
     ]

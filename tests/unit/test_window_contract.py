@@ -20,6 +20,7 @@ from quotaflow.windows import (
     window_start,
 )
 from quotaflow_stream.aggregate import fold_records, prune
+from quotaflow_stream.entry import STRIDE
 from quotaflow_stream.evaluate import scopes_for
 
 T0 = 1_700_000_000.0
@@ -83,13 +84,13 @@ def test_the_fold_buckets_and_judges_lateness_as_the_windows_module_does(
     minute_late = is_expired(bucket_start(ts, MINUTE), MINUTE, wm, grace)
     assert late == int(minute_late)
     minute = windows["60"]
-    starts = set(minute[0::4])
+    starts = set(minute[0::STRIDE])
     if not minute_late:
         assert bucket_start(ts, MINUTE) in starts
     else:
         assert bucket_start(ts, MINUTE) not in starts
         for size in (HOUR, DAY):
-            counted = bucket_start(ts, size) in set(windows.get(str(size), [])[0::4])
+            counted = bucket_start(ts, size) in set(windows.get(str(size), [])[0::STRIDE])
             assert counted == (not is_expired(bucket_start(ts, size), size, wm, grace))
 
 
@@ -105,11 +106,11 @@ def test_prune_keeps_exactly_the_buckets_that_have_not_expired(
     entry["wm"] = wm = max(entry["wm"], T0 + later)
     prune(entry, grace, now=wm)
     for field, size in (("60", MINUTE), ("3600", HOUR), ("86400", DAY)):
-        for start in entry["s"][""].get(field, [])[0::4]:
+        for start in entry["s"][""].get(field, [])[0::STRIDE]:
             assert not is_expired(start, size, wm, grace), (field, start, wm)
     # and nothing was lost that still counts: minute buckets rolled into the longer windows
     day = entry["s"][""].get("86400", [])
-    kept = sum(entry["s"][""].get("60", [])[1::4]) + sum(day[1::4])
+    kept = sum(entry["s"][""].get("60", [])[1::STRIDE]) + sum(day[1::STRIDE])
     still = sum(1 for r in recs if not is_expired(bucket_start(r.ts, DAY), DAY, wm, grace))
     assert kept >= still
 
@@ -118,7 +119,7 @@ def test_prune_keeps_exactly_the_buckets_that_have_not_expired(
 @given(ts=offsets)
 def test_the_caches_own_usage_windows_start_where_window_start_says(ts: float) -> None:
     cache = QuotaCache(POLICIES, "me", clock=lambda: T0)
-    cache.add_usage("k", "m", T0 + ts, 1, 0, 0)
+    cache.add_usage("k", "m", T0 + ts, (1, 0, 0, 0, 0, 0))
     for size in (MINUTE, HOUR, DAY):
         assert cache._own[("k", "", size)][0] == window_start(T0 + ts, size)
 
@@ -132,7 +133,7 @@ def test_check_counts_pending_usage_from_the_sliding_floor_on(ts: float, now: fl
     at = [T0 + now]
     cache = QuotaCache(POLICIES, "me", clock=lambda: at[0])
     cache.mark_heard()
-    cache.add_usage("k", "m", T0 + ts, 5, 0, 0)
+    cache.add_usage("k", "m", T0 + ts, (5, 0, 0, 0, 0, 0))
     remaining = cache.check("k", "m", requests=0).remaining
     for name, size in (("requests_per_minute", MINUTE), ("requests_per_hour", HOUR),
                        ("requests_per_day", DAY)):  # fmt: skip

@@ -12,7 +12,12 @@ from multidict import CIMultiDict
 
 from quotaflow._exceptions import ConfigError
 from quotaflow.cache import LimitUsage
+from quotaflow.units import dollars
 from quotaflow.windows import format_duration
+
+#: Headers naming the tightest money limit: ``...-limit`` (its name), ``...-limit-usd``,
+#: ``...-remaining-usd`` and ``...-reset`` (when all of its current spend has freed).
+BUDGET_HEADER = "x-quotaflow-budget-"
 
 
 def openai_error(
@@ -29,20 +34,28 @@ def openai_error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _pick(rows: tuple[LimitUsage, ...], dimensions: tuple[str, ...]) -> LimitUsage | None:
-    """The key-wide per-minute limit of the first dimension that has one, else any of them."""
-    candidates = [r for r in rows if r.spec.dimension in dimensions and "/" not in r.name]
-    candidates = candidates or [r for r in rows if r.spec.dimension in dimensions]
+def _pick(rows: tuple[LimitUsage, ...], units: tuple[str, ...]) -> LimitUsage | None:
+    """The key-wide per-minute limit of the first unit that has one, else any of them."""
+    candidates = [r for r in rows if r.spec.unit in units and "/" not in r.name]
+    candidates = candidates or [r for r in rows if r.spec.unit in units]
     if not candidates:
         return None
     minute = [r for r in candidates if r.spec.window == 60]
     pool = minute or candidates
-    return min(pool, key=lambda r: dimensions.index(r.spec.dimension))
+    return min(pool, key=lambda r: units.index(r.spec.unit))
 
 
 def ratelimit_headers(rows: tuple[LimitUsage, ...], now: float) -> dict[str, str]:
-    """OpenAI's ``x-ratelimit-*`` headers from the limits that bind the call."""
+    """OpenAI's ``x-ratelimit-*`` headers from the limits that bind the call, and the budget
+    closest to running out (``x-quotaflow-budget-*``, in dollars) where money is limited."""
     headers: dict[str, str] = {}
+    budgets = [r for r in rows if r.spec.money]
+    if budgets:
+        tightest = min(budgets, key=lambda r: r.remaining)
+        headers[BUDGET_HEADER + "limit"] = tightest.name
+        headers[BUDGET_HEADER + "limit-usd"] = dollars(tightest.spec.limit)
+        headers[BUDGET_HEADER + "remaining-usd"] = dollars(tightest.remaining)
+        headers[BUDGET_HEADER + "reset"] = format_duration(tightest.reset_at - now)
     for kind, dims in (
         ("requests", ("requests",)),
         ("tokens", ("tokens", "prompt_tokens", "completion_tokens")),

@@ -179,6 +179,14 @@ class Gateway:
         if self.template is not None:
             return self.template.render(wait, headers)
         d = exc.decision
+        if d is not None and d.by_budget:
+            # a spent budget, as OpenAI answers an exhausted quota (a rate denial stays
+            # rate_limit_exceeded): the figures are in dollars
+            message = f"You exceeded your budget: {d.explain()}."
+            return openai_error(
+                429, message, type_="insufficient_quota", code="insufficient_quota",
+                headers=headers,
+            )  # fmt: skip
         figures = (
             f"Limit {d.ceiling}, Used {d.used}, Requested {d.requested}. "
             if d is not None and d.ceiling is not None
