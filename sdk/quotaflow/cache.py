@@ -38,6 +38,8 @@ from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
 from quotaflow.state import EXPIRIES, Expiry, QuotaState, WindowCounts
 from quotaflow.units import UNIT_FORMS, unit_value
 from quotaflow.windows import (
+    MONTH,
+    Months,
     bucket_expires_at,
     bucket_start,
     frees_at,
@@ -132,6 +134,15 @@ class QuotaCache:
         self.fleet_instances = 0
         self._fleet: dict[str, int] = {}
         self.started_at = clock()
+        # the current billing month of each policy time zone (see quotaflow.windows.Months)
+        self._months: dict[str, Months] = {}
+
+    def month(self, zone: str, ts: float) -> tuple[float, float]:
+        """The billing month holding ``ts`` in ``zone``: ``(start, end)``."""
+        months = self._months.get(zone)
+        if months is None:
+            months = self._months[zone] = Months(zone)
+        return months(ts)
 
     # -- writes: the follower thread and record() -------------------------------------------
 
@@ -176,7 +187,10 @@ class QuotaCache:
             for binding in bindings:
                 for size in binding.windows:  # once per window, however many limits share it
                     slot = (key, binding.scope, size)
-                    start = int(ts // size) * size
+                    if size == MONTH:
+                        start = int(self.month(binding.policy.timezone, ts)[0])
+                    else:
+                        start = int(ts // size) * size
                     own = self._own.get(slot)
                     if own is None or own[0] < start:
                         self._own[slot] = [start, *usage]
@@ -292,7 +306,14 @@ class QuotaCache:
                 # the unit's value is measure a, plus sign x measure b where it combines two
                 a, b, sign = forms[unit]
                 mine = 0
-                if stale:
+                if size == MONTH:  # a billing period, not a sliding window
+                    period = self.month(policy.timezone, now)
+                    counted, mine = self._month_used(
+                        key, windows, pending, scope, unit, period[0], stale
+                    )
+                    if stale:
+                        limit = limit // policy.expected_instances
+                elif stale:
                     start = window_start(now, size)
                     counted = self._own_used(key, scope, unit, size, start)
                     limit = limit // policy.expected_instances
@@ -314,7 +335,8 @@ class QuotaCache:
                 remaining[name] = left if left > 0 else 0
                 if left < 0 or (want == 0 and limit <= used):
                     reset_at = (
-                        float(window_end(now, size)) if stale
+                        self.month(policy.timezone, now)[1] if size == MONTH
+                        else float(window_end(now, size)) if stale
                         else self._denied_until(
                             windows, pending, scope, unit, size, limit - max(want, 1), now
                         )
@@ -344,6 +366,27 @@ class QuotaCache:
             True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
             0.0, None, age,
         )  # fmt: skip
+
+    def _month_used(
+        self,
+        key: str,
+        windows: Mapping[int, WindowCounts] | None,
+        pending: Iterable[_Pending] | None,
+        scope: str,
+        unit: int,
+        start: float,
+        stale: bool,
+    ) -> tuple[int, int]:
+        """(counted, mine) of one unit in the billing month beginning at ``start``: the
+        stream's count if its state is of this month (a new month starts from nothing), and
+        this process's unacknowledged usage since; stale, this instance's own usage."""
+        if stale:
+            return self._own_used(key, scope, unit, MONTH, int(start)), 0
+        counted = 0
+        w = windows.get(MONTH) if windows is not None else None
+        if w is not None and w[0] == start:
+            counted = unit_value(unit, w, 1)
+        return counted, _pending_used(pending, scope, unit, start) if pending else 0
 
     def _share(self, state: QuotaState | None) -> float:
         """This instance's share of a key's remaining budget until the next state."""
@@ -399,6 +442,13 @@ class QuotaCache:
             for spec, (name, unit, size, _, _) in zip(
                 binding.policy.specs, binding.rows, strict=True
             ):
+                if size == MONTH:
+                    start, end = self.month(binding.policy.timezone, now)
+                    counted, mine = self._month_used(
+                        key, windows, pending, binding.scope, unit, start, False
+                    )
+                    rows.append(LimitUsage(name, spec, counted + mine, end))
+                    continue
                 current = bucket_start(now, size)
                 used = _pending_used(pending, binding.scope, unit, sliding_floor(now, size))
                 w = windows.get(size) if windows is not None else None

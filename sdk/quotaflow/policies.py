@@ -18,7 +18,8 @@ A policy file is YAML::
 
 A limit is ``<unit>_per_<window>``: units as :mod:`quotaflow.units` lists them (requests,
 prompt, completion and total tokens, uncached prompt tokens, images, and ``cost`` in dollars),
-windows ``minute``, ``hour`` and ``day``, sliding (:mod:`quotaflow.windows`).
+windows ``minute``, ``hour`` and ``day``, sliding, and ``month``, the calendar billing period in
+the policy's ``timezone`` (:mod:`quotaflow.windows`).
 
 For a call, at most one key-wide policy (no ``models``) and at most one model policy apply; each
 is chosen by precedence: an exact key beats a glob, globs in file order, ``default`` last.
@@ -49,7 +50,7 @@ from quotaflow._exceptions import ConfigError
 from quotaflow._yaml import Missing, read_yaml
 from quotaflow.record import describe_validation_error
 from quotaflow.units import MONEY, UNIT_NAMES, dollars, dollars_to_micros
-from quotaflow.windows import WINDOW_SECONDS, bucket_size
+from quotaflow.windows import MONTH, WINDOW_SECONDS, bucket_size, month_period
 
 FailMode = Literal["open", "closed", "local"]
 
@@ -169,12 +170,29 @@ class Policy(BaseModel):
         max_length=128,
         description="The model whose prices an unpriced call is estimated at.",
     )
+    timezone: str = Field(
+        default="UTC",
+        max_length=64,
+        description="IANA time zone of the policy's _per_month limits: a month runs from the "
+        "first at 00:00 there to the next.",
+    )
     alerts: list[float] = Field(
         default_factory=list,
         max_length=16,
         description="Fractions of each limit (e.g. [0.5, 0.8, 1.0]): crossing one in a "
         "limit's period emits one event to the alerts topic.",
     )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            month_period(0.0, value)
+        except (ValueError, KeyError, OSError):  # ZoneInfoNotFoundError is a KeyError
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name like UTC or Europe/Paris)"
+            ) from None
+        return value
 
     @field_validator("alerts")
     @classmethod
@@ -282,6 +300,11 @@ class PolicySet:
         self.alerting = any(p.alerts for p in self.policies)
         #: Whether any policy limits money (checks price calls only then).
         self.money = any(spec.money for p in self.policies for spec in p.specs)
+        #: Time zones of the policies with _per_month limits: every scope keeps its month's
+        #: usage in each (see quotaflow_stream.aggregate.prune).
+        self.month_zones = tuple(
+            sorted({p.timezone for p in self.policies if any(s.window == MONTH for s in p.specs)})
+        )
         self._cache: dict[tuple[str, str | None], tuple[Binding, ...]] = {}
 
     def __len__(self) -> int:

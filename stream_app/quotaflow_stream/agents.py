@@ -74,6 +74,7 @@ class StreamWorker:
             price=load_price_table(settings.prices_file).record_cost,
             grace=w.grace_seconds,
             horizon=w.dedup_horizon,
+            month_zones=policies.month_zones,
         )
         self.publisher = StatePublisher(
             w,

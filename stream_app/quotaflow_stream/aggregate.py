@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from quotaflow.record import WireRecord
 from quotaflow.units import WIDTH
-from quotaflow.windows import DAY, HOUR, MINUTE, bucket_size
+from quotaflow.windows import DAY, HOUR, MINUTE, Months, bucket_size, month_period
 from quotaflow_stream.dedup import (
     DEDUP_HORIZON,
     ID_MASK,
@@ -99,6 +99,7 @@ def fold_records(
     touched: set[str] | None = None,
     load: Callable[[str], Entry | None] | None = None,
     price: Callable[[WireRecord], int | None] | None = None,
+    zones: tuple[str, ...] = (),
 ) -> tuple[int, int]:
     """Fold records of any keys into their entries (created where missing), in place; returns
     (records late for a window, duplicates dropped), and adds each key it saw to ``touched``.
@@ -115,6 +116,7 @@ def fold_records(
 
     Each record's cost (``cost_micros``) adds to the lifetime totals; a record without one is
     priced with ``price`` (:meth:`~quotaflow.prices.PriceTable.record_cost`), 0 if unpriced.
+    ``zones`` are the time zones whose billing months each scope counts (see :func:`prune`).
     """
     # In place, record by record in message order, every lookup hoisted: this loop is the
     # worker's hot path (a few microseconds a record). Grouping a message by key first, or
@@ -219,7 +221,7 @@ def fold_records(
                 windows = scopes[scope] = {}
             if minute_late:
                 usage = (req, pt, ct, cached, images, cost)
-                was_late = _add_coarse(windows, ts, usage, wm, grace) or was_late
+                was_late = _add_coarse(windows, ts, usage, wm, grace, zones) or was_late
                 continue
             buckets = windows.get(MINUTE_FIELD)
             if not buckets:
@@ -242,7 +244,7 @@ def fold_records(
         if prune_at is None:  # a new entry: nothing to prune yet
             e["pa"] = wm + PRUNE_EVERY
         elif wm >= prune_at:
-            prune(e, grace, horizon, now)
+            prune(e, grace, horizon, now, zones)
             e["pa"] = wm + PRUNE_EVERY
     return late_total, dup_total
 
@@ -258,14 +260,17 @@ def _add_coarse(
     usage: Sequence[float],
     wm: float,
     grace: float,
+    zones: tuple[str, ...] = (),
 ) -> bool:
     """Add ``usage`` (every measure) at ``ts`` to the hour and day windows; True if it was too
-    late for one."""
+    late for one. Too late for the day window, it goes to its billing months directly."""
     late = False
     for field, size, b in _COARSE:
         start = (ts // b) * b
         if start + size + b + grace <= wm:
             late = True
+            if size == DAY and zones:
+                _add_to_months(windows, start, usage, zones)
             continue
         buckets = windows.get(field)
         if buckets is None:
@@ -275,11 +280,63 @@ def _add_coarse(
     return late
 
 
+def month_field(zone: str) -> str:
+    """The field of a scope's windows that keeps its billing months in ``zone``."""
+    return f"mo:{zone}"
+
+
+# the billing month of each zone, remembered (a fresh period costs ~2 us)
+_MONTHS: dict[str, Months] = {}
+
+
+def months_of(zone: str) -> Months:
+    """The remembered billing months of ``zone``."""
+    months = _MONTHS.get(zone)
+    if months is None:
+        months = _MONTHS[zone] = Months(zone)
+    return months
+
+
+def _roll_into_months(
+    windows: Windows, day: list[float], k: int, zones: tuple[str, ...], stale_before: float
+) -> None:
+    """Add the day buckets ``day[:k]`` to the billing months they fall in, in each zone; drop
+    the months that ended before ``stale_before`` (nothing reads or adds to them any more)."""
+    for i in range(0, k, STRIDE):
+        _add_to_months(windows, day[i], day[i + 1 : i + STRIDE], zones)
+    for zone in zones:
+        flat = windows.get(month_field(zone))
+        while flat and month_period(flat[0], zone)[1] < stale_before:
+            del flat[:STRIDE]
+
+
+def _add_to_months(
+    windows: Windows, start: float, usage: Sequence[float], zones: tuple[str, ...]
+) -> None:
+    """Add the usage of a day bucket beginning at ``start`` to its billing month in each zone."""
+    for zone in zones:
+        field = month_field(zone)
+        flat = windows.get(field)
+        if flat is None:
+            flat = windows[field] = []
+        add_bucket(flat, months_of(zone)(start)[0], usage)
+
+
 def prune(
-    entry: Entry, grace: float, horizon: float = DEDUP_HORIZON, now: float | None = None
+    entry: Entry,
+    grace: float,
+    horizon: float = DEDUP_HORIZON,
+    now: float | None = None,
+    zones: tuple[str, ...] = (),
 ) -> None:
     """Drop buckets that no longer count (allowing ``grace``), long-silent sources, and ids
-    that arrived longer than the dedup ``horizon`` before ``now`` (default: the watermark)."""
+    that arrived longer than the dedup ``horizon`` before ``now`` (default: the watermark).
+
+    Day buckets leaving the day window roll into each scope's billing months, one flat bucket
+    per month begun (``mo:<zone>``, for each of ``zones``): a month's usage is its rolled
+    buckets plus the day and minute buckets since it began (see
+    :func:`quotaflow_stream.evaluate.month_counts`). Day buckets are 15 minutes long, and every
+    time zone's midnight falls on a quarter hour, so none straddles a month's start."""
     wm = entry["wm"]
     for windows in entry["s"].values():
         minute = windows.get(MINUTE_FIELD)
@@ -287,7 +344,7 @@ def prune(
             # minute buckets leaving the minute window roll up into the longer windows
             k, n = 0, len(minute)
             while k < n and minute[k] + _MINUTE_LATE + grace <= wm:
-                _add_coarse(windows, minute[k], minute[k + 1 : k + STRIDE], wm, grace)
+                _add_coarse(windows, minute[k], minute[k + 1 : k + STRIDE], wm, grace, zones)
                 k += STRIDE
             del minute[:k]
         for field, size, b in _COARSE:
@@ -296,6 +353,8 @@ def prune(
                 k, n = 0, len(buckets)
                 while k < n and buckets[k] + size + b + grace <= wm:
                     k += STRIDE
+                if size == DAY and zones:
+                    _roll_into_months(windows, buckets, k, zones, wm - size - grace)
                 del buckets[:k]
     src = entry["src"]
     for source in [s for s, seen in src.items() if source_ts(seen) < wm - SOURCE_HORIZON]:

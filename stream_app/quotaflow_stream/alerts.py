@@ -3,7 +3,9 @@
 A policy lists ``alerts: [0.5, 0.8, 1.0]``. Each time the worker publishes a key's state it
 compares every limit of that policy with those fractions; a threshold reached for the first
 time in the limit's current period (the window-aligned interval it is in: the UTC minute, hour
-or day) becomes one event on ``quotaflow.alerts``. Which thresholds have fired is kept in the
+or day, or the billing month in the policy's time zone) becomes one event on
+``quotaflow.alerts``. Its ``unit`` says what ``used`` and ``limit_value`` count: for ``cost``,
+integer micro-dollars. Which thresholds have fired is kept in the
 key's table entry (``al``: ``"<limit>@<threshold>"`` -> period start), so it is saved with the
 counts and survives restarts and takeovers.
 
@@ -21,7 +23,7 @@ from typing import Any
 
 from quotaflow.policies import KEY_SCOPE, PolicySet
 from quotaflow.state import QuotaState
-from quotaflow.windows import window_start
+from quotaflow.windows import MONTH, month_period, window_start
 
 
 def alert_id(key: str, limit: str, period_start: float, threshold: float) -> str:
@@ -43,7 +45,11 @@ def crossed(
         if spec is None:
             continue
         limit = status.name if status.scope == KEY_SCOPE else f"{status.scope}/{status.name}"
-        period = float(window_start(now, spec.window))
+        if spec.window == MONTH:  # the billing month, in the policy's time zone
+            period, period_end = month_period(now, policy.timezone)
+        else:
+            period = float(window_start(now, spec.window))
+            period_end = period + spec.window
         for threshold in policy.alerts:
             if status.used < threshold * spec.limit:
                 break  # thresholds ascend
@@ -57,7 +63,8 @@ def crossed(
                 "limit": limit,
                 "policy": policy.name,
                 "window": spec.window,
-                "period": {"start": period, "end": period + spec.window},
+                "period": {"start": period, "end": period_end},
+                "unit": spec.unit,
                 "used": status.used,
                 "limit_value": spec.limit,
                 "threshold": threshold,

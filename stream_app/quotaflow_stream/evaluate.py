@@ -17,14 +17,24 @@ from quotaflow.state import (
 )
 from quotaflow.units import WIDTH, unit_value
 from quotaflow.windows import (
+    DAY,
     MINUTE,
+    MONTH,
     bucket_expires_at,
     bucket_size,
     bucket_start,
     frees_at,
+    month_period,
     sliding_floor,
 )
-from quotaflow_stream.aggregate import MINUTE_FIELD, RATE_HALF_LIFE, WINDOW_SIZES, ScopesFor
+from quotaflow_stream.aggregate import (
+    MINUTE_FIELD,
+    RATE_HALF_LIFE,
+    WINDOW_SIZES,
+    ScopesFor,
+    month_field,
+    months_of,
+)
 from quotaflow_stream.entry import STRIDE, Buckets, Entry, first_at_or_after, source_ts
 
 #: A source counts as an active instance if it emitted within this many seconds (event time).
@@ -109,6 +119,9 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
             size: sliding_counts(entry, scope, size, now, 1 << 30 if size in limited else 0)
             for size in WINDOW_SIZES
         }
+        if MONTH in limited:
+            assert binding is not None
+            full[MONTH] = month_counts(entry, scope, binding.policy.timezone, now)
         scopes[scope] = {
             size: (*w[:EXPIRIES], w[EXPIRIES][:STATE_EXPIRIES]) if size in limited else w
             for size, w in full.items()
@@ -126,7 +139,9 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
                 limit=spec.limit,
                 used=used,
                 remaining=max(spec.limit - used, 0),
-                reset_at=_reset_at(used, spec.limit, unit, w[EXPIRIES], now),
+                reset_at=month_period(now, binding.policy.timezone)[1]
+                if spec.window == MONTH
+                else _reset_at(used, spec.limit, unit, w[EXPIRIES], now),
             )
             limits.append(status)
             if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
@@ -205,6 +220,29 @@ def sliding_counts(
         for k in range(i, min(len(buckets), i + STRIDE * max_expiries), STRIDE)
     )
     return (current, *map(int, sums), expiries)
+
+
+def month_counts(entry: Entry, scope: str, zone: str, now: float) -> WindowCounts:
+    """The billing month's count at ``now`` in ``zone``: ``(month_start, *measures, ())``,
+    the day buckets rolled into it (see :func:`~quotaflow_stream.aggregate.prune`) plus the
+    day and minute buckets since it began. A month does not slide: nothing in it expires."""
+    start = months_of(zone)(now)[0]
+    windows = entry["s"].get(scope)
+    sums = [0.0] * WIDTH
+    if windows:
+        rolled = windows.get(month_field(zone))
+        for flat in (rolled, windows.get(str(DAY)), windows.get(MINUTE_FIELD)):
+            if flat:
+                i = first_at_or_after(flat, start)
+                if flat is rolled:  # only the month that began at start
+                    if i >= len(flat) or flat[i] != start:
+                        continue
+                    end = i + STRIDE
+                else:
+                    end = len(flat)
+                for m in range(WIDTH):
+                    sums[m] += sum(flat[i + 1 + m : end : STRIDE])
+    return (start, *map(int, sums), ())
 
 
 def _merged(coarse: Buckets, minute: Buckets, b: float) -> Buckets:

@@ -92,8 +92,11 @@ class AggregateStore:
         grace: float,
         horizon: float = DEDUP_HORIZON,
         price: Callable[[WireRecord], int | None] | None = None,
+        month_zones: tuple[str, ...] = (),
     ) -> None:
         self.partitions = partitions
+        #: Time zones whose billing months every scope counts (PolicySet.month_zones).
+        self.month_zones = month_zones
         #: Prices records that arrive without a cost (see fold_records).
         self._price = price
         self.output = output
@@ -138,7 +141,7 @@ class AggregateStore:
         touched: set[str] = set()
         late, duplicates = fold_records(
             self.entries, records, self._scopes_for, self.grace, self.horizon, now, touched,
-            load=self.load, price=self._price,
+            load=self.load, price=self._price, zones=self.month_zones,
         )  # fmt: skip
         self.unsaved |= touched
         return Folded(touched, late, duplicates)
