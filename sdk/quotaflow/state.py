@@ -92,17 +92,29 @@ class LimitStatus:
 
 @dataclass(frozen=True, slots=True)
 class Totals:
+    """A key's (or a key and model's) lifetime sums, in the order workers keep them."""
+
     records: int = 0
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     #: Spend in micro-dollars (states from workers before v2 records say 0).
     cost_micros: int = 0
+    cached_prompt_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    images: int = 0
+
+    def as_list(self) -> list[int]:
+        return [getattr(self, name) for name in TOTAL_FIELDS]
 
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+
+#: Totals' fields, in the order of a worker's lists and of a state's per-model arrays.
+TOTAL_FIELDS = tuple(Totals.__dataclass_fields__)
 
 _encode = msgspec.json.Encoder().encode
 
@@ -147,17 +159,8 @@ class QuotaState:
             "sources": self.sources,
             "instances": self.instances,
             "shares": self.shares,
-            "totals": {
-                "records": self.totals.records,
-                "requests": self.totals.requests,
-                "prompt_tokens": self.totals.prompt_tokens,
-                "completion_tokens": self.totals.completion_tokens,
-                "cost_micros": self.totals.cost_micros,
-            },
-            "models": {
-                m: [t.records, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_micros]
-                for m, t in self.models.items()
-            },
+            "totals": dict(zip(TOTAL_FIELDS, self.totals.as_list(), strict=True)),
+            "models": {m: t.as_list() for m, t in self.models.items()},
         }
         # msgspec: a busy worker encodes thousands of states a second (~4x json.dumps)
         return _encode(doc)
@@ -189,15 +192,10 @@ class QuotaState:
             instances=int(doc.get("instances", 0)),
             shares={str(k): float(v) for k, v in doc.get("shares", {}).items()},
             models={
-                str(m): Totals(*(int(x) for x in t[:5])) for m, t in doc.get("models", {}).items()
+                str(m): Totals(*(int(x) for x in t[: len(TOTAL_FIELDS)]))
+                for m, t in doc.get("models", {}).items()
             },
-            totals=Totals(
-                records=int(totals.get("records", 0)),
-                requests=int(totals.get("requests", 0)),
-                prompt_tokens=int(totals.get("prompt_tokens", 0)),
-                completion_tokens=int(totals.get("completion_tokens", 0)),
-                cost_micros=int(totals.get("cost_micros", 0)),
-            ),
+            totals=Totals(**{name: int(totals.get(name, 0)) for name in TOTAL_FIELDS}),
         )
 
 

@@ -32,6 +32,7 @@ from quotaflow_stream.dedup import (
 )
 from quotaflow_stream.entry import (
     STRIDE,
+    TOTALS,
     Entry,
     InstanceIds,
     SourceSeen,
@@ -44,6 +45,7 @@ from quotaflow_stream.entry import (
 # The fold adds a record's measures to its minute bucket inline, one statement each, in the
 # order of quotaflow.units.MEASURES: a measure added there is added here too.
 assert WIDTH == 6, "fold_records adds each measure inline"
+assert TOTALS == 9, "fold_records adds each total inline"
 
 #: Every scope keeps these windows, whatever its policy limits, so dashboards can show them.
 WINDOW_SIZES: tuple[int, ...] = (MINUTE, HOUR, DAY)
@@ -186,20 +188,29 @@ def fold_records(
         cost = r.cost_micros
         if cost is None:  # a v1 record, or one its producer could not price
             cost = (price(r) or 0) if price is not None else 0
+        write, reasoning = r.cache_write_tokens, r.reasoning_tokens
         totals[0] += 1
         totals[1] += req
         totals[2] += pt
         totals[3] += ct
         totals[4] += cost
+        totals[5] += cached
+        totals[6] += write
+        totals[7] += reasoning
+        totals[8] += images
         sums = models.get(r.model)
         if sums is None:
-            models[r.model] = [1, req, pt, ct, cost]
+            models[r.model] = [1, req, pt, ct, cost, cached, write, reasoning, images]
         else:
             sums[0] += 1
             sums[1] += req
             sums[2] += pt
             sums[3] += ct
             sums[4] += cost
+            sums[5] += cached
+            sums[6] += write
+            sums[7] += reasoning
+            sums[8] += images
         was = src.get(r.source)
         src[r.source] = (
             (ts, float(req))

@@ -340,8 +340,9 @@ class Difference:
         return f"{self.key}: {self.where} {self.field} = {got}, the topic says {self.recount}"
 
 
-#: What reconcile compares: the totals the worker keeps per key, and where each is in Sums.
-FIELDS = ("records", "requests", "prompt_tokens", "completion_tokens", "cost_micros")
+#: What reconcile compares: the totals the worker keeps per key (every unit, and the cost),
+#: and where each is in Sums.
+FIELDS = ("records", *UNITS)
 _RECOUNT_INDEX = tuple(TOTALS.index(name) for name in FIELDS)
 
 
@@ -364,7 +365,7 @@ def compare(
 
 def _sums(state: Any) -> Sums:
     t = state.totals
-    return [t.records, t.requests, t.prompt_tokens, t.completion_tokens, t.cost_micros]
+    return [getattr(t, name) for name in FIELDS]
 
 
 def snapshot_totals(settings: QuotaflowSettings) -> dict[str, Sums | None]:

@@ -20,8 +20,11 @@ from typing import TypedDict
 
 from quotaflow.units import WIDTH, widen
 
-#: Length of the lifetime totals lists (``t`` and each of ``m``).
-TOTALS = 5
+#: Length of the lifetime totals lists (``t`` and each of ``m``), laid out as
+#: :class:`quotaflow.state.Totals`: records, requests, prompt, completion tokens, cost, then
+#: cached prompt, cache-write and reasoning tokens, and images (saved entries may have fewer:
+#: :func:`upgraded` pads them).
+TOTALS = 9
 
 #: Numbers per flat bucket: its start, then every measure.
 STRIDE = 1 + WIDTH
@@ -57,7 +60,8 @@ class Entry(TypedDict, total=False):
     #: Source (emitting instance) -> (newest event time, recent requests).
     src: dict[str, SourceSeen]
     #: Lifetime totals: [records, requests, prompt tokens, completion tokens, cost in
-    #: micro-dollars] (entries saved before cost was counted have four; upgraded() adds it).
+    #: micro-dollars, cached prompt tokens, cache-write tokens, reasoning tokens, images]
+    #: (entries saved by earlier versions have fewer; upgraded() pads them with zeros).
     t: list[int]
     #: Lifetime totals per model, laid out like ``t``.
     m: dict[str, list[int]]
@@ -77,7 +81,7 @@ class Entry(TypedDict, total=False):
 
 
 def new_entry() -> Entry:
-    return {"v": ENTRY_VERSION, "wm": 0.0, "s": {}, "src": {}, "t": [0, 0, 0, 0, 0], "late": 0,
+    return {"v": ENTRY_VERSION, "wm": 0.0, "s": {}, "src": {}, "t": [0] * TOTALS, "late": 0,
             "dup": 0, "ids": {}, "m": {}}  # fmt: skip
 
 
@@ -92,12 +96,10 @@ def upgraded(entry: Entry) -> Entry:
         entry["v"] = ENTRY_VERSION
     for field, empty in new_entry().items():
         entry.setdefault(field, empty)  # type: ignore[misc]
-    # totals saved before cost was counted: their cost starts at 0
-    if len(entry["t"]) < TOTALS:
-        entry["t"].append(0)
-    for sums in entry["m"].values():
+    # totals saved before some units were counted: those start at 0
+    for sums in (entry["t"], *entry["m"].values()):
         if len(sums) < TOTALS:
-            sums.append(0)
+            sums += [0] * (TOTALS - len(sums))
     return entry
 
 

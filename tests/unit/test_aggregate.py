@@ -52,7 +52,8 @@ def test_records_fold_into_windows_and_totals() -> None:
     entry, late = add_records(None, [rec(1, M0 + 1), rec(2, M0 + 2, source="b")], SCOPES, 10)
     assert late == 0
     assert counted(entry, "", 60, M0 + 30) == (2, 20, 10)
-    assert entry["t"] == [2, 2, 20, 10, 0], "records, requests, prompt, completion, cost"
+    # records, requests, prompt, completion, cost, cached, cache-write, reasoning, images
+    assert entry["t"] == [2, 2, 20, 10, 0, 0, 0, 0, 0]
     assert {s: seen[0] for s, seen in entry["src"].items()} == {"a": M0 + 1, "b": M0 + 2}
     assert "small" not in entry["s"], "no model policy binds 'small'"
 
@@ -81,8 +82,14 @@ def test_lifetime_totals_sum_each_records_cost_and_price_those_without() -> None
     old = {"wm": M0, "s": {}, "src": {}, "t": [3, 3, 30, 0], "m": {"gpt-4o": [3, 3, 30, 0]},
            "late": 0, "dup": 0, "ids": {}}  # fmt: skip
     entries = {"k1": upgraded(old)}  # type: ignore[arg-type]
-    fold_records(entries, [priced], SCOPES, 10, now=M0, price=table.record_cost)
-    assert entries["k1"]["t"] == [4, 4, 40, 0, 7]
+    billed = UsageRecord(id="4", ts=M0, key="k1", model="gpt-4o", prompt_tokens=10,
+                         cached_prompt_tokens=4, cache_write_tokens=2, completion_tokens=9,
+                         reasoning_tokens=3, images=1, cost_micros=5, source="a")  # fmt: skip
+    fold_records(entries, [priced, billed], SCOPES, 10, now=M0, price=table.record_cost)
+    assert entries["k1"]["t"] == [5, 5, 50, 9, 12, 4, 2, 3, 1]
+    assert entries["k1"]["m"]["gpt-4o"] == [5, 5, 50, 9, 12, 4, 2, 3, 1]
+    totals = evaluate("k1", entries["k1"], POLICIES, M0 + 1).totals
+    assert (totals.cached_prompt_tokens, totals.reasoning_tokens, totals.images) == (4, 3, 1)
 
 
 def test_model_scope_is_kept_where_a_model_policy_binds() -> None:

@@ -77,18 +77,22 @@ def test_totals_carry_every_unit_and_sum_the_cost_exactly() -> None:
 
 
 def test_compare_lists_every_differing_field_and_missing_keys() -> None:
-    # the recount in totals' layout (every unit, cost, unpriced); the worker's five figures
-    recount = {"a": [2, 2, 20, 5, 0, 0, 0, 0, 900, 0], "b": [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]}
+    # the recount in totals' layout (records, every unit, cost, unpriced); the worker's figures
+    # in reconcile's: records, then every unit and the cost
+    recount = {"a": [2, 2, 20, 5, 3, 0, 0, 0, 900, 0], "b": [1, 1, 1, 1, 0, 0, 0, 0, 0, 1]}
     diffs = audit.compare(
-        recount, {"a": [2, 2, 21, 5, 901], "b": None, "c": [1, 0, 0, 0, 0]}, "worker"
+        recount,
+        {"a": [2, 2, 21, 5, 0, 0, 0, 0, 901], "b": None, "c": [1, 0, 0, 0, 0, 0, 0, 0, 0]},
+        "worker",
     )
     assert [str(d) for d in diffs] == [
         "a: worker prompt_tokens = 21, the topic says 20",
+        "a: worker cached_prompt_tokens = 0, the topic says 3",
         "a: worker cost_micros = 901, the topic says 900",
         "b: worker records = missing, the topic says 1",
         "c: worker records = 1, the topic says 0",
     ]
-    agree = {"a": [2, 2, 20, 5, 900], "b": [1, 1, 1, 1, 0]}
+    agree = {"a": [2, 2, 20, 5, 3, 0, 0, 0, 900], "b": [1, 1, 1, 1, 0, 0, 0, 0, 0]}
     assert audit.compare(recount, agree, "worker") == []
 
 

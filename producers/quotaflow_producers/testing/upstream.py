@@ -90,6 +90,15 @@ class OpenAIStub:
         return body
 
     @staticmethod
+    def _invalid(param: str) -> web.Response:
+        """What a provider answers a body without a field it needs: 400, never a crash."""
+        return web.json_response(
+            {"error": {"message": f"'{param}' is a required property", "param": param,
+                       "type": "invalid_request_error", "code": None}},
+            status=400,
+        )  # fmt: skip
+
+    @staticmethod
     def _rate_limited() -> web.Response:
         return web.json_response(
             {"error": {"message": "upstream limit", "type": "requests", "param": None,
@@ -99,6 +108,8 @@ class OpenAIStub:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request)
+        if not isinstance(body.get("messages"), list):
+            return self._invalid("messages")
         if body["model"] == "stub-429":
             return self._rate_limited()
         usage = self._usage(body)
@@ -150,6 +161,8 @@ class OpenAIStub:
 
     async def _completions(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        if not isinstance(body.get("prompt"), str | list):
+            return self._invalid("prompt")
         prompt = count_request(body).tokens + self.usage_offset
         completion = count_text(REPLY, body["model"]) + self.usage_offset
         usage = {"prompt_tokens": prompt, "completion_tokens": completion,
@@ -163,6 +176,8 @@ class OpenAIStub:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._body(request)
+        if not isinstance(body.get("input"), str | list):
+            return self._invalid("input")
         prompt = count_request(body).tokens + self.usage_offset
         self.reported.append({"prompt_tokens": prompt, "completion_tokens": 0})
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
