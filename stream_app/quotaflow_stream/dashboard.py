@@ -1,7 +1,9 @@
 """What the dashboard shows, computed from quota states (pure: no I/O, clock injected).
 
-One summary a tick: every key's usage against its limits, current throttles with their wait,
-the top consumers of the last minute, the split by model, and the worker's own figures.
+One summary a tick: every key's usage against its limits (budgets in dollars), current
+throttles with their wait, the top consumers of the last minute, the top spenders of the last
+day, the fleet's spend, the split by model, and the worker's own figures. Money is summed in
+integer micro-dollars and shown as exact dollar strings.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from quotaflow.decision import is_money_limit
 from quotaflow.state import QuotaState
 from quotaflow.stats import percentile
-from quotaflow.windows import MINUTE
+from quotaflow.units import COST, dollars
+from quotaflow.windows import DAY, MINUTE
 
 #: Keys listed in a summary (the busiest first); the JSON API lists them all.
 TOP_KEYS = 50
@@ -19,7 +23,8 @@ TOP_KEYS = 50
 
 def key_row(state: QuotaState, now: float) -> dict[str, Any]:
     """One key as the API and the dashboard show it."""
-    minute = state.scopes.get("", {}).get(MINUTE)
+    windows = state.scopes.get("", {})
+    minute, day = windows.get(MINUTE), windows.get(DAY)
     t = state.totals
     return {
         "key": state.key,
@@ -35,9 +40,18 @@ def key_row(state: QuotaState, now: float) -> dict[str, Any]:
                 "remaining": lim.remaining,
                 "percent": round(100 * lim.used / lim.limit, 1) if lim.limit else 0.0,
                 "reset_at": lim.reset_at,
+                # a budget: its figures are micro-dollars, shown in dollars
+                "money": is_money_limit(lim.name),
             }
             for lim in state.limits
         ],
+        "spend": {
+            "last_minute_micros": minute[1 + COST] if minute else 0,
+            "last_day_micros": day[1 + COST] if day else 0,
+            "total_micros": t.cost_micros,
+            "last_day_usd": dollars(day[1 + COST] if day else 0),
+            "total_usd": dollars(t.cost_micros),
+        },
         "last_minute": {
             "requests": minute[1] if minute else 0,
             "tokens": minute[2] + minute[3] if minute else 0,
@@ -77,6 +91,9 @@ def summary(
             m["requests"] += t.requests
             m["tokens"] += t.tokens
     consumers = sorted(rows, key=lambda r: (-r["last_minute"]["tokens"], r["key"]))
+    spenders = sorted(rows, key=lambda r: (-r["spend"]["last_day_micros"], r["key"]))
+    minute_spend = sum(r["spend"]["last_minute_micros"] for r in rows)
+    day_spend = sum(r["spend"]["last_day_micros"] for r in rows)
     return {
         "now": now,
         "keys": rows[:top],
@@ -91,6 +108,16 @@ def summary(
             for r in consumers[:10]
             if r["last_minute"]["tokens"]
         ],
+        "top_spenders": [
+            {
+                "key": r["key"],
+                "last_day_usd": r["spend"]["last_day_usd"],
+                "total_usd": r["spend"]["total_usd"],
+            }
+            for r in spenders[:10]
+            if r["spend"]["last_day_micros"]
+        ],
+        "spend": {"last_minute_usd": dollars(minute_spend), "last_day_usd": dollars(day_spend)},
         "models": dict(sorted(models.items(), key=lambda kv: -kv[1]["tokens"])),
         "decision_latency_ms": {
             "p50": _rounded(percentile(latencies_ms, 50)),

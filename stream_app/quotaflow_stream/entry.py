@@ -78,11 +78,15 @@ class Entry(TypedDict, total=False):
     #: Alerts fired: ``"<limit>@<threshold>"`` -> start of the period it fired in. Only keys
     #: of policies with ``alerts`` have it (see :mod:`quotaflow_stream.alerts`).
     al: dict[str, float]
+    #: The totals (``t``) as the worker's metrics last counted them: each publication adds
+    #: what came since to its policy's counters (saved with the entry, so the next owner
+    #: goes on from there).
+    mt: list[int]
 
 
 def new_entry() -> Entry:
     return {"v": ENTRY_VERSION, "wm": 0.0, "s": {}, "src": {}, "t": [0] * TOTALS, "late": 0,
-            "dup": 0, "ids": {}, "m": {}}  # fmt: skip
+            "dup": 0, "ids": {}, "m": {}, "mt": [0] * TOTALS}  # fmt: skip
 
 
 def upgraded(entry: Entry) -> Entry:
@@ -94,12 +98,16 @@ def upgraded(entry: Entry) -> Entry:
             for field, flat in windows.items():
                 windows[field] = widen(flat, _V1_STRIDE)
         entry["v"] = ENTRY_VERSION
+    # counted before metrics were: they go on from here, not from 0
+    unmetered = "mt" not in entry
     for field, empty in new_entry().items():
         entry.setdefault(field, empty)  # type: ignore[misc]
     # totals saved before some units were counted: those start at 0
-    for sums in (entry["t"], *entry["m"].values()):
+    for sums in (entry["t"], entry["mt"], *entry["m"].values()):
         if len(sums) < TOTALS:
             sums += [0] * (TOTALS - len(sums))
+    if unmetered:
+        entry["mt"] = list(entry["t"])
     return entry
 
 

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from typing import Any, Protocol
 
-from quotaflow.policies import PolicySet
+from quotaflow.policies import KEY_SCOPE, PolicySet
 from quotaflow.settings import WorkerSettings
 from quotaflow.state import HEARTBEAT_KEY, QuotaState, heartbeat_json
 from quotaflow_stream.alerts import crossed
@@ -38,6 +38,9 @@ PUBLISH_SHARE = 0.2
 #: Longest run of publications in one tick, as a share of the publication interval (Faust
 #: warns of a timer that overruns its interval; the event loop stays responsive).
 PUBLISH_SLICE = 0.8
+
+#: The policy label of usage of keys no key-wide policy covers.
+NO_POLICY = "(none)"
 
 
 class Entries(Protocol):
@@ -117,6 +120,10 @@ class StatePublisher:
         self.latencies_ms: deque[float] = deque(maxlen=2000)
         #: Times a key went from open to throttled.
         self.throttle_onsets = 0
+        #: Usage per key-wide policy since this worker started, laid out as an entry's totals
+        #: (records, requests, tokens, cost, ...): /metrics exports it per policy, never per
+        #: key (cardinality). Counted at publication from each entry's totals.
+        self.metered: dict[str, list[int]] = {}
         # partitions assigned here, and whether their keys await a first publication
         self._assigned: set[int] = set()
         self._announce = False
@@ -185,6 +192,7 @@ class StatePublisher:
 
     def _publish(self, key: str, entry: Entry, now: float) -> QuotaState:
         state = evaluate(key, entry, self.policies, now)
+        self._meter(entry, state.scope_policies.get(KEY_SCOPE, NO_POLICY))
         if self.alerts_topic is not None and self.policies.alerting:
             self._alert(key, entry, state, now)
         before = self.latest.get(key)
@@ -196,6 +204,18 @@ class StatePublisher:
         self.snapshot.put(key, payload)
         self.counters.states_published += 1
         return state
+
+    def _meter(self, entry: Entry, policy: str) -> None:
+        """Add what the entry counted since its last publication to its policy's usage."""
+        t, last = entry["t"], entry["mt"]
+        if t == last:
+            return
+        sums = self.metered.get(policy)
+        if sums is None:
+            sums = self.metered[policy] = [0] * len(t)
+        for i, value in enumerate(t):
+            sums[i] += value - last[i]
+        entry["mt"] = list(t)
 
     def _alert(self, key: str, entry: Entry, state: QuotaState, now: float) -> None:
         """Send the alerts this state raises; their marks are saved with the entry (see

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quotaflow.state import QuotaState
+from quotaflow.state import TOTAL_FIELDS, QuotaState
 from quotaflow.stats import percentile
+from quotaflow.units import MICROS
 from quotaflow_stream import dashboard
 
 if TYPE_CHECKING:
@@ -255,6 +256,23 @@ class _Metrics:
             "quotaflow_records_per_second", "Records aggregated per second since the last scrape.",
             value=self._rate.update(c.records, time.time()),
         )  # fmt: skip
+        usage = CounterMetricFamily(
+            "quotaflow_usage",
+            "Usage counted per key-wide policy since the worker started (one series per policy "
+            "and unit, never per key).",
+            labels=["policy", "unit"],
+        )
+        cost = CounterMetricFamily(
+            "quotaflow_cost_usd", "Spend per key-wide policy, in dollars.", labels=["policy"]
+        )
+        for policy, sums in sorted(self.worker.publisher.metered.items()):
+            for unit, value in zip(TOTAL_FIELDS, sums, strict=True):
+                if unit == "cost_micros":
+                    cost.add_metric([policy], value / MICROS)
+                else:
+                    usage.add_metric([policy, unit], value)
+        yield usage
+        yield cost
         throttled = sum(1 for s in self.worker.publisher.latest.values() if s.throttled)
         yield GaugeMetricFamily(
             "quotaflow_throttled_keys", "Keys of this worker at a limit now.", value=throttled

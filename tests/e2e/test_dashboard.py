@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
 PIPELINE_POLICIES = (
     "version: 1\npolicies:\n"
     "  - {name: dash, keys: ['dash-*'], max_staleness: 60,"
-    " limits: {requests_per_minute: 40, tokens_per_minute: 20000}}\n"
+    " limits: {requests_per_minute: 40, tokens_per_minute: 20000, cost_per_day: 50}}\n"
 )
 
 
@@ -98,6 +98,12 @@ def test_api_and_metrics_need_the_token_and_answer_for_every_key(
                  "quotaflow_states_published_total", "quotaflow_denials_total",
                  "quotaflow_records_per_second"):  # fmt: skip
         assert name in text, name
+    # usage and spend per policy, never per key: what the one record of dash-api used
+    record_cost = json.loads(get(f"{base}/api/keys/dash-api")[1])["totals"]["cost_micros"]
+    assert 'quotaflow_usage_total{policy="dash",unit="prompt_tokens"} 5.0' in text
+    assert 'quotaflow_usage_total{policy="dash",unit="records"} 1.0' in text
+    assert f'quotaflow_cost_usd_total{{policy="dash"}} {record_cost / 1e6}' in text
+    assert "dash-api" not in text
     # bound to 127.0.0.1 itself, not every address: another address of this host (another of
     # the loopback range, which a socket bound to 0.0.0.0 would also answer on) is refused
     port = worker.settings.worker.web_port
@@ -146,6 +152,21 @@ def test_dashboard_updates_live_and_matches_the_api(
                 return all(shown[k] == api.get(k) for k in shown)
 
             wait_for(page_matches_api, timeout=15, what="the page to show the API's totals")
+
+            # spend: the top spenders panel shows each key's last-day spend as the API says it,
+            # and the budget's meter reads in dollars
+            def spenders_match_api() -> bool:
+                _, body = get(f"{base}/api/keys")
+                api = {r["key"]: r["spend"]["last_day_usd"] for r in json.loads(body)["keys"]}
+                shown = {
+                    k: page.inner_text(f"#spenders [data-spender='{k}'] .usd")
+                    for k in ("dash-0", "dash-1", "dash-2")
+                }
+                return all(shown[k] == f"${api[k]}" for k in shown)
+
+            wait_for(spenders_match_api, timeout=15, what="the page to show the API's spend")
+            budget = page.inner_text("tr[data-key='dash-0'] [data-limit='cost_per_day']")
+            assert budget.startswith("$") and budget.endswith(" / $50.00"), budget
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
             browser.close()
         # offline: everything the page loaded came from the worker itself

@@ -7,10 +7,14 @@ const withToken = (path) => (token ? `${path}?token=${encodeURIComponent(token)}
 const HISTORY_SECONDS = 300;
 const COLORS = ["#2563eb", "#db2777", "#059669", "#d97706", "#7c3aed", "#0891b2"];
 const history = new Map(); // key -> [[time, percent], ...]
+const spendHistory = []; // [[time, dollars spent in the last minute by every key], ...]
 
 const $ = (id) => document.getElementById(id);
 const fmt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US"));
 const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+// budgets are integer micro-dollars in the API; shown in dollars (exact strings where the API gives them)
+const usd = (micros) => `$${(micros / 1e6).toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 6 })}`;
+const figure = (l, n) => (l.money ? usd(n) : fmt(n));
 
 function fullest(row) {
   return row.limits.reduce((m, l) => Math.max(m, l.percent), 0);
@@ -28,6 +32,11 @@ function render(s) {
   $("duplicates").textContent = fmt(w.duplicates);
   $("dlq").textContent = fmt(w.dlq);
   $("updated").textContent = new Date(s.now * 1000).toLocaleTimeString();
+  $("spend-day").textContent = `$${s.spend.last_day_usd}`;
+
+  $("spenders").innerHTML = s.top_spenders
+    .map((t) => `<div data-spender="${esc(t.key)}"><span>${esc(t.key)}</span><span class="usd">$${esc(t.last_day_usd)}</span></div>`)
+    .join("") || `<div class="muted">no spend in the last day</div>`;
 
   $("throttles").tBodies[0].innerHTML = s.throttled
     .map((t) => `<tr data-key="${esc(t.key)}"><td>${esc(t.key)}</td><td>${esc(t.denied_by)}</td><td>${t.retry_after.toFixed(1)} s</td></tr>`)
@@ -47,7 +56,7 @@ function render(s) {
         .map((l) => {
           const cls = l.percent >= 100 ? "full" : l.percent >= 80 ? "warn" : "";
           return `<div class="limit"><span class="meter"><i class="${cls}" style="width:${Math.min(l.percent, 100)}%"></i></span>` +
-            `<span class="used" data-limit="${esc(l.name)}">${fmt(l.used)} / ${fmt(l.limit)}</span> <span class="muted">${esc(l.name)}</span></div>`;
+            `<span class="used" data-limit="${esc(l.name)}">${figure(l, l.used)} / ${figure(l, l.limit)}</span> <span class="muted">${esc(l.name)}</span></div>`;
         })
         .join("");
       return `<tr data-key="${esc(k.key)}" class="${k.throttled ? "throttled" : ""}"><td>${esc(k.key)}</td><td>${esc(k.policy || "–")}</td>` +
@@ -63,6 +72,19 @@ function render(s) {
     history.set(k.key, series);
   }
   drawChart(s.now, s.keys.slice(0, COLORS.length).map((k) => k.key));
+  spendHistory.push([s.now, Number(s.spend.last_minute_usd)]);
+  while (spendHistory.length && spendHistory[0][0] < s.now - HISTORY_SECONDS) spendHistory.shift();
+  drawSpend(s.now);
+}
+
+function drawSpend(now) {
+  const W = 900, H = 120, top = 14, bottom = 16;
+  const peak = Math.max(...spendHistory.map(([, d]) => d), 0.000001);
+  const x = (t) => ((t - (now - HISTORY_SECONDS)) / HISTORY_SECONDS) * W;
+  const y = (d) => top + (1 - d / peak) * (H - top - bottom);
+  const pts = spendHistory.map(([t, d]) => `${x(t).toFixed(1)},${y(d).toFixed(1)}`).join(" ");
+  $("spend-chart").innerHTML = `<text x="4" y="11" font-size="11" fill="#6b7280">peak $${peak.toFixed(6)} a minute</text>` +
+    `<polyline fill="none" stroke-width="2" stroke="#059669" points="${pts}"/>`;
 }
 
 function drawChart(now, keys) {
