@@ -35,6 +35,13 @@ def register_simulate(sub: Any) -> None:
     p.add_argument("--rpm", type=_count, default=1200, help="requests/min limit per key (1200)")
     p.add_argument("--tpm", type=_count, default=800_000, help="tokens/min limit per key")
     p.add_argument("--seed", type=int, default=1, help="seed of the offered load (1)")
+    p.add_argument(
+        "--budget",
+        type=_positive,
+        default=None,
+        help="dollars a minute: adds a key per arm bound by cost_per_minute (calls priced as "
+        "gpt-4o-mini)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_simulate)
 
@@ -96,7 +103,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     plan = SimulationPlan(
         instances=args.instances, keys_per_arm=args.keys, load=args.load,
-        duration=args.duration, rpm=args.rpm, tpm=args.tpm, seed=args.seed,
+        duration=args.duration, rpm=args.rpm, tpm=args.tpm, seed=args.seed, budget=args.budget,
     )  # fmt: skip
     return run_simulate_command(plan, args.json)
 

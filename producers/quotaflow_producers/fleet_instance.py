@@ -56,8 +56,10 @@ class InstancePlan:
 
 @dataclass
 class InstanceLog:
-    admitted: dict[str, list[tuple[float, int, int]]] = field(default_factory=dict)
-    denied: dict[str, list[tuple[float, int, int, str]]] = field(default_factory=dict)
+    #: key -> (time, requests, tokens, cost in micro-dollars) of each admitted call
+    admitted: dict[str, list[tuple[float, int, int, int]]] = field(default_factory=dict)
+    #: key -> (time, requests, tokens, cost, reason) of each denied call
+    denied: dict[str, list[tuple[float, int, int, int, str]]] = field(default_factory=dict)
     check_ns: list[int] = field(default_factory=list)
     #: (key, published_at) -> (watermark, applied at)
     applied: dict[str, list[float]] = field(default_factory=dict)
@@ -151,7 +153,10 @@ def _offer_load(client: QuotaClient, plan: InstancePlan, log: InstanceLog, until
         now = time.time()
         log.reasons[decision.reason] = log.reasons.get(decision.reason, 0) + 1
         if decision.allowed:
-            client.record(sim.key, sim.model, prompt_tokens=prompt, completion_tokens=completion)
-            log.admitted[sim.key].append((now, 1, prompt + completion))
+            r = client.record(
+                sim.key, sim.model, prompt_tokens=prompt, completion_tokens=completion
+            )
+            log.admitted[sim.key].append((now, 1, prompt + completion, r.cost_micros or 0))
         else:
-            log.denied[sim.key].append((now, 1, prompt + completion, decision.reason))
+            cost = client.pricer.cost(sim.key, sim.model, now, prompt, completion)
+            log.denied[sim.key].append((now, 1, prompt + completion, cost, decision.reason))

@@ -4,9 +4,11 @@ it holds one budget.
 Every run has two arms on the same instances, at the same time: keys whose policy uses budget
 shares (``sim-shares-*``) and keys with shares switched off (``sim-async-*``, pure asynchronous
 enforcement: every instance may admit up to the whole remainder it last heard of). Half of each
-arm's keys are bound by requests per minute, half by tokens per minute. Each instance offers
-``load`` times its fair share of every key's limit, with log-normal token sizes, and the report
-gives each arm's overshoot, under-admission and propagation (see :mod:`.fleet_report`).
+arm's keys are bound by requests per minute, half by tokens per minute; with a ``budget``, each
+arm also has a key bound by money (``cost_per_minute``, its calls priced at gpt-4o-mini's
+prices). Each instance offers ``load`` times its fair share of every key's limit, with
+log-normal token sizes, and the report gives each arm's overshoot, under-admission and
+propagation (see :mod:`.fleet_report`).
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from quotaflow.prices import load_price_table
 from quotaflow.settings import QuotaflowSettings
+from quotaflow.units import dollars_to_micros
 from quotaflow_producers import fleet_report as report
 from quotaflow_producers.fleet_instance import InstancePlan, SimKey, run_instance
-from quotaflow_producers.traffic import mean_tokens
+from quotaflow_producers.traffic import mean_prompt_and_completion, mean_tokens
 
 WINDOW = 60.0
 ARMS = ("shares", "async")
+#: What a key can be bound by, and where each call's size is in an instance's log entries.
+BOUNDS = {"requests": 1, "tokens": 2, "cost": 3}
+#: The model every simulated call is priced as.
+SIM_MODEL = "gpt-4o-mini"
 
 
 @dataclass(frozen=True)
@@ -41,28 +49,37 @@ class SimulationPlan:
     rpm: int = 1200
     tpm: int = 800_000
     seed: int = 1
+    #: Dollars a minute of each money-bound key (None: no money-bound keys).
+    budget: float | None = None
 
 
-def sim_keys(keys_per_arm: int) -> list[tuple[str, str, str]]:
-    """``(key, arm, bound_by)`` for every key of a run; ``bound_by`` is requests or tokens."""
+def sim_keys(keys_per_arm: int, money: bool = False) -> list[tuple[str, str, str]]:
+    """``(key, arm, bound_by)`` for every key of a run; ``bound_by`` is requests or tokens,
+    and with ``money`` one more key per arm is bound by cost."""
     out = []
     for arm in ARMS:
         for i in range(keys_per_arm):
             bound = "requests" if i % 2 == 0 else "tokens"
             out.append((f"sim-{arm}-{bound[:3]}-{i}", arm, bound))
+        if money:
+            out.append((f"sim-{arm}-usd-0", arm, "cost"))
     return out
 
 
-def policies_yaml(rpm: int, tpm: int) -> str:
+def policies_yaml(rpm: int, tpm: int, budget: float | None = None) -> str:
     """The run's policies: per arm, a request-bound and a token-bound policy (the other
-    dimension ten times looser, so it never binds)."""
+    dimension ten times looser, so it never binds), and with a ``budget`` a money-bound one
+    (``cost_per_minute`` alone)."""
     lines = ["version: 1", "policies:"]
     for arm in ARMS:
         shares = "true" if arm == "shares" else "false"
-        for bound, limits in (
+        bounds = [
             ("req", f"{{requests_per_minute: {rpm}, tokens_per_minute: {tpm * 10}}}"),
             ("tok", f"{{requests_per_minute: {rpm * 10}, tokens_per_minute: {tpm}}}"),
-        ):
+        ]
+        if budget is not None:
+            bounds.append(("usd", f"{{cost_per_minute: {budget}}}"))
+        for bound, limits in bounds:
             lines += [
                 f"  - name: sim-{arm}-{bound}",
                 f'    keys: ["sim-{arm}-{bound}-*"]',
@@ -78,15 +95,19 @@ def run_simulation(
 ) -> dict[str, Any]:
     """Run the fleet against a worker already following ``settings`` and return the report."""
     instances, rpm, tpm, duration = plan.instances, plan.rpm, plan.tpm, plan.duration
-    keys = sim_keys(plan.keys_per_arm)
+    keys = sim_keys(plan.keys_per_arm, money=plan.budget is not None)
     per_call = mean_tokens()
+    budget = 0 if plan.budget is None else dollars_to_micros(plan.budget)
+    cost_per_call = mean_cost_micros(settings)
+    limits = {"requests": rpm, "tokens": tpm, "cost": budget}
     plans = []
     for i in range(instances):
         sims = []
         for key, _, bound in keys:
             # this instance's fair share of the limit, per second, times the offered load
-            calls_per_min = rpm if bound == "requests" else tpm / per_call
-            sims.append(SimKey(key, plan.load * calls_per_min / 60 / instances))
+            per = {"requests": 1.0, "tokens": per_call, "cost": cost_per_call}[bound]
+            calls_per_min = limits[bound] / per
+            sims.append(SimKey(key, plan.load * calls_per_min / 60 / instances, SIM_MODEL))
         plans.append(
             InstancePlan(
                 index=i,
@@ -126,26 +147,37 @@ def run_simulation(
             if proc.is_alive():
                 proc.kill()
     logs = [json.loads(p.out.read_text()) for p in plans]
-    result = analyse(logs, keys, rpm, tpm, started, started + duration, instances)
+    result = analyse(logs, keys, limits, started, started + duration, instances)
     result["run"] = {
         **asdict(plan),
         "mean_tokens_per_call": round(per_call),
+        "mean_cost_micros_per_call": round(cost_per_call),
         "fleet_seen_by_instances_at_start": min(fleet_seen),
         "undelivered": sum(log["undelivered"] for log in logs),
     }
     return result
 
 
+def mean_cost_micros(settings: QuotaflowSettings) -> float:
+    """What a simulated call costs on average, at :data:`SIM_MODEL`'s prices (linear in its
+    mean prompt and completion tokens)."""
+    prices = load_price_table(settings.prices_file).lookup(SIM_MODEL)
+    assert prices is not None, f"{SIM_MODEL} has a price"
+    prompt, completion = mean_prompt_and_completion()
+    scale = 1000  # a thousand mean calls, so the rounding to micro-dollars does not matter
+    return prices.cost(round(prompt * scale), round(completion * scale)) / scale
+
+
 def analyse(
     logs: list[dict[str, Any]],
     keys: list[tuple[str, str, str]],
-    rpm: int,
-    tpm: int,
+    limits: dict[str, int],
     started: float,
     ended: float,
     instances: int,
 ) -> dict[str, Any]:
-    """Merge the instances' logs and measure each arm (pure; see :mod:`.fleet_report`)."""
+    """Merge the instances' logs and measure each arm (pure; see :mod:`.fleet_report`);
+    ``limits`` are the per-minute limits of keys bound by requests, tokens and cost."""
     arms: dict[str, Any] = {}
     for arm in ARMS:
         per_key: dict[str, Any] = {}
@@ -153,7 +185,7 @@ def analyse(
             if key_arm != arm:
                 continue
             calls = _merged_calls(logs, key, bound)
-            limit = rpm if bound == "requests" else tpm
+            limit = limits[bound]
             per_key[key] = {
                 "bound_by": bound,
                 "limit_per_minute": limit,
@@ -168,7 +200,7 @@ def analyse(
                 ),
             }
         arms[arm] = {"keys": per_key}
-        for bound in ("requests", "tokens"):
+        for bound in sorted({k["bound_by"] for k in per_key.values()}, key=list(BOUNDS).index):
             rows = [k for k in per_key.values() if k["bound_by"] == bound]
             under = [k["under_admission_pct"] for k in rows if k["under_admission_pct"] is not None]
             arms[arm][bound] = {
@@ -190,7 +222,7 @@ def analyse(
 
 
 def _merged_calls(logs: list[dict[str, Any]], key: str, bound: str) -> report.Calls:
-    size = 1 if bound == "requests" else 2  # index in (time, requests, tokens)
+    size = BOUNDS[bound]  # index in (time, requests, tokens, cost, ...)
     admitted = sorted((a[0], a[size]) for log in logs for a in log["admitted"].get(key, ()))
     denied = sorted((d[0], d[size]) for log in logs for d in log["denied"].get(key, ()))
     return report.Calls(
@@ -256,7 +288,7 @@ def run_simulate_command(plan: SimulationPlan, as_json: bool) -> int:
 
     with embedded_run("sim") as (stack, settings, run_dir):
         settings.policies_file = run_dir / "policies.yaml"
-        settings.policies_file.write_text(policies_yaml(plan.rpm, plan.tpm))
+        settings.policies_file.write_text(policies_yaml(plan.rpm, plan.tpm, plan.budget))
         ensure_topics(settings)
         say = (lambda *a: print(*a, file=sys.stderr)) if as_json else print
         say(f"quotaflow simulate: {plan.instances} instances on {stack.kafka_bootstrap}, "
@@ -301,7 +333,7 @@ def _print(result: dict[str, Any]) -> None:
         ("no shares", result["baseline_without_shares"]),
     ):
         prop = arm["propagation_ms"]
-        for bound in ("requests", "tokens"):
+        for bound in (b for b in BOUNDS if b in arm):
             table.add_row(
                 name,
                 bound,

@@ -76,7 +76,13 @@ def sample_tokens(rng: random.Random) -> tuple[int, int]:
 
 def mean_tokens() -> float:
     """Mean tokens per call of :func:`sample_tokens` (the clipping moves it by well under 1 %)."""
-    return sum(math.exp(mu + sigma**2 / 2) for mu, sigma in (_PROMPT, _COMPLETION))
+    return sum(mean_prompt_and_completion())
+
+
+def mean_prompt_and_completion() -> tuple[float, float]:
+    """Mean prompt and completion tokens per call of :func:`sample_tokens`."""
+    prompt, completion = (math.exp(mu + sigma**2 / 2) for mu, sigma in (_PROMPT, _COMPLETION))
+    return prompt, completion
 
 
 class TrafficInstance(threading.Thread):

@@ -15,6 +15,7 @@ from tests.support import pipeline_settings
 pytestmark = pytest.mark.e2e
 
 RPM, TPM = 600, 400_000
+BUDGET = 0.05  # dollars a minute: ~380 gpt-4o-mini calls of the simulated sizes
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def settings(stack: DevStack, workdir: Path) -> QuotaflowSettings:
     policies = workdir / "policies.yaml"
-    policies.write_text(policies_yaml(RPM, TPM))
+    policies.write_text(policies_yaml(RPM, TPM, BUDGET))
     return pipeline_settings(stack, workdir, policies_file=policies)
 
 
@@ -35,13 +36,15 @@ def test_fleet_of_processes_reports_both_arms(
     run_dir = workdir / "run"
     run_dir.mkdir()
     # 20x offered load: the limits are reached within the first few seconds
-    plan = SimulationPlan(instances=3, keys_per_arm=2, load=20, duration=12, rpm=RPM, tpm=TPM)
+    plan = SimulationPlan(
+        instances=3, keys_per_arm=2, load=20, duration=12, rpm=RPM, tpm=TPM, budget=BUDGET
+    )
     result = run_simulation(settings, run_dir, plan, progress=False)
     run = result["run"]
     assert run["fleet_seen_by_instances_at_start"] == 3 and run["undelivered"] == 0
     for arm in ("with_shares", "baseline_without_shares"):
         keys = result[arm]["keys"]
-        assert len(keys) == 2
+        assert len(keys) == 3, "a request-, a token- and a money-bound key"
         for key in keys.values():
             assert key["admitted"] > 0 and key["denied"] > 0, key
         propagation = result[arm]["propagation_ms"]
@@ -50,6 +53,6 @@ def test_fleet_of_processes_reports_both_arms(
         assert propagation["p50"] < 500 and propagation["p99"] < 2000, propagation
     # budget shares acted, and held the fleet to its limits
     assert result["decisions_by_reason"].get("share", 0) > 0
-    for bound in ("requests", "tokens"):
-        assert result["with_shares"][bound]["overshoot_pct_max"] <= 1.0
+    for bound in ("requests", "tokens", "cost"):
+        assert result["with_shares"][bound]["overshoot_pct_max"] <= 1.0, bound
     assert result["check_us"]["count"] > 100

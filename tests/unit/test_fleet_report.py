@@ -64,28 +64,43 @@ def test_run_policies_parse_and_cover_both_arms() -> None:
         limits = {s.name: s.limit for s in binding.policy.specs}
         binding_limit = "requests_per_minute" if bound == "requests" else "tokens_per_minute"
         assert limits[binding_limit] == (1200 if bound == "requests" else 800_000)
+    # with a budget, a key per arm is bound by money alone
+    policies = parse_policies(__import__("yaml").safe_load(policies_yaml(1200, 800_000, 2.5)))
+    money = [k for k in sim_keys(2, money=True) if k[2] == "cost"]
+    assert [k[0] for k in money] == ["sim-shares-usd-0", "sim-async-usd-0"]
+    for key, arm, _ in money:
+        (binding,) = policies.resolve(key, "gpt-4o-mini")
+        assert [(s.name, s.limit) for s in binding.policy.specs] == [("cost_per_minute", 2_500_000)]
+        assert binding.policy.budget_shares is (arm == "shares")
 
 
 def test_analyse_merges_instances_per_arm() -> None:
-    keys = sim_keys(2)
+    keys = sim_keys(2, money=True)
+    # (time, requests, tokens, cost) admitted; (time, requests, tokens, cost, reason) denied
     log_a = {
-        "admitted": {"sim-shares-req-0": [[1.0, 1, 700]], "sim-async-req-0": [[1.0, 1, 700]]},
-        "denied": {"sim-async-req-0": [[2.0, 1, 500, "limit"]]},
+        "admitted": {"sim-shares-req-0": [[1.0, 1, 700, 9]], "sim-async-req-0": [[1.0, 1, 700, 9]],
+                     "sim-shares-usd-0": [[1.0, 1, 700, 600]]},
+        "denied": {"sim-async-req-0": [[2.0, 1, 500, 7, "limit"]]},
         "check_ns": [2000, 4000],
         "applied": {"sim-async-req-0|5.0": [4.9, 4.95]},
         "reasons": {"ok": 2, "limit": 1},
-    }
+    }  # fmt: skip
     log_b = {
-        "admitted": {"sim-async-req-0": [[1.5, 1, 700], [1.6, 1, 700]]},
+        "admitted": {"sim-async-req-0": [[1.5, 1, 700, 9], [1.6, 1, 700, 9]],
+                     "sim-shares-usd-0": [[1.2, 1, 700, 600]]},
         "denied": {},
         "check_ns": [3000],
         "applied": {"sim-async-req-0|5.0": [4.9, 4.99]},
         "reasons": {"ok": 2},
-    }
-    out = analyse([log_a, log_b], keys, rpm=2, tpm=10_000, started=0.0, ended=10.0, instances=2)
+    }  # fmt: skip
+    limits = {"requests": 2, "tokens": 10_000, "cost": 1000}
+    out = analyse([log_a, log_b], keys, limits, started=0.0, ended=10.0, instances=2)
     assert out["baseline_without_shares"]["keys"]["sim-async-req-0"]["admitted"] == 3
     assert out["baseline_without_shares"]["requests"]["overshoot_pct_max"] == pytest.approx(50.0)
     assert out["with_shares"]["requests"]["overshoot_pct_max"] == 0.0
+    # a money-bound key is measured in micro-dollars: 1,200 of 1,000 is 20 % over
+    assert out["with_shares"]["cost"]["overshoot_pct_max"] == pytest.approx(20.0)
+    assert out["with_shares"]["keys"]["sim-shares-usd-0"]["limit_per_minute"] == 1000
     assert out["baseline_without_shares"]["propagation_ms"]["p50"] == pytest.approx(90.0)
     assert out["check_us"]["p50"] == 3.0
     assert out["decisions_by_reason"] == {"ok": 4, "limit": 1}
