@@ -75,9 +75,11 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
-def _pending_used(pending: Iterable[_Pending], scope: str, unit: int, start: float) -> int:
-    """Unacknowledged local usage of one unit (index as in LimitRow) since ``start``."""
-    a, b, sign = UNIT_FORMS[unit]
+def _pending_used(
+    pending: Iterable[_Pending], scope: str, a: int, b: int, sign: int, start: float
+) -> int:
+    """Unacknowledged local usage since ``start`` of the unit that is measure ``a`` plus
+    ``sign`` x measure ``b`` (a LimitRow's form; pending entries hold them from index 2)."""
     a += 2
     b += 2
     used = 0
@@ -85,6 +87,11 @@ def _pending_used(pending: Iterable[_Pending], scope: str, unit: int, start: flo
         if p[0] >= start and (scope == KEY_SCOPE or p[1] == scope):
             used += p[a] + sign * p[b] if sign else p[a]
     return used
+
+
+def _pending_of(pending: Iterable[_Pending], scope: str, unit: int, start: float) -> int:
+    """:func:`_pending_used` of a unit by its index (off the request path)."""
+    return _pending_used(pending, scope, *UNIT_FORMS[unit], start)
 
 
 def _expired(expiries: Iterable[Expiry], unit: int, now: float) -> int:
@@ -178,24 +185,35 @@ class QuotaCache:
         self._fleet[worker] = instances
         self.fleet_instances = max(self._fleet.values())
 
-    def add_usage(self, key: str, model: str, ts: float, usage: Usage) -> None:
-        """Count this process's own usage (its measures, ``usage``) until the stream
-        acknowledges it."""
-        bindings = self.policies.resolve(key, model)
+    def add_usage(self, key: str, call: _Pending) -> None:
+        """Count this process's own call, ``(ts, model, *measures)``, until the stream
+        acknowledges it (``record()`` builds the tuple: it is on the request path)."""
+        bindings = self.policies.resolve(key, call[1])
         with self._lock:
-            self._pending.setdefault(key, []).append((ts, model, *usage))
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = [call]
+            else:
+                pending.append(call)
             for binding in bindings:
-                for size in binding.windows:  # once per window, however many limits share it
-                    slot = (key, binding.scope, size)
-                    if size == MONTH:
-                        start = int(self.month(binding.policy.timezone, ts)[0])
-                    else:
-                        start = int(ts // size) * size
-                    own = self._own.get(slot)
-                    if own is None or own[0] < start:
-                        self._own[slot] = [start, *usage]
-                    elif own[0] == start:
-                        self._own[slot] = [start, *map(add, own[1:], usage)]
+                # once per window, however many limits share it; only where the local fail
+                # mode will read it
+                for size in binding.local_windows:
+                    self._add_own(key, binding, size, call)
+
+    def _add_own(self, key: str, binding: Binding, size: int, call: _Pending) -> None:
+        """Add a call to this instance's own usage in the fixed window holding it."""
+        ts = call[0]
+        if size == MONTH:
+            start = int(self.month(binding.policy.timezone, ts)[0])
+        else:
+            start = int(ts // size) * size
+        slot = (key, binding.scope, size)
+        own = self._own.get(slot)
+        if own is None or own[0] < start:
+            self._own[slot] = [start, *call[2:]]
+        elif own[0] == start:
+            self._own[slot] = [start, *map(add, own[1:], call[2:])]
 
     def hold(self, key: str, hold_id: str, model: str, ts: float, usage: Usage) -> None:
         """Count a reserved call (its worst case, ``usage``) until it is settled or
@@ -242,7 +260,6 @@ class QuotaCache:
         self,
         key: str,
         model: str | None = None,
-        *,
         requests: int = 1,
         prompt_tokens: int = 0,
         completion_tokens: int = 0,
@@ -271,7 +288,6 @@ class QuotaCache:
         if held:
             pending = [*(pending or ()), *held.values()]
         share = self._share(state)
-        forms = UNIT_FORMS
         remaining: dict[str, int] = {}
         # (reason, name, binding, reset_at, used, limit, want)
         deny: tuple[Reason, str, Binding, float, int, int, int] | None = None
@@ -302,9 +318,8 @@ class QuotaCache:
             windows = state.scopes.get(binding.scope) if state is not None else None
             scope = binding.scope
             shared = policy.budget_shares and share < 1.0 and not stale
-            for name, unit, size, limit, bucket in binding.rows:
-                # the unit's value is measure a, plus sign x measure b where it combines two
-                a, b, sign = forms[unit]
+            # the unit's value is measure a, plus sign x measure b where it combines two
+            for name, unit, size, limit, bucket, a, b, sign in binding.rows:
                 mine = 0
                 if size == MONTH:  # a billing period, not a sliding window
                     period = self.month(policy.timezone, now)
@@ -324,11 +339,12 @@ class QuotaCache:
                         w = windows.get(size)
                         if w is not None:
                             counted = w[a + 1] + sign * w[b + 1] if sign else w[a + 1]
-                            expiries = w[EXPIRIES]
+                            expiries = w[-1]  # a window ends with its expiries
                             if expiries and expiries[0][0] <= now:
                                 counted -= _expired(expiries, unit, now)
                     if pending:
-                        mine = _pending_used(pending, scope, unit, (now // bucket) * bucket - size)
+                        floor = (now // bucket) * bucket - size
+                        mine = _pending_used(pending, scope, a, b, sign, floor)
                 used = counted + mine
                 want = call[a] + sign * call[b] if sign else call[a]
                 left = limit - used - want
@@ -386,7 +402,7 @@ class QuotaCache:
         w = windows.get(MONTH) if windows is not None else None
         if w is not None and w[0] == start:
             counted = unit_value(unit, w, 1)
-        return counted, _pending_used(pending, scope, unit, start) if pending else 0
+        return counted, _pending_of(pending, scope, unit, start) if pending else 0
 
     def _share(self, state: QuotaState | None) -> float:
         """This instance's share of a key's remaining budget until the next state."""
@@ -439,7 +455,7 @@ class QuotaCache:
         for binding in self.policies.resolve(key, model):
             windows = state.scopes.get(binding.scope) if state is not None else None
             # rows are the specs precomputed, in the same order
-            for spec, (name, unit, size, _, _) in zip(
+            for spec, (name, unit, size, *_) in zip(
                 binding.policy.specs, binding.rows, strict=True
             ):
                 if size == MONTH:
@@ -450,7 +466,7 @@ class QuotaCache:
                     rows.append(LimitUsage(name, spec, counted + mine, end))
                     continue
                 current = bucket_start(now, size)
-                used = _pending_used(pending, binding.scope, unit, sliding_floor(now, size))
+                used = _pending_of(pending, binding.scope, unit, sliding_floor(now, size))
                 w = windows.get(size) if windows is not None else None
                 if w is not None:
                     used += unit_value(unit, w, 1) - _expired(w[EXPIRIES], unit, now)

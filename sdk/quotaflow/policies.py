@@ -49,7 +49,7 @@ from pydantic import (
 from quotaflow._exceptions import ConfigError
 from quotaflow._yaml import Missing, read_yaml
 from quotaflow.record import describe_validation_error
-from quotaflow.units import MONEY, UNIT_NAMES, dollars, dollars_to_micros
+from quotaflow.units import MONEY, UNIT_NAMES, UNITS, dollars, dollars_to_micros
 from quotaflow.windows import MONTH, WINDOW_SECONDS, bucket_size, month_period
 
 FailMode = Literal["open", "closed", "local"]
@@ -253,8 +253,9 @@ class PolicyFile(BaseModel):
 
 
 #: A limit as the request path reads it: (display name, unit index in
-#: :data:`~quotaflow.units.UNIT_NAMES`, window, limit, bucket length of its sliding window).
-LimitRow = tuple[str, int, int, int, float]
+#: :data:`~quotaflow.units.UNIT_NAMES`, window, limit, bucket length of its sliding window, and
+#: the unit's form: measure a, measure b or -1, and b's sign, as :data:`~quotaflow.units.UNITS`).
+LimitRow = tuple[str, int, int, int, float, int, int, int]
 UNIT_INDEX = {unit: i for i, unit in enumerate(UNIT_NAMES)}
 
 
@@ -270,6 +271,9 @@ class Binding:
     rows: tuple[LimitRow, ...] = ()
     windows: tuple[int, ...] = ()
     money: bool = False
+    #: The windows whose own usage an instance keeps: those of a policy that fails ``local``
+    #: (nothing else reads it).
+    local_windows: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, scope: str, policy: Policy) -> Binding:
@@ -280,11 +284,14 @@ class Binding:
                 spec.window,
                 spec.limit,
                 bucket_size(spec.window),
+                *UNITS[spec.unit],
             )
             for spec in policy.specs
         )
         windows = tuple(sorted({row[2] for row in rows}))
-        return cls(scope, policy, rows, windows, any(spec.money for spec in policy.specs))
+        money = any(spec.money for spec in policy.specs)
+        local = windows if policy.fail_mode == "local" else ()
+        return cls(scope, policy, rows, windows, money, local)
 
 
 class PolicySet:

@@ -89,7 +89,7 @@ def test_unknown_key_without_policy_is_allowed(cache: QuotaCache) -> None:
 def test_local_usage_counts_before_any_state(cache: QuotaCache) -> None:
     for _ in range(5):
         assert cache.check("k1", "small", prompt_tokens=10).allowed
-        cache.add_usage("k1", "small", T0, (1, 10, 0, 0, 0, 0))
+        cache.add_usage("k1", (T0, "small", 1, 10, 0, 0, 0, 0))
     d = cache.check("k1", "small", prompt_tokens=10)
     assert not d.allowed
     assert d.limit == "requests_per_minute" and d.policy == "p"
@@ -106,8 +106,8 @@ def test_state_from_the_stream_denies_other_instances_usage(cache: QuotaCache) -
 
 
 def test_acknowledged_usage_is_not_counted_twice(cache: QuotaCache, clock: Clock) -> None:
-    cache.add_usage("k1", "small", T0 - 2, (1, 400, 0, 0, 0, 0))
-    cache.add_usage("k1", "small", T0 - 1, (1, 400, 0, 0, 0, 0))
+    cache.add_usage("k1", (T0 - 2, "small", 1, 400, 0, 0, 0, 0))
+    cache.add_usage("k1", (T0 - 1, "small", 1, 400, 0, 0, 0, 0))
     assert cache.pending_count("k1") == 2
     # The stream has counted our first record only (sources["me"] = its ts).
     cache.apply_state(state("k1", T0, 1, 400, 0, {"me": T0 - 2}))
@@ -135,7 +135,7 @@ def test_window_reset_allows_again_without_a_new_state(cache: QuotaCache, clock:
 
 
 def test_model_policy_limits_only_that_model(cache: QuotaCache) -> None:
-    cache.add_usage("k1", "big", T0, (1, 250, 0, 0, 0, 0))
+    cache.add_usage("k1", (T0, "big", 1, 250, 0, 0, 0, 0))
     assert not cache.check("k1", "big", prompt_tokens=100).allowed
     denied = cache.check("k1", "big", prompt_tokens=100)
     assert denied.limit == "big/tokens_per_minute" and denied.policy == "m"
@@ -150,7 +150,7 @@ def test_zero_sized_check_denies_an_exhausted_key(cache: QuotaCache) -> None:
 def test_denial_reports_the_longest_wait(clock: Clock) -> None:
     c = QuotaCache(policies(requests_per_minute=1, requests_per_hour=1), "me", clock=clock)
     c.mark_heard()
-    c.add_usage("k1", "x", T0, (1, 0, 0, 0, 0, 0))
+    c.add_usage("k1", (T0, "x", 1, 0, 0, 0, 0, 0))
     d = c.check("k1", "x")
     assert d.limit == "requests_per_hour"
     assert d.reset_at == (T0 // 30) * 30 + 3630, "the hour window's 30 s bucket frees last"
@@ -160,8 +160,8 @@ def test_denial_reports_the_longest_wait(clock: Clock) -> None:
 def test_fail_modes_apply_once_the_stream_is_silent(clock: Clock, mode: str) -> None:
     c = QuotaCache(policies(fail_mode=mode, requests_per_minute=4), "me", clock=clock)
     c.mark_heard()
-    c.add_usage("k1", "x", T0, (1, 0, 0, 0, 0, 0))
-    c.add_usage("k1", "x", T0, (1, 0, 0, 0, 0, 0))
+    c.add_usage("k1", (T0, "x", 1, 0, 0, 0, 0, 0))
+    c.add_usage("k1", (T0, "x", 1, 0, 0, 0, 0, 0))
     c.apply_state(state("k1", T0, 2, 0, 0, {"me": T0}))  # stream acknowledged both
     assert c.check("k1", "x").allowed and c.check("k1", "x").reason == "ok"
     clock.now = T0 + 6  # silent for longer than max_staleness (5 s)
@@ -185,7 +185,7 @@ def test_local_fail_mode_counts_each_call_once_with_two_limits_on_one_window(
         clock=clock,
     )  # fmt: skip
     c.mark_heard()
-    c.add_usage("k1", "x", T0, (1, 100, 0, 0, 0, 0))
+    c.add_usage("k1", (T0, "x", 1, 100, 0, 0, 0, 0))
     clock.now = T0 + 6  # stale: this instance's own usage against limit / expected_instances
     d = c.check("k1", "x", prompt_tokens=10)
     assert d.allowed and d.reason == "stale_local"
@@ -195,7 +195,7 @@ def test_local_fail_mode_counts_each_call_once_with_two_limits_on_one_window(
 
 def test_pending_usage_expires_if_never_acknowledged(clock: Clock) -> None:
     c = QuotaCache(policies(), "me", clock=clock, pending_ttl=30)
-    c.add_usage("k1", "x", T0, (1, 0, 0, 0, 0, 0))
+    c.add_usage("k1", (T0, "x", 1, 0, 0, 0, 0, 0))
     clock.now = T0 + 31
     c.expire()
     assert c.pending_count("k1") == 0
@@ -245,7 +245,7 @@ def test_budget_share_caps_admissions_until_the_next_state(clock: Clock) -> None
     c.apply_state(state("k1", T0, 60, 0, 0, {}, shares={"me": 0.25, "b": 0.5, "c": 0.25}))
     for i in range(10):
         assert c.check("k1").allowed, i
-        c.add_usage("k1", "x", T0, (1, 0, 0, 0, 0, 0))
+        c.add_usage("k1", (T0, "x", 1, 0, 0, 0, 0, 0))
     d = c.check("k1")
     assert not d.allowed and d.reason == "share" and d.retry_after == pytest.approx(0.05)
     assert d.remaining["requests_per_minute"] == 29, "the fleet's budget is not exhausted"
@@ -270,7 +270,7 @@ def test_a_call_larger_than_what_is_left_of_the_share_is_admitted_by_chance(
     c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock, rng=Random(0))
     c.mark_heard()
     c.apply_state(state("k1", T0, 90, 0, 0, {"me": T0}, shares={"me": 0.25, "b": 0.75}))
-    c.add_usage("k1", "x", T0 + 1, (3, 0, 0, 0, 0, 0))  # 3 > its share of 2.5: no more chances
+    c.add_usage("k1", (T0 + 1, "x", 3, 0, 0, 0, 0, 0))  # 3 > its share of 2.5: no more chances
     assert all(c.check("k1").reason == "share" for _ in range(50))
 
 

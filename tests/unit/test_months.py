@@ -127,7 +127,7 @@ def test_a_new_month_starts_from_nothing_in_the_sdk_too() -> None:
     cache = QuotaCache(POLICIES, "me", clock=lambda: at[0])
     cache.mark_heard()
     cache.apply_state(state)
-    cache.add_usage("k", "m", november, (1, 0, 0, 0, 0, 500))
+    cache.add_usage("k", (november, "m", 1, 0, 0, 0, 0, 500))
     assert cache.check("k", "m", requests=0).remaining["cost_per_month"] == 10**9 - 1000 - 500
     at[0] = utc(2026, 11, 30, 23, 0, 1)  # 00:00:01 on December 1st in Paris
     d = cache.check("k", "m", cost_micros=10**9)

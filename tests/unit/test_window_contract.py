@@ -119,7 +119,7 @@ def test_prune_keeps_exactly_the_buckets_that_have_not_expired(
 @given(ts=offsets)
 def test_the_caches_own_usage_windows_start_where_window_start_says(ts: float) -> None:
     cache = QuotaCache(POLICIES, "me", clock=lambda: T0)
-    cache.add_usage("k", "m", T0 + ts, (1, 0, 0, 0, 0, 0))
+    cache.add_usage("k", (T0 + ts, "m", 1, 0, 0, 0, 0, 0))
     for size in (MINUTE, HOUR, DAY):
         assert cache._own[("k", "", size)][0] == window_start(T0 + ts, size)
 
@@ -133,7 +133,7 @@ def test_check_counts_pending_usage_from_the_sliding_floor_on(ts: float, now: fl
     at = [T0 + now]
     cache = QuotaCache(POLICIES, "me", clock=lambda: at[0])
     cache.mark_heard()
-    cache.add_usage("k", "m", T0 + ts, (5, 0, 0, 0, 0, 0))
+    cache.add_usage("k", (T0 + ts, "m", 5, 0, 0, 0, 0, 0))
     remaining = cache.check("k", "m", requests=0).remaining
     for name, size in (("requests_per_minute", MINUTE), ("requests_per_hour", HOUR),
                        ("requests_per_day", DAY)):  # fmt: skip
