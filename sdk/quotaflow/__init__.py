@@ -21,16 +21,11 @@ from quotaflow.client import ClientState, QuotaClient
 from quotaflow.decision import Decision
 from quotaflow.emitter import UsageEmitter
 from quotaflow.keys import key_id
+from quotaflow.messages import parse_usage_value
 from quotaflow.partitioner import murmur2, partition_for
 from quotaflow.policies import Binding, Limits, LimitSpec, Policy, PolicySet, load_policies
 from quotaflow.prices import ModelPrices, PriceTable, load_price_table
-from quotaflow.record import (
-    RecordedUsage,
-    UsageRecord,
-    WireRecord,
-    parse_usage_value,
-    usage_record_json_schema,
-)
+from quotaflow.record import RecordedUsage, UsageRecord, WireRecord, usage_record_json_schema
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.state import QuotaState

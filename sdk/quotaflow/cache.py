@@ -31,18 +31,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import add
 from types import MappingProxyType
-from typing import Any
 
+from quotaflow.counting import Pending, denied_until, expired, pending_of, pending_used
 from quotaflow.decision import Decision, Reason
-from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
-from quotaflow.state import EXPIRIES, Expiry, QuotaState, WindowCounts
-from quotaflow.units import UNIT_FORMS, unit_value
+from quotaflow.policies import Binding, LimitSpec, PolicySet
+from quotaflow.state import EXPIRIES, QuotaState, WindowCounts
+from quotaflow.units import unit_value
 from quotaflow.windows import (
     MONTH,
     Months,
     bucket_expires_at,
     bucket_start,
-    frees_at,
     sliding_floor,
     window_end,
     window_start,
@@ -52,8 +51,6 @@ Clock = Callable[[], float]
 
 #: A call's measures, in the order of :data:`quotaflow.units.MEASURES`.
 Usage = tuple[int, ...]
-# A pending entry: (event ts, model, *measures)
-_Pending = tuple[Any, ...]
 
 _EMPTY: MappingProxyType[str, int] = MappingProxyType({})
 
@@ -73,38 +70,6 @@ class LimitUsage:
     @property
     def remaining(self) -> int:
         return max(self.spec.limit - self.used, 0)
-
-
-def _pending_used(
-    pending: Iterable[_Pending], scope: str, a: int, b: int, sign: int, start: float
-) -> int:
-    """Unacknowledged local usage since ``start`` of the unit that is measure ``a`` plus
-    ``sign`` x measure ``b`` (a LimitRow's form; pending entries hold them from index 2)."""
-    a += 2
-    b += 2
-    used = 0
-    for p in pending:
-        if p[0] >= start and (scope == KEY_SCOPE or p[1] == scope):
-            used += p[a] + sign * p[b] if sign else p[a]
-    return used
-
-
-def _pending_of(pending: Iterable[_Pending], scope: str, unit: int, start: float) -> int:
-    """:func:`_pending_used` of a unit by its index (off the request path)."""
-    return _pending_used(pending, scope, *UNIT_FORMS[unit], start)
-
-
-def _expired(expiries: Iterable[Expiry], unit: int, now: float) -> int:
-    """Usage of one unit in a state's listed buckets that have expired by ``now``."""
-    a, b, sign = UNIT_FORMS[unit]
-    a += 1
-    b += 1
-    freed = 0.0
-    for x in expiries:
-        if x[0] > now:
-            break
-        freed += x[a] + sign * x[b] if sign else x[a]
-    return int(freed)
 
 
 class QuotaCache:
@@ -128,9 +93,9 @@ class QuotaCache:
         self.clock = clock
         self.pending_ttl = pending_ttl
         self._states: dict[str, QuotaState] = {}
-        self._pending: dict[str, list[_Pending]] = {}
+        self._pending: dict[str, list[Pending]] = {}
         # Reserved but not yet settled calls, per key and reservation id.
-        self._held: dict[str, dict[str, _Pending]] = {}
+        self._held: dict[str, dict[str, Pending]] = {}
         # Own usage per (key, scope, window size): [window_start, *measures]. It survives
         # acknowledgement, for the ``local`` fail mode.
         self._own: dict[tuple[str, str, int], list[int]] = {}
@@ -185,7 +150,7 @@ class QuotaCache:
         self._fleet[worker] = instances
         self.fleet_instances = max(self._fleet.values())
 
-    def add_usage(self, key: str, call: _Pending) -> None:
+    def add_usage(self, key: str, call: Pending) -> None:
         """Count this process's own call, ``(ts, model, *measures)``, until the stream
         acknowledges it (``record()`` builds the tuple: it is on the request path)."""
         bindings = self.policies.resolve(key, call[1])
@@ -201,7 +166,7 @@ class QuotaCache:
                 for size in binding.local_windows:
                     self._add_own(key, binding, size, call)
 
-    def _add_own(self, key: str, binding: Binding, size: int, call: _Pending) -> None:
+    def _add_own(self, key: str, binding: Binding, size: int, call: Pending) -> None:
         """Add a call to this instance's own usage in the fixed window holding it."""
         ts = call[0]
         if size == MONTH:
@@ -283,7 +248,7 @@ class QuotaCache:
         age = None if last is None else now - last
         silent_for = now - (self.started_at if last is None else last)
         state = self._states.get(key)
-        pending: list[_Pending] | None = self._pending.get(key)
+        pending: list[Pending] | None = self._pending.get(key)
         held = self._held.get(key)
         if held:
             pending = [*(pending or ()), *held.values()]
@@ -341,10 +306,10 @@ class QuotaCache:
                             counted = w[a + 1] + sign * w[b + 1] if sign else w[a + 1]
                             expiries = w[-1]  # a window ends with its expiries
                             if expiries and expiries[0][0] <= now:
-                                counted -= _expired(expiries, unit, now)
+                                counted -= expired(expiries, unit, now)
                     if pending:
                         floor = (now // bucket) * bucket - size
-                        mine = _pending_used(pending, scope, a, b, sign, floor)
+                        mine = pending_used(pending, scope, a, b, sign, floor)
                 used = counted + mine
                 want = call[a] + sign * call[b] if sign else call[a]
                 left = limit - used - want
@@ -353,7 +318,7 @@ class QuotaCache:
                     reset_at = (
                         self.month(policy.timezone, now)[1] if size == MONTH
                         else float(window_end(now, size)) if stale
-                        else self._denied_until(
+                        else denied_until(
                             windows, pending, scope, unit, size, limit - max(want, 1), now
                         )
                     )  # fmt: skip
@@ -387,7 +352,7 @@ class QuotaCache:
         self,
         key: str,
         windows: Mapping[int, WindowCounts] | None,
-        pending: Iterable[_Pending] | None,
+        pending: Iterable[Pending] | None,
         scope: str,
         unit: int,
         start: float,
@@ -402,7 +367,7 @@ class QuotaCache:
         w = windows.get(MONTH) if windows is not None else None
         if w is not None and w[0] == start:
             counted = unit_value(unit, w, 1)
-        return counted, _pending_of(pending, scope, unit, start) if pending else 0
+        return counted, pending_of(pending, scope, unit, start) if pending else 0
 
     def _share(self, state: QuotaState | None) -> float:
         """This instance's share of a key's remaining budget until the next state."""
@@ -413,44 +378,13 @@ class QuotaCache:
         fleet = self.fleet_instances
         return 1.0 / fleet if fleet > 1 else 1.0
 
-    def _denied_until(
-        self,
-        windows: Mapping[int, WindowCounts] | None,
-        pending: Iterable[_Pending] | None,
-        scope: str,
-        unit: int,
-        size: int,
-        allowed: int,
-        now: float,
-    ) -> float:
-        """When a denied call fits: usage of one limit, the stream's and this process's own,
-        drops to ``allowed`` as its buckets expire (:func:`~quotaflow.windows.frees_at`; off
-        the request path, only denials ask)."""
-        frees: list[tuple[float, int]] = []
-        w = windows.get(size) if windows is not None else None
-        used = 0
-        if w is not None:
-            used = unit_value(unit, w, 1)
-            for x in w[EXPIRIES]:
-                frees.append((x[0], unit_value(unit, x, 1)))
-        floor = sliding_floor(now, size)
-        for p in pending or ():
-            ts = p[0]
-            if ts >= floor and (scope == KEY_SCOPE or p[1] == scope):
-                amount = unit_value(unit, p, 2)
-                used += amount
-                frees.append((bucket_expires_at(bucket_start(ts, size), size), amount))
-        frees.sort()
-        # nothing frees soon enough: everything counted now has freed a window later
-        return frees_at(used, allowed, frees, now, bucket_expires_at(floor + size, size))
-
     def usage(self, key: str, model: str | None = None) -> tuple[LimitUsage, ...]:
         """Every limit that binds ``key`` (and ``model``) with what is used of it now, as the
         stream and this process see it; for headers and dashboards, not the request path.
         ``reset_at`` is when all of it will have freed if no more is used."""
         now = self.clock()
         state = self._states.get(key)
-        pending: list[_Pending] = [*self._pending.get(key, ()), *self._held.get(key, {}).values()]
+        pending: list[Pending] = [*self._pending.get(key, ()), *self._held.get(key, {}).values()]
         rows = []
         for binding in self.policies.resolve(key, model):
             windows = state.scopes.get(binding.scope) if state is not None else None
@@ -466,10 +400,10 @@ class QuotaCache:
                     rows.append(LimitUsage(name, spec, counted + mine, end))
                     continue
                 current = bucket_start(now, size)
-                used = _pending_of(pending, binding.scope, unit, sliding_floor(now, size))
+                used = pending_of(pending, binding.scope, unit, sliding_floor(now, size))
                 w = windows.get(size) if windows is not None else None
                 if w is not None:
-                    used += unit_value(unit, w, 1) - _expired(w[EXPIRIES], unit, now)
+                    used += unit_value(unit, w, 1) - expired(w[EXPIRIES], unit, now)
                 rows.append(LimitUsage(name, spec, used, bucket_expires_at(current, size)))
         return tuple(rows)
 

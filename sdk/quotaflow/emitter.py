@@ -17,8 +17,8 @@ from typing import Any
 
 from quotaflow._exceptions import TransportFull
 from quotaflow.journal import Journal
+from quotaflow.messages import Encodable, encode_records
 from quotaflow.partitioner import partition_of
-from quotaflow.record import Encodable, encode_records
 from quotaflow.transports import Transport
 
 log = logging.getLogger(__name__)

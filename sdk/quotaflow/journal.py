@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from quotaflow.record import Encodable, UsageRecord, encode_records
+from quotaflow.messages import Encodable, encode_records
+from quotaflow.record import UsageRecord
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
-import fnmatch
 import hashlib
 import json
 import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from importlib.metadata import version as _package_version
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from typing import Any
 from quotaflow._exceptions import ConfigError, UnpricedModel
 from quotaflow._yaml import Missing, read_yaml
 from quotaflow.policies import PolicySet
+from quotaflow.price_overrides import PriceOverride, parse_overrides
 
 # re-exported: money is formatted in one place
 from quotaflow.units import dollars as dollars
@@ -58,8 +58,7 @@ from quotaflow.units import dollars as dollars
 #: and genai-prices prices them exactly, so we do too (Python's integers do not overflow).
 RATE_SCALE = 10**18
 
-# Per-unit price keys a prices.yaml entry may set, and genai-prices' names for the same.
-_TOKEN_KEYS = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok", "reasoning_mtok")
+# genai-prices' names for the per-token prices a prices.yaml entry sets
 _GENAI_KEYS = {
     "input_mtok": "input_mtok",
     "cache_read_mtok": "cache_read_mtok",
@@ -67,7 +66,6 @@ _GENAI_KEYS = {
     "output_mtok": "output_mtok",
     "reasoning_mtok": "output_reasoning_mtok",
 }
-_OVERRIDE_KEYS = (*_TOKEN_KEYS, "per_request", "per_image")
 
 #: Rates in the order :meth:`ModelPrices.cost` reads them: input, output and per-request rates,
 #: then cache read, cache write and reasoning as differences from their whole's rate (most calls
@@ -241,86 +239,6 @@ def _validity(model: Any, ts: float) -> tuple[float, float]:
                     else:
                         end = min(end, float(at))
     return start, end
-
-
-# -- overrides ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PriceOverride:
-    """One ``models`` entry of prices.yaml."""
-
-    match: str
-    provider: str | None
-    prices: dict[str, Decimal | None]
-
-    def matches(self, model: str, provider: str | None) -> bool:
-        if self.provider is not None and provider is not None and provider != self.provider:
-            return False
-        return model == self.match or fnmatch.fnmatchcase(model, self.match)
-
-
-def _decimal(value: Any, where: str) -> Decimal:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"{where}: expected a price in dollars, got {value!r}")
-    try:
-        price = Decimal(str(value))  # str(): a YAML 0.3 is the decimal 0.3, not its float
-    except InvalidOperation:
-        raise ConfigError(f"{where}: {value!r} is not a number") from None
-    if not price.is_finite() or price < 0:
-        raise ConfigError(f"{where}: a price must be a finite number >= 0, got {value!r}")
-    return price
-
-
-def parse_overrides(doc: Any, source: str) -> tuple[list[PriceOverride], dict[str, str]]:
-    """Validate a prices.yaml document; errors name the file, the entry and the field."""
-    if doc is None:
-        return [], {}
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'models' and/or 'aliases'")
-    unknown = set(doc) - {"version", "models", "aliases"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-    if doc.get("version", 1) != 1:
-        raise ConfigError(f"{source}: version: only version 1 is known")
-    overrides = []
-    models = doc.get("models") or []
-    if not isinstance(models, list):
-        raise ConfigError(f"{source}: models: expected a list")
-    for index, entry in enumerate(models):
-        where = f"{source}: models[{index}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected a mapping with 'match' and 'prices'")
-        extra = set(entry) - {"match", "provider", "prices"}
-        if extra:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(sorted(extra))}")
-        match, provider, prices = entry.get("match"), entry.get("provider"), entry.get("prices")
-        if not isinstance(match, str) or not match:
-            raise ConfigError(f"{where}.match: expected a model name or glob")
-        if provider is not None and not isinstance(provider, str):
-            raise ConfigError(f"{where}.provider: expected a provider id")
-        if not isinstance(prices, dict) or not prices:
-            raise ConfigError(f"{where}.prices: expected a mapping like {{input_mtok: 2.5}}")
-        bad = set(prices) - set(_OVERRIDE_KEYS)
-        if bad:
-            raise ConfigError(
-                f"{where}.prices: unknown price(s) {', '.join(sorted(bad))}; "
-                f"known: {', '.join(_OVERRIDE_KEYS)}"
-            )
-        parsed: dict[str, Decimal | None] = {
-            str(k): _decimal(v, f"{where}.prices.{k}") for k, v in prices.items()
-        }
-        if not {"input_mtok", "output_mtok", "per_request", "per_image"} & set(parsed):
-            raise ConfigError(
-                f"{where}.prices: set input_mtok, output_mtok, per_request or per_image"
-            )
-        overrides.append(PriceOverride(match, provider, parsed))
-    aliases = doc.get("aliases") or {}
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and k and v for k, v in aliases.items()
-    ):
-        raise ConfigError(f"{source}: aliases: expected a mapping of model name to model name")
-    return overrides, dict(aliases)
 
 
 # -- the table ---------------------------------------------------------------------------------

@@ -8,10 +8,7 @@ Every v2 field has a default (0 or null), so a v1 record is a valid v2 record; o
 ``cost_micros`` is priced by the worker. Fields at their defaults are left out of the JSON
 (the schema states each default, and every reader fills them in).
 
-A message on the usage topic holds one record (a JSON object) or several (a JSON array) whose
-counter keys all hash to the message's partition. :func:`parse_usage_value` turns such a message
-into valid records plus a rejection for each invalid part, so one bad record never costs the
-valid ones beside it.
+How records travel on the usage topic (one a message, or many) is :mod:`quotaflow.messages`.
 
 The pydantic model :class:`UsageRecord` is the schema (and its JSON Schema export) and what
 explains a rejection. Decoding a busy topic goes through :class:`WireRecord`, a msgspec struct
@@ -22,12 +19,9 @@ decided by the model, so both readings accept and refuse the same records.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 import msgspec
 from pydantic import (
@@ -45,11 +39,8 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 2
 
-#: Largest message value the worker accepts before parsing (bytes). Larger ones go to the DLQ.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-
 # Raw provider secrets look like these; a counter key must be an id, never a credential.
-_SECRET_LIKE = re.compile(r"^(sk-|sk_|rk-|Bearer\s)", re.IGNORECASE)
+SECRET_LIKE = re.compile(r"^(sk-|sk_|rk-|Bearer\s)", re.IGNORECASE)
 
 #: What a secret-looking counter key is replaced with in dead letters.
 REDACTED = "[redacted: looked like an API secret]"
@@ -138,7 +129,7 @@ class UsageRecord(BaseModel):
     @field_validator("key", "user")
     @classmethod
     def _not_a_secret(cls, value: str | None) -> str | None:
-        if value is not None and _SECRET_LIKE.match(value):
+        if value is not None and SECRET_LIKE.match(value):
             raise ValueError(
                 "looks like a raw API secret; use an id (quotaflow.key_id() derives one)"
             )
@@ -163,7 +154,7 @@ class UsageRecord(BaseModel):
         return _wire_encoder.encode(_Encoded(**self.model_dump()))
 
 
-_record_adapter: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
+RECORD_ADAPTER: TypeAdapter[UsageRecord] = TypeAdapter(UsageRecord)
 
 _Id = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 _Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_TOKENS)]
@@ -215,10 +206,9 @@ _wire_encoder = msgspec.json.Encoder()
 EXPORT_ONLY_COLUMNS = ("time", "cost_usd", "priced_by")
 
 
-_wire_decoder = msgspec.json.Decoder(WireRecord | list[WireRecord])
 _STATUSES = frozenset(("ok", "error", "cancelled", "denied"))
-# first letters of what _SECRET_LIKE matches: most keys are told apart without the regex
-_SECRET_INITIALS = frozenset("sSrRbB")
+# first letters of what SECRET_LIKE matches: most keys are told apart without the regex
+SECRET_INITIALS = frozenset("sSrRbB")
 
 
 class RecordedUsage(NamedTuple):
@@ -259,7 +249,7 @@ class RecordedUsage(NamedTuple):
         return _wire_encoder.encode(_Encoded(*self))
 
     def validated(self) -> UsageRecord:
-        return _record_adapter.validate_python(self._asdict())
+        return RECORD_ADAPTER.validate_python(self._asdict())
 
 
 def _encoding_struct() -> Any:
@@ -324,7 +314,7 @@ def make_record(
         and 0 < ts < math.inf
         and type(key) is str
         and 0 < len(key) <= 256
-        and not (key[0] in _SECRET_INITIALS and _SECRET_LIKE.match(key))
+        and not (key[0] in SECRET_INITIALS and SECRET_LIKE.match(key))
         and type(model) is str
         and 0 < len(model) <= 128
         and type(requests) is int
@@ -375,7 +365,7 @@ def make_record(
             or (
                 type(user) is str
                 and 0 < len(user) <= 128
-                and not (user[0] in _SECRET_INITIALS and _SECRET_LIKE.match(user))
+                and not (user[0] in SECRET_INITIALS and SECRET_LIKE.match(user))
             )
         )
         and (priced_as is None or (type(priced_as) is str and 0 < len(priced_as) <= 128))
@@ -406,21 +396,13 @@ def make_record(
     return RecordedUsage(**checked.model_dump())
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A part of a usage message that is not a valid record, with the reason it was refused."""
-
-    raw: bytes
-    reason: str
-
-
 def looks_like_secret(text: str | bytes | None) -> bool:
     """Whether a key or id looks like a raw API credential (``sk-...``, ``Bearer ...``)."""
     if text is None:
         return False
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    return _SECRET_LIKE.match(text) is not None
+    return SECRET_LIKE.match(text) is not None
 
 
 def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -433,83 +415,6 @@ def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
         msg = str(item["msg"]).removeprefix("Value error, ")
         parts.append(f"{path}: {msg}")
     return "; ".join(parts)
-
-
-def parse_usage_value(value: bytes | None) -> tuple[list[WireRecord], list[Rejected]]:
-    """Split a usage message into valid records and rejections (never raises)."""
-    if value is None:
-        return [], [Rejected(b"", "empty message (null value)")]
-    if len(value) > MAX_MESSAGE_BYTES:
-        return [], [Rejected(value, f"message of {len(value)} bytes exceeds {MAX_MESSAGE_BYTES}")]
-    try:  # the common case, every record plainly valid: one call into msgspec
-        decoded = _wire_decoder.decode(value)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        pass
-    else:
-        records = decoded if isinstance(decoded, list) else [decoded]
-        # the checks msgspec's constraints cannot state (the model's own validators), inline:
-        # this runs for every record a worker reads
-        secret_initials, secret_like, inf = _SECRET_INITIALS, _SECRET_LIKE.match, math.inf
-        for r in records:
-            if (
-                not r.ts < inf
-                or (r.key[0] in secret_initials and secret_like(r.key))
-                or (r.user is not None and secret_like(r.user))
-                or r.cached_prompt_tokens + r.cache_write_tokens > r.prompt_tokens
-                or r.reasoning_tokens > r.completion_tokens
-            ):
-                break
-        else:
-            if records:
-                return records, []
-    try:
-        doc = json.loads(value)
-    except (UnicodeDecodeError, ValueError) as exc:
-        return [], [Rejected(value, f"not JSON: {exc}")]
-    if isinstance(doc, dict):
-        return _validate_one(doc, value, "")
-    if isinstance(doc, list):
-        if not doc:
-            return [], [Rejected(value, "empty array: no records")]
-        records = []
-        rejected: list[Rejected] = []
-        for index, item in enumerate(doc):
-            raw = json.dumps(item, separators=(",", ":")).encode()
-            good, bad = _validate_one(item, raw, f"[{index}]")
-            records.extend(good)
-            rejected.extend(bad)
-        return records, rejected
-    return [], [Rejected(value, f"expected a JSON object or array, got {type(doc).__name__}")]
-
-
-def _validate_one(doc: Any, raw: bytes, prefix: str) -> tuple[list[WireRecord], list[Rejected]]:
-    if not isinstance(doc, dict):
-        return [], [Rejected(raw, f"{prefix or 'record'}: expected an object")]
-    try:
-        return [WireRecord.of(_record_adapter.validate_python(doc))], []
-    except ValidationError as exc:
-        leaked = {f: REDACTED for f in ("key", "user")
-                  if isinstance(doc.get(f), str) and looks_like_secret(doc[f])}  # fmt: skip
-        if leaked:
-            # Do not spread a leaked credential further: the dead letter keeps a redacted copy.
-            raw = json.dumps({**doc, **leaked}, separators=(",", ":")).encode()
-        return [], [Rejected(raw, describe_validation_error(exc, prefix))]
-
-
-class Encodable(Protocol):
-    """Anything that can go into a usage message: both record types."""
-
-    @property
-    def key(self) -> str: ...
-
-    def to_json(self) -> bytes: ...
-
-
-def encode_records(records: Sequence[Encodable]) -> bytes:
-    """Encode records as one message value: an object for one record, an array for several."""
-    if len(records) == 1:
-        return records[0].to_json()
-    return b"[" + b",".join(r.to_json() for r in records) + b"]"
 
 
 def usage_record_json_schema() -> dict[str, Any]:

@@ -19,7 +19,8 @@ from typing import Any
 
 from quotaflow._exceptions import TransportFull
 from quotaflow._kafka import kafka_errors, producer
-from quotaflow.record import WireRecord, parse_usage_value
+from quotaflow.messages import parse_usage_value
+from quotaflow.record import WireRecord
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from datetime import UTC, datetime
 from typing import IO, Any, cast
 
 from quotaflow._exceptions import ConfigError
+from quotaflow.messages import parse_usage_value
 from quotaflow.prices import PriceTable, dollars
-from quotaflow.record import EXPORT_ONLY_COLUMNS, WireRecord, parse_usage_value
+from quotaflow.record import EXPORT_ONLY_COLUMNS, WireRecord
 from quotaflow.settings import QuotaflowSettings
 
 #: The counted units of a usage record, as totals sum them (cost last, in micro-dollars).

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from quotaflow.record import REDACTED, Rejected, looks_like_secret
+from quotaflow.messages import Rejected
+from quotaflow.record import REDACTED, looks_like_secret
 from quotaflow_stream.counters import Counters
 
 log = logging.getLogger(__name__)

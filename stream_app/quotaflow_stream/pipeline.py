@@ -21,8 +21,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from quotaflow.messages import Rejected, encode_records, parse_usage_value
 from quotaflow.partitioner import partition_of
-from quotaflow.record import Rejected, WireRecord, encode_records, parse_usage_value
+from quotaflow.record import WireRecord
 from quotaflow.settings import WorkerSettings
 from quotaflow_stream.counters import Counters
 from quotaflow_stream.deadletters import DeadLetters

@@ -20,7 +20,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from quotaflow import QuotaClient, key_id
-from quotaflow.record import UsageRecord, parse_usage_value
+from quotaflow.messages import parse_usage_value
+from quotaflow.record import UsageRecord
 from quotaflow.settings import DEFAULT_KEY_SOURCES, GatewaySettings, QuotaflowSettings
 from quotaflow.tokens import count_request, count_text
 from quotaflow.units import dollars

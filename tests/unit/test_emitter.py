@@ -3,8 +3,9 @@ from __future__ import annotations
 import json
 
 from quotaflow.emitter import UsageEmitter
+from quotaflow.messages import parse_usage_value
 from quotaflow.partitioner import partition_for
-from quotaflow.record import UsageRecord, parse_usage_value
+from quotaflow.record import UsageRecord
 from quotaflow.transports import MemoryTransport
 
 

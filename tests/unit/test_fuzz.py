@@ -17,15 +17,9 @@ from pydantic import ValidationError
 
 from quotaflow._exceptions import ConfigError
 from quotaflow.cli import build_parser
+from quotaflow.messages import MAX_MESSAGE_BYTES, _wire_decoder, parse_usage_value
 from quotaflow.policies import load_policies, parse_policies
-from quotaflow.record import (
-    MAX_MESSAGE_BYTES,
-    UsageRecord,
-    WireRecord,
-    _wire_decoder,
-    looks_like_secret,
-    parse_usage_value,
-)
+from quotaflow.record import UsageRecord, WireRecord, looks_like_secret
 
 VALID = {"id": "r1", "ts": 1.7e9, "key": "k", "model": "m", "source": "s", "prompt_tokens": 3}
 

@@ -10,9 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from quotaflow.ids import record_id
+from quotaflow.messages import encode_records
 from quotaflow.partitioner import partition_of
 from quotaflow.policies import parse_policies
-from quotaflow.record import WireRecord, encode_records
+from quotaflow.record import WireRecord
 from quotaflow.settings import WorkerSettings
 from quotaflow.state import HEARTBEAT_KEY, QuotaState
 from quotaflow_stream.counters import Counters

@@ -10,13 +10,8 @@ import pytest
 from genai_prices import Usage, calc_price, data_snapshot
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.prices import (
-    ModelPrices,
-    PriceTable,
-    UnpricedModel,
-    _genai_model_prices,
-    parse_overrides,
-)
+from quotaflow.price_overrides import parse_overrides
+from quotaflow.prices import ModelPrices, PriceTable, UnpricedModel, _genai_model_prices
 from tests.support.prices import micros
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)

@@ -3,13 +3,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from quotaflow.record import (
-    MAX_MESSAGE_BYTES,
-    UsageRecord,
-    WireRecord,
-    encode_records,
-    parse_usage_value,
-)
+from quotaflow.messages import MAX_MESSAGE_BYTES, encode_records, parse_usage_value
+from quotaflow.record import UsageRecord, WireRecord
 
 
 def rec(**over: object) -> dict[str, object]:

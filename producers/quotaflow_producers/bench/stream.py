@@ -84,7 +84,7 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
 
     from quotaflow._kafka import producer as kafka_producer
     from quotaflow.emitter import UsageEmitter
-    from quotaflow.record import encode_records
+    from quotaflow.messages import encode_records
     from quotaflow.state import QuotaState
     from quotaflow.transports import KafkaTransport
     from quotaflow_stream.harness import WorkerProcess, ensure_topics
