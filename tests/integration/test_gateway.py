@@ -4,6 +4,7 @@ usage going to the real broker."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import re
@@ -262,7 +263,10 @@ def test_api_key_becomes_an_hmac_id_and_never_leaves(
     records = usage_records(base_settings)
     salt = base_settings.gateway.key_salt.get_secret_value()
     mine, theirs = key_id(CALLER_SECRET, salt), key_id(OTHER_SECRET, salt)
-    assert mine != theirs
+    # the documented id, computed here, not by the code under test: "k_" and the first 24 hex
+    # digits of HMAC-SHA256(salt, API key)
+    expected = "k_" + hmac.new(salt.encode(), CALLER_SECRET.encode(), "sha256").hexdigest()[:24]
+    assert mine == expected and mine != theirs
     keys = [r.key for _, r in records]
     assert keys.count(mine) == 1 and keys.count(theirs) == 1
     assert all(CALLER_SECRET.encode() not in raw for raw, _ in records)

@@ -319,6 +319,15 @@ def test_a_fuzzed_usage_topic_never_stops_the_worker(
         doc[field] = value
         return (field, value) in valid
 
+    # every labelled change once for sure (alone in a message, or beside a valid record), then
+    # random mixes of them
+    for n, (field, value) in enumerate(invalid + valid):
+        docs = [record_doc(20_000 + n * 2, "fuzz-other"), record_doc(20_001 + n * 2, "fuzz-other")]
+        docs[1][field] = value
+        ok = (field, value) in valid
+        p.produce(settings.topics.usage, key=b"fz", value=json.dumps(docs[n % 2 :]).encode())
+        expected_counted += ok + (n % 2 == 0)
+        expected_dead += not ok
     for i in range(150):
         kind = rng.random()
         if kind < 0.25:  # bytes that cannot begin any JSON value
