@@ -39,9 +39,9 @@ from quotaflow.state import EXPIRIES, QuotaState, WindowCounts
 from quotaflow.units import unit_value
 from quotaflow.windows import (
     MONTH,
-    Months,
     bucket_expires_at,
     bucket_start,
+    months_of,
     sliding_floor,
     window_end,
     window_start,
@@ -49,8 +49,6 @@ from quotaflow.windows import (
 
 Clock = Callable[[], float]
 
-#: A call's measures, in the order of :data:`quotaflow.units.MEASURES`.
-Usage = tuple[int, ...]
 
 _EMPTY: MappingProxyType[str, int] = MappingProxyType({})
 
@@ -106,15 +104,11 @@ class QuotaCache:
         self.fleet_instances = 0
         self._fleet: dict[str, int] = {}
         self.started_at = clock()
-        # the current billing month of each policy time zone (see quotaflow.windows.Months)
-        self._months: dict[str, Months] = {}
 
-    def month(self, zone: str, ts: float) -> tuple[float, float]:
+    @staticmethod
+    def month(zone: str, ts: float) -> tuple[float, float]:
         """The billing month holding ``ts`` in ``zone``: ``(start, end)``."""
-        months = self._months.get(zone)
-        if months is None:
-            months = self._months[zone] = Months(zone)
-        return months(ts)
+        return months_of(zone)(ts)
 
     # -- writes: the follower thread and record() -------------------------------------------
 
@@ -180,11 +174,11 @@ class QuotaCache:
         elif own[0] == start:
             self._own[slot] = [start, *map(add, own[1:], call[2:])]
 
-    def hold(self, key: str, hold_id: str, model: str, ts: float, usage: Usage) -> None:
-        """Count a reserved call (its worst case, ``usage``) until it is settled or
-        released."""
+    def hold(self, key: str, hold_id: str, call: Pending) -> None:
+        """Count a reserved call, ``(ts, model, *measures)`` of its worst case, until it is
+        settled or released."""
         with self._lock:
-            self._held.setdefault(key, {})[hold_id] = (ts, model, *usage)
+            self._held.setdefault(key, {})[hold_id] = call
 
     def release(self, key: str, hold_id: str) -> bool:
         """Stop counting a reservation; False if it was not held."""

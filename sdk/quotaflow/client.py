@@ -377,7 +377,7 @@ class QuotaClient:
         )
         self._reservations[reservation.id] = reservation
         self.cache.hold(
-            key, reservation.id, model, now, (1, prompt_tokens, max_output_tokens, 0, images, cost)
+            key, reservation.id, (now, model, 1, prompt_tokens, max_output_tokens, 0, images, cost)
         )
         return reservation
 

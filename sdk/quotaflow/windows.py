@@ -87,6 +87,18 @@ class Months:
         return period
 
 
+# one remembered period per zone, for the whole process (the SDK's checks, the worker's fold)
+_MONTHS: dict[str, Months] = {}
+
+
+def months_of(zone: str) -> Months:
+    """The remembered billing months of ``zone`` (one :class:`Months` per zone and process)."""
+    months = _MONTHS.get(zone)
+    if months is None:
+        months = _MONTHS[zone] = Months(zone)
+    return months
+
+
 def bucket_size(size: int) -> float:
     """Length in seconds of the buckets a ``size``-second window is counted in (binary
     fractions like 0.5, so bucket starts are exact floats)."""

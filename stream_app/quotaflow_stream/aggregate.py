@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from quotaflow.record import WireRecord
 from quotaflow.units import WIDTH
-from quotaflow.windows import DAY, HOUR, MINUTE, Months, bucket_size, month_period
+from quotaflow.windows import DAY, HOUR, MINUTE, bucket_size, month_period, months_of
 from quotaflow_stream.dedup import (
     DEDUP_HORIZON,
     ID_MASK,
@@ -294,18 +294,6 @@ def _add_coarse(
 def month_field(zone: str) -> str:
     """The field of a scope's windows that keeps its billing months in ``zone``."""
     return f"mo:{zone}"
-
-
-# the billing month of each zone, remembered (a fresh period costs ~2 us)
-_MONTHS: dict[str, Months] = {}
-
-
-def months_of(zone: str) -> Months:
-    """The remembered billing months of ``zone``."""
-    months = _MONTHS.get(zone)
-    if months is None:
-        months = _MONTHS[zone] = Months(zone)
-    return months
 
 
 def _roll_into_months(

@@ -25,6 +25,7 @@ from quotaflow.windows import (
     bucket_start,
     frees_at,
     month_period,
+    months_of,
     sliding_floor,
 )
 from quotaflow_stream.aggregate import (
@@ -33,7 +34,6 @@ from quotaflow_stream.aggregate import (
     WINDOW_SIZES,
     ScopesFor,
     month_field,
-    months_of,
 )
 from quotaflow_stream.entry import STRIDE, Buckets, Entry, first_at_or_after, source_ts
 
