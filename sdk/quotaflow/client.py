@@ -338,8 +338,13 @@ class QuotaClient:
             estimated, "ok", self.source, {},
         )  # fmt: skip
         now = self.clock()
-        # the worst case: the whole prompt uncached and every output token used
-        cost = self.pricer.cost(key, model, now, prompt_tokens, max_output_tokens, images=images)
+        # the worst case: the whole prompt uncached and every output token used (priced only
+        # where some policy limits money: nothing else reads it)
+        cost = (
+            self.pricer.cost(key, model, now, prompt_tokens, max_output_tokens, images=images)
+            if self._money
+            else 0
+        )
         decision = self.check(
             key, model, prompt_tokens=prompt_tokens, completion_tokens=max_output_tokens,
             images=images, cost_micros=cost,
@@ -356,7 +361,8 @@ class QuotaClient:
         if not decision.allowed:
             raise QuotaExceeded(
                 f"{key}: {decision.limit} would be exceeded by {prompt_tokens} prompt + "
-                f"{max_output_tokens} output tokens (${dollars(cost)}); "
+                f"{max_output_tokens} output tokens"
+                f"{f' (${dollars(cost)})' if self._money else ''}; "
                 f"retry after {decision.retry_after:.1f}s",
                 retry_after=decision.retry_after,
                 limit=decision.limit,
