@@ -294,6 +294,42 @@ class Binding:
         return cls(scope, policy, rows, windows, money, local)
 
 
+#: Characters that make a key pattern a glob (``fnmatch``'s); other patterns are exact ids.
+_GLOB_CHARS = frozenset("*?[")
+
+
+class _Precedence:
+    """One class of policies (key-wide, or those covering a model) in precedence order, with
+    the lookups precomputed: an exact key (a dict), then globs in file order, then the first
+    ``default``. Resolving a key the memo has not seen (the first call of each key, every
+    key again when the memo is cleared) costs one dict lookup and the globs, not a walk over
+    every policy's key list."""
+
+    __slots__ = ("default", "exact", "globs")
+
+    def __init__(self, policies: Iterable[Policy]) -> None:
+        self.exact: dict[str, Policy] = {}
+        self.globs: list[tuple[str, Policy]] = []
+        self.default: Policy | None = None
+        for p in policies:
+            for pattern in p.keys:
+                if _GLOB_CHARS.isdisjoint(pattern):
+                    self.exact.setdefault(pattern, p)
+                else:
+                    self.globs.append((pattern, p))
+            if p.default and self.default is None:
+                self.default = p
+
+    def pick(self, key: str) -> Policy | None:
+        found = self.exact.get(key)
+        if found is not None:
+            return found
+        for pattern, p in self.globs:
+            if fnmatch.fnmatchcase(key, pattern):
+                return p
+        return self.default
+
+
 class PolicySet:
     """Resolves which policies bind a (key, model) pair; results are memoised per pair."""
 
@@ -313,6 +349,11 @@ class PolicySet:
             sorted({p.timezone for p in self.policies if any(s.window == MONTH for s in p.specs)})
         )
         self._cache: dict[tuple[str, str | None], tuple[Binding, ...]] = {}
+        self._key_wide = _Precedence(p for p in self.policies if p.models is None)
+        # the model policies covering each model seen (a model's class does not depend on the
+        # key), and one Binding per (scope, policy) shared by every key it binds
+        self._by_model: dict[str, _Precedence] = {}
+        self._bindings: dict[tuple[str, str], Binding] = {}
 
     def __len__(self) -> int:
         return len(self.policies)
@@ -327,36 +368,36 @@ class PolicySet:
         if found is not None:
             return found
         bindings: list[Binding] = []
-        key_wide = self._pick(key, None)
+        key_wide = self._key_wide.pick(key)
         if key_wide is not None:
-            bindings.append(Binding.of(KEY_SCOPE, key_wide))
+            bindings.append(self._binding(KEY_SCOPE, key_wide))
         if model is not None:
-            per_model = self._pick(key, model)
+            per_model = self._model_class(model).pick(key)
             if per_model is not None:
-                bindings.append(Binding.of(model, per_model))
+                bindings.append(self._binding(model, per_model))
         result = tuple(bindings)
         if len(self._cache) >= self._CACHE_MAX:
             self._cache.clear()  # bounded memory; a miss only costs a re-resolve
         self._cache[cache_key] = result
         return result
 
-    def _pick(self, key: str, model: str | None) -> Policy | None:
-        def in_class(p: Policy) -> bool:
-            if model is None:
-                return p.models is None
-            return p.models is not None and p.matches_model(model)
+    def _model_class(self, model: str) -> _Precedence:
+        found = self._by_model.get(model)
+        if found is None:
+            if len(self._by_model) >= self._CACHE_MAX:
+                self._by_model.clear()  # model names come from callers: bounded
+            found = self._by_model[model] = _Precedence(
+                p for p in self.policies if p.models is not None and p.matches_model(model)
+            )
+        return found
 
-        candidates = [p for p in self.policies if in_class(p)]
-        for p in candidates:
-            if key in p.keys:
-                return p
-        for p in candidates:
-            if any(fnmatch.fnmatchcase(key, pattern) for pattern in p.keys):
-                return p
-        for p in candidates:
-            if p.default:
-                return p
-        return None
+    def _binding(self, scope: str, policy: Policy) -> Binding:
+        found = self._bindings.get((scope, policy.name))
+        if found is None:
+            if len(self._bindings) >= self._CACHE_MAX:
+                self._bindings.clear()
+            found = self._bindings[(scope, policy.name)] = Binding.of(scope, policy)
+        return found
 
 
 def parse_policies(doc: Any, source: str = "<memory>") -> PolicySet:

@@ -32,6 +32,26 @@ def test_precedence_exact_then_glob_in_file_order_then_default() -> None:
     assert [b.policy.name for b in ps.resolve("someone")] == ["fallback"]
 
 
+def test_precedence_edges_character_classes_repeated_keys_and_shared_bindings() -> None:
+    ps = parse_policies(
+        doc(
+            {"name": "first", "keys": ["k1", "team-[xy]*"], "limits": {"requests_per_minute": 1}},
+            {"name": "second", "keys": ["k1", "k2"], "limits": {"requests_per_minute": 2}},
+            {"name": "m", "keys": ["k*"], "models": ["gpt-*"], "limits": {"images_per_minute": 3}},
+        )
+    )
+    # an exact id named by two policies: the first in file order
+    assert [b.policy.name for b in ps.resolve("k1")] == ["first"]
+    assert [b.policy.name for b in ps.resolve("k2")] == ["second"]
+    # a character class is a glob, not an exact id
+    assert [b.policy.name for b in ps.resolve("team-x1")] == ["first"]
+    assert ps.resolve("team-[xy]*") == () and ps.resolve("team-z") == ()
+    # keys bound by the same policy share one binding (memory and resolve time per key)
+    (_, model1), (_, model2) = ps.resolve("k1", "gpt-a"), ps.resolve("k2", "gpt-a")
+    assert model1 is model2 and model1.scope == "gpt-a"
+    assert ps.resolve("k9", "gpt-a")[0].policy.name == "m"
+
+
 def test_model_policy_binds_alongside_the_key_policy() -> None:
     ps = parse_policies(
         doc(
