@@ -194,10 +194,14 @@ def fold_records(
         totals[2] += pt
         totals[3] += ct
         totals[4] += cost
-        totals[5] += cached
-        totals[6] += write
-        totals[7] += reasoning
-        totals[8] += images
+        # the units most calls do not bill (cache reads and writes, reasoning, images) are
+        # added only where a call has them: zero adds would be a fifth of the fold
+        billed_more = cached or write or reasoning or images
+        if billed_more:
+            totals[5] += cached
+            totals[6] += write
+            totals[7] += reasoning
+            totals[8] += images
         sums = models.get(r.model)
         if sums is None:
             models[r.model] = [1, req, pt, ct, cost, cached, write, reasoning, images]
@@ -207,10 +211,11 @@ def fold_records(
             sums[2] += pt
             sums[3] += ct
             sums[4] += cost
-            sums[5] += cached
-            sums[6] += write
-            sums[7] += reasoning
-            sums[8] += images
+            if billed_more:
+                sums[5] += cached
+                sums[6] += write
+                sums[7] += reasoning
+                sums[8] += images
         was = src.get(r.source)
         src[r.source] = (
             (ts, float(req))
@@ -241,8 +246,9 @@ def fold_records(
                 buckets[-6] += req
                 buckets[-5] += pt
                 buckets[-4] += ct
-                buckets[-3] += cached
-                buckets[-2] += images
+                if billed_more:
+                    buckets[-3] += cached
+                    buckets[-2] += images
                 buckets[-1] += cost
             elif buckets[-STRIDE] < start:
                 buckets += (start, req, pt, ct, cached, images, cost)

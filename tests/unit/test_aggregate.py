@@ -10,7 +10,13 @@ from quotaflow.state import EXPIRIES
 from quotaflow.windows import bucket_size
 from quotaflow_stream.aggregate import add_records
 from quotaflow_stream.entry import STRIDE
-from quotaflow_stream.evaluate import budget_shares, evaluate, scopes_for, sliding_counts
+from quotaflow_stream.evaluate import (
+    budget_shares,
+    evaluate,
+    minute_sums,
+    scopes_for,
+    sliding_counts,
+)
 
 M0 = 1_700_000_040  # a minute boundary
 
@@ -146,6 +152,42 @@ def test_evaluate_throttles_until_enough_usage_frees() -> None:
     assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 60.5)
 
 
+TOKENS = parse_policies(
+    {"policies": [{"name": "t", "keys": ["k*"], "limits": {"tokens_per_minute": 100,
+                                                          "tokens_per_hour": 10_000}}]}
+)  # fmt: skip
+
+
+def test_a_throttled_limit_frees_when_its_usage_does_however_many_buckets_that_takes() -> None:
+    """19 small buckets, then a large one: the limit admits again only when the large one
+    frees, beyond the expiries a state lists (the reset is drawn from every bucket)."""
+    small = [rec(i, M0 + i, pt=1, ct=0) for i in range(19)]
+    entry, _ = add_records(None, [*small, rec(19, M0 + 19, pt=100, ct=0)], SCOPES, 10)
+    state = evaluate("k1", entry, TOKENS, now=M0 + 30)
+    minute = next(lim for lim in state.limits if lim.name == "tokens_per_minute")
+    assert (minute.used, minute.remaining) == (119, 0) and state.throttled
+    assert minute.reset_at == M0 + 19 + 60.5, "when the 20th bucket frees"
+    assert state.retry_after == pytest.approx(19 + 60.5 - 30)
+
+
+@pytest.mark.parametrize("spread", [4, 40], ids=["few-buckets", "more-than-a-state-lists"])
+def test_a_limit_with_room_resets_when_its_newest_usage_frees(spread: int) -> None:
+    """Not throttled, a limit's reset is when everything in its window has freed: its newest
+    bucket's expiry, the minute buckets not rolled up yet counting in the hour window (also
+    past the expiries a state lists)."""
+    times = [i * 600 / spread for i in range(spread)] + [600 + i * 1.5 for i in range(spread)]
+    entry, _ = add_records(None, [rec(i, M0 + t, pt=1, ct=0) for i, t in enumerate(times)],
+                           SCOPES, 10)  # fmt: skip
+    newest = M0 + times[-1]
+    state = evaluate("k1", entry, TOKENS, now=newest + 1)
+    resets = {lim.name: lim.reset_at for lim in state.limits}
+    assert resets["tokens_per_minute"] == (newest // 0.5) * 0.5 + 60.5
+    assert resets["tokens_per_hour"] == (newest // 30) * 30 + 3600 + 30
+    # once nothing counts, the reset is now
+    later = evaluate("k1", entry, TOKENS, now=newest + 3700)
+    assert {lim.name: lim.reset_at for lim in later.limits} == dict.fromkeys(resets, newest + 3700)
+
+
 def test_no_burst_at_the_minute_edge() -> None:
     """Spending the limit at 0:59 leaves nothing at 1:00 (a fixed window would allow 2x)."""
     entry, _ = add_records(None, [rec(i, M0 + 59.5) for i in range(3)], SCOPES, 10)
@@ -231,18 +273,41 @@ def test_an_old_record_replayed_twice_counts_once() -> None:
     assert entry["t"][0] == 2 and entry["dup"] == 1
 
 
+#: A record's billed units beyond requests and prompt tokens, mostly none (as most calls bill):
+#: (completion, cached prompt, images, cost).
+_EXTRA = st.one_of(
+    st.just((0, 0, 0, 0)),
+    st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(0, 2), st.integers(0, 9)),
+)
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    st.lists(st.tuples(st.floats(0, 7300), st.integers(1, 3)), min_size=1, max_size=60),
+    st.lists(st.tuples(st.floats(0, 7300), st.integers(1, 3), _EXTRA), min_size=1, max_size=60),
     st.floats(0, 4000),
     st.integers(1, 4),
 )
 def test_sliding_counts_equal_a_recount_of_the_records_each_window_took(
-    arrivals: list[tuple[float, int]], after: float, per_message: int
+    arrivals: list[tuple[float, int, tuple[int, int, int, int]]], after: float, per_message: int
 ) -> None:
-    """However records arrive (out of order, late, in messages of any size), each window's
-    sliding count is the sum of the records its bucket admitted, as a brute-force recount."""
-    records = [rec(i, M0 + t, pt=n) for i, (t, n) in enumerate(arrivals)]
+    """However records arrive (out of order, late, in messages of any size, billing some units
+    or none), each window's sliding count of every measure is the sum of the records its bucket
+    admitted, as a brute-force recount."""
+    records = [
+        UsageRecord(
+            id=str(i),
+            ts=M0 + t,
+            key="k1",
+            model="small",
+            prompt_tokens=n,
+            completion_tokens=ct,
+            cached_prompt_tokens=cached,
+            images=images,
+            cost_micros=cost,
+            source="a",
+        )
+        for i, (t, n, (ct, cached, images, cost)) in enumerate(arrivals)
+    ]
     entry = None
     for i in range(0, len(records), per_message):
         entry, _ = add_records(entry, records[i : i + per_message], SCOPES, 10)
@@ -250,20 +315,37 @@ def test_sliding_counts_equal_a_recount_of_the_records_each_window_took(
     # the reference: a record counts in a window if its bucket was not yet past the window
     # (plus grace) at the watermark when it arrived
     wm = 0.0
-    taken: dict[int, list[tuple[float, int]]] = {60: [], 3600: [], 86400: []}
+    taken: dict[int, list[tuple[float, tuple[int, ...]]]] = {60: [], 3600: [], 86400: []}
     for r in records:
         wm = max(wm, r.ts)
         for size in taken:
             b = bucket_size(size)
             start = (r.ts // b) * b
             if start + size + b + 10 > wm:
-                taken[size].append((start, r.prompt_tokens))
+                measures = (r.requests, r.prompt_tokens, r.completion_tokens,
+                            r.cached_prompt_tokens, r.images, r.cost_micros)  # fmt: skip
+                taken[size].append((start, measures))
     now = wm + after
     for size, kept in taken.items():
         floor = (now // bucket_size(size)) * bucket_size(size) - size
-        expected = sum(pt for start, pt in kept if start >= floor)
+        expected = tuple(map(sum, zip(*(m for start, m in kept if start >= floor), strict=True)))
         got = sliding_counts(entry, "", size, now, 1 << 30)
-        assert got[2] == expected, (size, now)
-        assert sum(x[2] for x in got[EXPIRIES]) == expected, "expiries add up to the count"
-        # without expiries the hour and day windows sum minute buckets without merging them
+        assert got[1:EXPIRIES] == (expected or (0,) * 6), (size, now)
+        # the minute buckets summed once for every window, as a publication does: the same
+        for expiring in (0, 1 << 30):
+            with_pending = sliding_counts(entry, "", size, now, expiring, minute_sums(entry, ""))
+            assert with_pending == sliding_counts(entry, "", size, now, expiring), (size, now)
+        freeing = tuple(map(sum, zip(*(x[1:] for x in got[EXPIRIES]), strict=True)))
+        assert freeing == (got[1:EXPIRIES] if got[EXPIRIES] else ()), "expiries add up"
+        assert got[EXPIRIES] or not any(got[1:EXPIRIES]), "a count with nothing to free"
         assert sliding_counts(entry, "", size, now, 0) == (*got[:EXPIRIES], ())
+
+
+def test_minute_buckets_not_rolled_up_yet_leave_every_window_in_time() -> None:
+    """A key quiet since its last record keeps that record's minute bucket until it is pruned:
+    read an hour and a day later, neither window counts it any more, summed once or not."""
+    entry, _ = add_records(None, [rec(1, M0 + 1)], SCOPES, 10)
+    for size, later in ((60, 65), (3600, 3700), (86400, 86400 + 1000)):
+        for pending in (None, minute_sums(entry, "")):
+            assert sliding_counts(entry, "", size, M0 + later, 0, pending)[1:4] == (0, 0, 0)
+            assert sliding_counts(entry, "", size, M0 + 30, 0, pending)[1:4] == (1, 10, 5)
