@@ -191,6 +191,23 @@ def check_unpriced_fallbacks(policies: PolicySet, table: PriceTable) -> None:
             )
 
 
+#: Providers asked first for a model named without one, when genai-prices cannot tell whose it
+#: is: the labs that sell their own models (resellers like azure or aws list many of them too).
+FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "cohere", "meta")
+
+
+def _listed_by_a_provider(snapshot: Any, model: str) -> tuple[Any, Any] | None:
+    """The first provider (first-party ones first, then genai-prices' order) that lists
+    ``model`` under its exact id, and that model; None if none does."""
+    rank = {name: i for i, name in enumerate(FIRST_PARTY)}
+    providers = sorted(snapshot.providers, key=lambda p: rank.get(p.id, len(rank)))
+    for provider in providers:
+        for found in provider.models:
+            if found.id == model:
+                return provider, found
+    return None
+
+
 def _genai_model_prices(model_price: Any) -> tuple[Rates, tuple[tuple[int, Rates], ...]]:
     """Rates (and tiers) from a genai-prices ``ModelPrice``."""
     from genai_prices.types import TieredPrices
@@ -322,7 +339,14 @@ class PriceTable:
         try:
             found_provider, found = snapshot.find_provider_model(priced_as, None, provider, None)
         except LookupError:
-            return None
+            if provider is not None:
+                return None
+            # genai-prices infers a provider from a model name only for some names
+            # (text-embedding-3-small is not one): take the first that lists the model itself
+            pair = _listed_by_a_provider(snapshot, priced_as)
+            if pair is None:
+                return None
+            found_provider, found = pair
         when = dt.datetime.fromtimestamp(ts, dt.UTC)
         rates, tiers = _genai_model_prices(found.get_prices(when))
         valid_from, valid_until = _validity(found, ts)

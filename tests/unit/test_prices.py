@@ -150,3 +150,15 @@ def test_a_hostile_caller_naming_endless_models_cannot_grow_the_cache_without_bo
         assert len(table.cache) <= 50
     assert table.lookup("made-up-model-199") is None, "a miss is remembered"
     assert ("made-up-model-199", None) in table.cache
+
+
+def test_a_model_named_without_a_provider_is_priced_by_the_provider_that_lists_it() -> None:
+    """genai-prices cannot infer whose text-embedding-3-small is (azure and openai list it):
+    priced as the first-party provider's, not left unpriced (embeddings would cost nothing)."""
+    table = PriceTable()
+    prices = table.prices("text-embedding-3-small", None, NOW.timestamp())
+    assert prices.provider == "openai"
+    expected = calc_price(Usage(input_tokens=1_000_000), "text-embedding-3-small",
+                          provider_id="openai", genai_request_timestamp=NOW)  # fmt: skip
+    assert prices.cost(1_000_000, 0) == int(expected.total_price * 1_000_000)
+    assert table.lookup("no-such-model-anywhere", None, NOW.timestamp()) is None
