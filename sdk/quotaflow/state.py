@@ -90,9 +90,9 @@ class LimitStatus:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Totals:
-    """A key's (or a key and model's) lifetime sums, in the order workers keep them."""
+class Totals(NamedTuple):
+    """A key's (or a key and model's) lifetime sums, in the order workers keep them (a tuple:
+    every state carries one per model, built and encoded on each publication)."""
 
     records: int = 0
     requests: int = 0
@@ -105,16 +105,13 @@ class Totals:
     reasoning_tokens: int = 0
     images: int = 0
 
-    def as_list(self) -> list[int]:
-        return [getattr(self, name) for name in TOTAL_FIELDS]
-
     @property
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
 
 #: Totals' fields, in the order of a worker's lists and of a state's per-model arrays.
-TOTAL_FIELDS = tuple(Totals.__dataclass_fields__)
+TOTAL_FIELDS = Totals._fields
 
 _encode = msgspec.json.Encoder().encode
 
@@ -135,7 +132,7 @@ class QuotaState:
     sources: dict[str, float] = field(default_factory=dict)
     instances: int = 0
     shares: dict[str, float] = field(default_factory=dict)
-    totals: Totals = Totals()
+    totals: Totals = Totals()  # noqa: RUF009 (a tuple: immutable, safe to share)
     #: Lifetime totals per model, for dashboards and audits.
     models: dict[str, Totals] = field(default_factory=dict)
 
@@ -159,8 +156,9 @@ class QuotaState:
             "sources": self.sources,
             "instances": self.instances,
             "shares": self.shares,
-            "totals": dict(zip(TOTAL_FIELDS, self.totals.as_list(), strict=True)),
-            "models": {m: t.as_list() for m, t in self.models.items()},
+            "totals": dict(zip(TOTAL_FIELDS, self.totals, strict=True)),
+            # msgspec writes a named tuple as an array
+            "models": self.models,
         }
         # msgspec: a busy worker encodes thousands of states a second (~4x json.dumps)
         return _encode(doc)

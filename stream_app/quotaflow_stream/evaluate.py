@@ -26,7 +26,6 @@ from quotaflow.windows import (
     frees_at,
     month_period,
     months_of,
-    sliding_floor,
 )
 from quotaflow_stream.aggregate import (
     MINUTE_FIELD,
@@ -74,7 +73,8 @@ def scopes_for(policies: PolicySet) -> ScopesFor:
             return key_only
         # PolicySet.resolve remembers each (key, model) pair itself
         bindings = policies.resolve(key, model)
-        return (KEY_SCOPE, model) if any(b.scope != KEY_SCOPE for b in bindings) else key_only
+        # a model binding, if any, comes last
+        return (KEY_SCOPE, model) if bindings and bindings[-1].scope != KEY_SCOPE else key_only
 
     return scopes
 
@@ -112,36 +112,53 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
     for scope in entry["s"]:
         bindings = policies.resolve(key, None if scope == KEY_SCOPE else scope)
         binding = next((b for b in bindings if b.scope == scope), None)
-        # expiries only where a limit reads them (all of them: when a limit frees may lie
-        # beyond the first few); they are most of a state's size, and of its cost
+        # expiries only where a limit reads them, and only as many as a state carries: they
+        # are most of a state's size and of its cost. A throttled limit reads them all (when
+        # it frees may lie beyond the first few): drawn again for it alone.
         limited = binding.windows if binding else ()
-        full = {
-            size: sliding_counts(entry, scope, size, now, 1 << 30 if size in limited else 0)
+        pending = minute_sums(entry, scope)
+        windows = scopes[scope] = {
+            size: sliding_counts(
+                entry, scope, size, now, STATE_EXPIRIES if size in limited else 0, pending
+            )
             for size in WINDOW_SIZES
         }
         if MONTH in limited:
             assert binding is not None
-            full[MONTH] = month_counts(entry, scope, binding.policy.timezone, now)
-        scopes[scope] = {
-            size: (*w[:EXPIRIES], w[EXPIRIES][:STATE_EXPIRIES]) if size in limited else w
-            for size, w in full.items()
-        }
+            windows[MONTH] = month_counts(entry, scope, binding.policy.timezone, now)
         if binding is None:
             continue
         scope_policies[scope] = binding.policy.name
+        every_expiry: dict[int, tuple[Expiry, ...]] = {}
         for spec in binding.policy.specs:
-            w = full[spec.window]
+            w = windows[spec.window]
             unit = UNIT_INDEX[spec.unit]
             used = unit_value(unit, w, 1)
+            if spec.window == MONTH:
+                reset_at = month_period(now, binding.policy.timezone)[1]
+            elif used < spec.limit:  # when all its current usage has freed
+                expiries = w[EXPIRIES]
+                if len(expiries) < STATE_EXPIRIES:  # all of them
+                    reset_at = float(expiries[-1][0]) if expiries else now
+                else:
+                    reset_at = max(newest_expiry(entry, scope, spec.window), now)
+            else:  # when it next admits a call
+                expiries = w[EXPIRIES]
+                if len(expiries) == STATE_EXPIRIES:  # perhaps not all of them
+                    expiries = every_expiry.get(spec.window, ())
+                    if not expiries:
+                        drawn = sliding_counts(entry, scope, spec.window, now, 1 << 30, pending)
+                        expiries = every_expiry[spec.window] = drawn[EXPIRIES]
+                everything = float(expiries[-1][0]) if expiries else now
+                frees = ((x[0], unit_value(unit, x, 1)) for x in expiries)
+                reset_at = frees_at(used, spec.limit - 1, frees, now, everything)
             status = LimitStatus(
                 scope=scope,
                 name=spec.name,
                 limit=spec.limit,
                 used=used,
                 remaining=max(spec.limit - used, 0),
-                reset_at=month_period(now, binding.policy.timezone)[1]
-                if spec.window == MONTH
-                else _reset_at(used, spec.limit, unit, w[EXPIRIES], now),
+                reset_at=reset_at,
             )
             limits.append(status)
             if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
@@ -169,22 +186,38 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
     )
 
 
-def _reset_at(used: int, limit: int, unit: int, expiries: tuple[Expiry, ...], now: float) -> float:
-    """A limit's ``reset_at`` in a state: for a throttled one, when it next admits a call
-    (:func:`~quotaflow.windows.frees_at`), else when all its current usage has freed."""
-    everything = float(expiries[-1][0]) if expiries else now
-    if used < limit:
-        return everything
-    frees = ((x[0], unit_value(unit, x, 1)) for x in expiries)
-    return frees_at(used, limit - 1, frees, now, everything)
+def newest_expiry(entry: Entry, scope: str, size: int) -> float:
+    """When the newest bucket of a window of ``scope`` frees (0 if it has none): all its
+    usage has freed by then. The minute buckets not rolled up yet count in every window."""
+    windows = entry["s"].get(scope)
+    if not windows:
+        return 0.0
+    newest = [flat[-STRIDE] for flat in (windows.get(str(size)), windows.get(MINUTE_FIELD)) if flat]
+    return bucket_expires_at(bucket_start(max(newest), size), size) if newest else 0.0
 
 
 #: A window's sliding count with nothing in it: its bucket start goes in front.
 _NOTHING = (0,) * WIDTH
 
 
+def minute_sums(entry: Entry, scope: str) -> list[float] | None:
+    """Each measure summed over every minute bucket of ``scope`` (those not rolled up into the
+    longer windows yet), or None if it has none: every window's count includes them, so a
+    publication sums them once (see :func:`sliding_counts`)."""
+    windows = entry["s"].get(scope)
+    minute = windows.get(MINUTE_FIELD) if windows else None
+    if not minute:
+        return None
+    return [sum(minute[m::STRIDE]) for m in range(1, STRIDE)]
+
+
 def sliding_counts(
-    entry: Entry, scope: str, size: int, now: float, max_expiries: int
+    entry: Entry,
+    scope: str,
+    size: int,
+    now: float,
+    max_expiries: int,
+    pending: list[float] | None = None,
 ) -> WindowCounts:
     """The sliding count of one window at ``now``, and when its usage frees.
 
@@ -192,14 +225,17 @@ def sliding_counts(
     the start of the bucket holding ``now``, each measure summed over every bucket that counts
     at ``now``, and the first ``max_expiries`` of those buckets as ``(expires_at, *measures)``,
     oldest first, so a reader can subtract what has freed since ``now``. The hour and day
-    windows include the minute buckets not rolled up into them yet.
+    windows include the minute buckets not rolled up into them yet. ``pending``, if given, is
+    :func:`minute_sums` of the same entry and scope, taken instead of summing again.
     """
     # Every published state reads every window of every scope, so this runs for each key on
     # each publication: buckets are in start order, so a binary search finds the first that
     # counts and slices sum the rest in C.
+    # quotaflow.windows' bucket_start, sliding_floor and bucket_expires_at, inlined (held to
+    # them by tests/unit/test_window_contract.py)
     b = bucket_size(size)
-    current = bucket_start(now, size)
-    floor = sliding_floor(now, size)  # a multiple of b: buckets starting at or after it count
+    current = (now // b) * b
+    floor = current - size  # a multiple of b: buckets starting at or after it count
     windows = entry["s"].get(scope)
     if not windows:
         return (current, *_NOTHING, ())
@@ -210,11 +246,21 @@ def sliding_counts(
         buckets = _merged(buckets, minute, b)
         minute = None
     i = first_at_or_after(buckets, floor)
-    sums = [sum(buckets[i + m :: STRIDE]) for m in range(1, STRIDE)]
+    if pending is not None and size == MINUTE:
+        # every minute bucket less the few (not rolled up yet) that left the minute window
+        sums = list(pending)
+        for k in range(0, i, STRIDE):
+            for m in range(1, STRIDE):
+                sums[m - 1] -= buckets[k + m]
+    else:
+        sums = [sum(buckets[i + m :: STRIDE]) for m in range(1, STRIDE)]
     if minute:  # minute buckets start at or after the coarse bucket they roll into
         j = first_at_or_after(minute, floor)
-        sums = [total + sum(minute[j + m :: STRIDE]) for m, total in enumerate(sums, 1)]
-    lasting = bucket_expires_at(0.0, size)  # a bucket's start to its expiry
+        if j == 0 and pending is not None:  # all of them count, as they almost always do
+            sums = [total + more for total, more in zip(sums, pending, strict=True)]
+        else:
+            sums = [total + sum(minute[j + m :: STRIDE]) for m, total in enumerate(sums, 1)]
+    lasting = size + b  # a bucket's start to its expiry
     expiries = tuple(
         (float(buckets[k]) + lasting, *map(int, buckets[k + 1 : k + STRIDE]))
         for k in range(i, min(len(buckets), i + STRIDE * max_expiries), STRIDE)

@@ -146,3 +146,28 @@ def test_check_counts_pending_usage_from_the_sliding_floor_on(ts: float, now: fl
         same = window_start(T0 + ts, size) == window_start(at[0], size)
         assert stale.remaining[name] == 10**6 - (5 if same else 0)
         assert window_end(at[0], size) > at[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ts=offsets, later=backs)
+def test_a_windows_count_starts_floors_and_frees_as_the_windows_module_says(
+    ts: float, later: float
+) -> None:
+    """sliding_counts (every publication) inlines bucket_start, sliding_floor and
+    bucket_expires_at: its current bucket, which buckets count and when each frees."""
+    from quotaflow.windows import bucket_expires_at
+    from quotaflow_stream.evaluate import sliding_counts
+
+    entries: dict = {}
+    fold_records(entries, [record(0, T0 + ts)], SCOPES, 10.0)
+    now = T0 + ts + later
+    for size in (MINUTE, HOUR, DAY):
+        got = sliding_counts(entries["k"], "", size, now, 1)
+        assert got[0] == bucket_start(now, size)
+        counts = bucket_start(T0 + ts, size) >= sliding_floor(now, size)
+        assert got[1] == int(counts)
+        assert got[-1] == (
+            ((bucket_expires_at(bucket_start(T0 + ts, size), size), 1, 0, 0, 0, 0, 0),)
+            if counts
+            else ()
+        )
