@@ -70,6 +70,11 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
+#: Prices a call: (key, model, now, requests, prompt, completion, cached prompt tokens, images)
+#: to micro-dollars.
+CallPrice = Callable[[str, "str | None", float, int, int, int, int, int], int]
+
+
 class QuotaCache:
     """Thread-safe store of quota states and local usage; answers checks without I/O."""
 
@@ -82,10 +87,13 @@ class QuotaCache:
         pending_ttl: float = 120,
         rng: random.Random | None = None,
         priced: Callable[[str], bool] | None = None,
+        price: CallPrice | None = None,
     ) -> None:
         self.policies = policies
         #: Whether a model has a price (policies with ``unpriced: reject`` deny those without).
         self._priced = priced
+        #: Prices a call a money limit binds that came without its cost (see :meth:`check`).
+        self._price = price
         self._random = (rng or random.Random()).random
         self.source = source
         self.clock = clock
@@ -224,20 +232,31 @@ class QuotaCache:
         completion_tokens: int = 0,
         cached_prompt_tokens: int = 0,
         images: int = 0,
-        cost_micros: int = 0,
+        cost_micros: int | None = None,
     ) -> Decision:
         """Decide from memory whether a call of this size may proceed now (its measures as
-        :data:`quotaflow.units.MEASURES` names them; the caller prices it for money limits).
+        :data:`quotaflow.units.MEASURES` names them). Without ``cost_micros``, a call a money
+        limit binds is priced with ``price`` (here, where the bindings are resolved anyway).
 
         This is the request path: written for speed (precomputed limit rows, no helper calls
         in the common case) rather than brevity.
         """
-        call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
-                cost_micros)  # fmt: skip
         now = self.clock()
         bindings = self.policies.resolve(key, model)
         if not bindings:
             return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, None)
+        if cost_micros is None:
+            cost_micros = 0
+            if self._price is not None:
+                for binding in bindings:
+                    if binding.money:
+                        cost_micros = self._price(
+                            key, model, now, requests, prompt_tokens, completion_tokens,
+                            cached_prompt_tokens, images,
+                        )  # fmt: skip
+                        break
+        call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+                cost_micros)  # fmt: skip
         last = self.last_heard
         age = None if last is None else now - last
         silent_for = now - (self.started_at if last is None else last)

@@ -84,10 +84,10 @@ class QuotaClient:
         self.prices = prices or load_price_table(self.settings.prices_file)
         check_unpriced_fallbacks(self.policies, self.prices)
         self.pricer = CallPricer(self.prices, self.policies)
-        # whether check() may have to price a call (one attribute read when no policy limits money)
-        self._money = self.policies.money
         # record() reads resolved prices straight from the table's cache (one dict lookup)
         self._resolved_prices = self.pricer.cache
+        # whether reserve() holds a worst-case cost (only where some policy limits money)
+        self._money = self.policies.money
         self._price_version = self.pricer.version
         client = self.settings.client
         self.source = client.source
@@ -98,6 +98,7 @@ class QuotaClient:
             clock=clock,
             pending_ttl=client.pending_ttl,
             priced=lambda model: self.prices.lookup(model) is not None,
+            price=self._price_call if self.policies.money else None,
         )
         kafka_conf = self.settings.kafka.confluent_config()
         self._transport = transport
@@ -217,16 +218,18 @@ class QuotaClient:
             prompt, completion = tokens, 0
         else:
             prompt, completion = prompt_tokens or 0, completion_tokens or 0
-        if cost_micros is None:
-            cost_micros = 0
-            if self._money and any(b.money for b in self.policies.resolve(key, model)):
-                cost_micros = self.pricer.cost(
-                    key, model, self.clock(), prompt, completion,
-                    cached=cached_prompt_tokens, images=images, requests=requests,
-                )  # fmt: skip
-        # positional: the request path (keywords cost ~20 ns each)
+        # positional: the request path (keywords cost ~20 ns each); the cache prices the call
+        # where a money limit binds and no cost was given
         return self.cache.check(
             key, model, requests, prompt, completion, cached_prompt_tokens, images, cost_micros
+        )
+
+    def _price_call(
+        self, key: str, model: str | None, now: float, requests: int, prompt: int,
+        completion: int, cached: int, images: int,
+    ) -> int:  # fmt: skip
+        return self.pricer.cost(
+            key, model, now, prompt, completion, cached=cached, images=images, requests=requests
         )
 
     def record(
