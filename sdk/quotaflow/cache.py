@@ -223,6 +223,11 @@ class QuotaCache:
     def __len__(self) -> int:
         return len(self._states)
 
+    def adopt(self, policies: PolicySet, price: CallPrice | None) -> None:
+        """Decide by ``policies`` from now on (a live policy version); the states, pending
+        usage and own usage kept so far stay: limits change, counts do not."""
+        self.policies, self._price = policies, price
+
     def check(
         self,
         key: str,

@@ -64,12 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    pol = sub.add_parser("policies", help="validate a policy file")
+    pol = sub.add_parser("policies", help="validate, apply and follow the live policies")
     pol_sub = pol.add_subparsers(dest="policies_command", metavar="ACTION")
     pol_sub.required = True
     chk = pol_sub.add_parser("check", help="validate FILE and list its policies")
     chk.add_argument("file")
     chk.set_defaults(func=_cmd_policies_check)
+    from quotaflow import policies_cli
+
+    policies_cli.register(pol_sub)
 
     kid = sub.add_parser(
         "key-id", help="print the counter id of each API key read from stdin (for policies)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ from quotaflow.follower import DecisionsFollower
 from quotaflow.ids import IdMinter
 from quotaflow.journal import Journal
 from quotaflow.policies import PolicySet, load_policies
+from quotaflow.policy_log import PolicyVersion
+from quotaflow.policy_topic import PolicyFollower
 from quotaflow.prices import PriceTable, check_unpriced_fallbacks, dollars, load_price_table
 from quotaflow.pricing import CallPricer
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
@@ -45,6 +48,8 @@ from quotaflow.settings import QuotaflowSettings, load_settings
 from quotaflow.tokens import count_request, request_kind
 from quotaflow.tokens import max_output_tokens as request_max_output_tokens
 from quotaflow.transports import KafkaTransport, Transport
+
+log = logging.getLogger(__name__)
 
 
 class ClientState(enum.Enum):
@@ -116,6 +121,14 @@ class QuotaClient:
                 warm_start=client.warm_start,
                 fetch_max_wait_ms=client.fetch_max_wait_ms,
             )
+        #: The live policy version in force (None: the policy file, no version adopted yet).
+        self.policy_version: int | None = None
+        self.policy_lag: float | None = None
+        self.policy_follower: PolicyFollower | None = None
+        if follow and policies is None and self.settings.policies.follow:
+            self.policy_follower = PolicyFollower(
+                self.settings, self._adopt, fetch_max_wait_ms=client.fetch_max_wait_ms
+            )
         self.state = ClientState.UNOPENED
         self._last_ts = 0.0
         self._reservations: dict[str, Reservation] = {}
@@ -146,14 +159,37 @@ class QuotaClient:
         self.emitter.start()
         if self.follower is not None:
             self.follower.start()
+        if self.policy_follower is not None:
+            self.policy_follower.start()
         self.state = ClientState.OPENED
         return self
 
+    def _adopt(self, version: PolicyVersion) -> None:
+        """Enforce a live policy version (called from the policies follower's thread): each
+        check() reads the policy set once, so a call sees the old set or the new, never both.
+        Counters are the worker's and stay as they are: no window resets."""
+        policies = version.policies
+        check_unpriced_fallbacks(policies, self.prices)  # raises: the follower keeps the old
+        pricer = CallPricer(self.prices, policies)
+        self.pricer, self._resolved_prices = pricer, pricer.cache
+        self._money = policies.money
+        self.cache.adopt(policies, self._price_call if policies.money else None)
+        self.policies = policies
+        self.policy_version = version.version
+        #: Seconds from the version's publication to this instance enforcing it.
+        self.policy_lag = max(time.time() - version.time, 0.0)
+        log.info("policies: version %d in force (%s, by %s)", version.version,
+                 version.message or "no message", version.author)  # fmt: skip
+
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Block until the follower has warm-started and is consuming; False on timeout."""
-        if self.follower is None:
-            return True
-        return self.follower.ready.wait(timeout)
+        deadline = time.monotonic() + timeout
+        if self.follower is not None and not self.follower.ready.wait(timeout):
+            return False
+        if self.policy_follower is not None:
+            # the live policies, if the topic has any: a few ms; without the topic, the file
+            self.policy_follower.caught_up.wait(max(min(deadline - time.monotonic(), 5.0), 0))
+        return True
 
     def close(self, timeout: float = 10.0) -> int:
         """Flush buffered usage and stop; returns messages still undelivered (0 is success)."""
@@ -166,6 +202,8 @@ class QuotaClient:
         self.state = ClientState.CLOSED
         if self.follower is not None:
             self.follower.stop()
+        if self.policy_follower is not None:
+            self.policy_follower.stop()
         assert self.emitter is not None
         return self.emitter.close(timeout)
 
@@ -425,4 +463,6 @@ class QuotaClient:
             "states_applied": follower.states_applied if follower else 0,
             "warm_started_keys": follower.warm_started_keys if follower else 0,
             "follower_error": follower.error if follower else None,
+            "policy_version": self.policy_version,
+            "policy_lag_s": self.policy_lag,
         }

@@ -101,6 +101,8 @@ class TopicSettings(BaseModel):
     dlq: str = "quotaflow.usage.dlq"
     #: Soft-budget alerts (one event per threshold per period); long retention.
     alerts: str = "quotaflow.alerts"
+    #: The live policy document, versioned (compacted; every version kept under its own key).
+    policies: str = "quotaflow.policies"
     partitions: int = Field(default=8, ge=1)
     replication_factor: int = Field(default=1, ge=1)
     #: The audit trail is kept long; -1 keeps it forever.
@@ -246,6 +248,16 @@ class AlertSettings(BaseModel):
     group_id: str = "quotaflow-alerts-forward"
 
 
+class PolicySettings(BaseModel):
+    """Live policies (the policies topic): who may write them, and whether to follow them."""
+
+    #: Signs every policy version written (HMAC-SHA256); when set, readers refuse unsigned or
+    #: wrongly signed versions. Set the same secret on writers (CLI, worker) and readers.
+    signing_key: SecretStr | None = None
+    #: Follow the policies topic (False: the policy file only, as before live policies).
+    follow: bool = True
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback name or address (an empty host or 0.0.0.0 is not)."""
     if host.lower() == "localhost":
@@ -273,6 +285,7 @@ class QuotaflowSettings(BaseSettings):
     client: ClientSettings = Field(default_factory=ClientSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    policies: PolicySettings = Field(default_factory=PolicySettings)
     policies_file: Path = Path("config") / "policies.yaml"
     #: Price overrides (negotiated prices, fine-tunes, self-hosted models) on top of
     #: genai-prices' data; a missing file means no overrides.

@@ -197,7 +197,9 @@ class QuotaState:
         )
 
 
-def heartbeat_json(published_at: float, worker: str, instances: int) -> bytes:
+def heartbeat_json(
+    published_at: float, worker: str, instances: int, policy_version: int | None = None
+) -> bytes:
     return json.dumps(
         {
             "v": STATE_VERSION,
@@ -205,6 +207,8 @@ def heartbeat_json(published_at: float, worker: str, instances: int) -> bytes:
             "published_at": published_at,
             "worker": worker,
             "instances": instances,
+            # the live policy version the worker enforces (null: its policy file)
+            "policy_version": policy_version,
         }
     ).encode()
 

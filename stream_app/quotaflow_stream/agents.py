@@ -9,13 +9,16 @@ snapshot timers and the rebalance hooks on the app. The parts themselves know no
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import faust
 
-from quotaflow.policies import PolicySet
+from quotaflow.policies import KEY_SCOPE, Policy, PolicySet
+from quotaflow.policy_log import PolicyVersion
+from quotaflow.policy_topic import PolicyFollower
 from quotaflow.prices import load_price_table
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
@@ -27,6 +30,8 @@ from quotaflow_stream.pipeline import SAVE_TICK, UsagePipeline
 from quotaflow_stream.publisher import StatePublisher
 from quotaflow_stream.snapshot import SnapshotWriter
 from quotaflow_stream.store import AggregateStore, aggregate_table
+
+log = logging.getLogger(__name__)
 
 
 def raw_topic(app: faust.App, name: str, partitions: int | None) -> Any:
@@ -91,6 +96,13 @@ class StreamWorker:
             clock=clock,
         )
         self.dead_letters = DeadLetters(self.dlq_topic, self.counters)
+        #: The live policy version in force (None: the policy file).
+        self.policy_version: int | None = None
+        # the newest version the follower thread handed over, adopted on the event loop
+        self._incoming: PolicyVersion | None = None
+        self.policy_follower = (
+            PolicyFollower(settings, self._hand_over) if settings.policies.follow else None
+        )
         self.pipeline = UsagePipeline(
             w,
             self.store,
@@ -119,9 +131,39 @@ class StreamWorker:
         app.timer(w.publish_interval)(self.publisher.publish_dirty)
         app.timer(min(SAVE_TICK, w.save_interval))(pipeline.save_tick)
         app.timer(w.snapshot_interval)(flush_snapshot)
+        app.timer(POLICY_TICK)(self._adopt_incoming)
+        if self.policy_follower is not None:
+            self.policy_follower.start()
         app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
         return self
+
+    def _hand_over(self, version: PolicyVersion) -> None:
+        self._incoming = version  # one assignment: the loop picks the newest up
+
+    async def _adopt_incoming(self) -> None:
+        version, self._incoming = self._incoming, None
+        if version is not None:
+            self.adopt_policies(version)
+
+    def adopt_policies(self, version: PolicyVersion) -> int:
+        """Count and publish by a live policy version from now on; republish at once the keys
+        whose policies changed. Returns how many. Counts stay: no window resets (a scope a new
+        model policy names starts counting now)."""
+        old, new = self.policies, version.policies
+        self.policies = new
+        self.store.adopt(scopes_for(new), new.month_zones)
+        self.publisher.policies = new
+        changed = [
+            key for key, entry in self.store.entries.items()
+            if any(_bound(old, key, scope) != _bound(new, key, scope) for scope in entry["s"])
+        ]  # fmt: skip
+        self.publisher.dirty.update(dict.fromkeys(changed))
+        self.policy_version = self.publisher.policy_version = version.version
+        log.info("policies: version %d in force (%s, by %s); %d keys to republish",
+                 version.version, version.message or "no message", version.author,
+                 len(changed))  # fmt: skip
+        return len(changed)
 
     def _usage_partitions(self, tps: Any) -> set[int]:
         name = self.usage_topic.get_topic_name()
@@ -158,6 +200,16 @@ class StreamWorker:
             published_keys=len(self.publisher.latest),
             unacked_messages=self.pipeline.unacked_messages,
             output_failed=self.output.failed,
+            policy_version=self.policy_version,
             **self.store.stats(),
         )
         return stats
+
+
+#: Seconds between looks for a policy version the follower thread handed over.
+POLICY_TICK = 0.05
+
+
+def _bound(policies: PolicySet, key: str, scope: str) -> tuple[Policy, ...]:
+    """The policies binding ``key`` in ``scope`` (``""``: key-wide, else a model)."""
+    return tuple(b.policy for b in policies.resolve(key, None if scope == KEY_SCOPE else scope))

@@ -95,6 +95,8 @@ class StatePublisher:
     ) -> None:
         self.settings = settings
         self.policies = policies
+        #: The live policy version in force, said in heartbeats (None: the policy file).
+        self.policy_version: int | None = None
         self.store = store
         self.output = output
         self.snapshot = snapshot
@@ -270,7 +272,7 @@ class StatePublisher:
         quiet = now - ACTIVE_SOURCE_SECONDS
         for source in [s for s, seen in self._sources.items() if seen < quiet]:
             del self._sources[source]
-        beat = heartbeat_json(now, w.app_id, len(self._sources))
+        beat = heartbeat_json(now, w.app_id, len(self._sources), self.policy_version)
         for partition in range(self.partitions):
             await self.heartbeats.send(key=HEARTBEAT_KEY.encode(), value=beat, partition=partition)
         self.counters.heartbeats += 1

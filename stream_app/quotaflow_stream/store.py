@@ -118,6 +118,10 @@ class AggregateStore:
         self.saves = 0
         self.saved_entries = 0
 
+    def adopt(self, scopes_for: ScopesFor, month_zones: tuple[str, ...]) -> None:
+        """Count by new policies from the next record on (a live policy version)."""
+        self._scopes_for, self.month_zones = scopes_for, month_zones
+
     def load(self, key: str) -> Entry | None:
         """The key's entry as last saved (recovered from the changelog), made live."""
         # Taken out of Faust's store: the live entry supersedes it until the partition is

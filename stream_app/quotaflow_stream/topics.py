@@ -22,8 +22,8 @@ class TopicSpec:
 
 
 def topic_specs(settings: QuotaflowSettings) -> list[TopicSpec]:
-    """Usage (long retention: the audit trail), decisions (compacted), the dead letters and
-    the alerts."""
+    """Usage (long retention: the audit trail), decisions (compacted), the dead letters, the
+    live policies (compacted, one partition) and the alerts."""
     t = settings.topics
     return [
         TopicSpec(
@@ -39,6 +39,8 @@ def topic_specs(settings: QuotaflowSettings) -> list[TopicSpec]:
             t.replication_factor,
             {"retention.ms": str(t.usage_retention_ms), "cleanup.policy": "delete"},
         ),
+        # one partition: every reader sees versions in the order they were written
+        TopicSpec(t.policies, 1, t.replication_factor, {"cleanup.policy": "compact"}),
         TopicSpec(
             t.alerts,
             t.partitions,

@@ -30,6 +30,7 @@ def pipeline_settings(
             "decisions": f"t-{run}.decisions",
             "dlq": f"t-{run}.dlq",
             "alerts": f"t-{run}.alerts",
+            "policies": f"t-{run}.policies",
             "partitions": partitions,
         },
         worker={

@@ -210,6 +210,7 @@ def run_settings(stack: DevStack, run_dir: Path, run_id: str) -> QuotaflowSettin
     settings.topics.decisions = f"quotaflow.{run_id}.decisions"
     settings.topics.dlq = f"quotaflow.{run_id}.usage.dlq"
     settings.topics.alerts = f"quotaflow.{run_id}.alerts"
+    settings.topics.policies = f"quotaflow.{run_id}.policies"
     settings.topics.partitions = 4
     settings.worker.app_id = f"quotaflow-{run_id}"
     settings.worker.web_port = free_port()

@@ -1,0 +1,163 @@
+"""Live policies on the real broker: apply (diff, optimistic concurrency), history, rollback,
+an SDK and a worker following the topic, and what a hostile writer of the topic can do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from quotaflow import QuotaClient
+from quotaflow.policy_log import DOCUMENT_KEY, content_hash, version_key
+from quotaflow.settings import QuotaflowSettings
+from quotaflow_stream.harness import WorkerProcess
+from tests.support import wait_for
+
+pytestmark = pytest.mark.integration
+
+PIPELINE_POLICIES = """
+policies:
+  - name: live
+    keys: ["live-*"]
+    limits: {requests_per_minute: 1000}
+    fail_mode: open
+    budget_shares: false
+"""
+
+
+def cli(settings: QuotaflowSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "quotaflow", "policies", *args],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+
+
+def write(tmp_path: Path, name: str, rpm: int, extra: str = "") -> Path:
+    path = tmp_path / name
+    path.write_text(
+        "policies:\n  - name: live\n    keys: ['live-*']\n"
+        f"    limits: {{requests_per_minute: {rpm}}}\n    budget_shares: false\n{extra}"
+    )
+    return path
+
+
+def admitted(client: QuotaClient, key: str, calls: int) -> int:
+    n = 0
+    for _ in range(calls):
+        if client.check(key).allowed:
+            client.record(key, "m", prompt_tokens=1)
+            n += 1
+    return n
+
+
+def test_apply_is_followed_by_the_sdk_and_the_worker_with_history_and_rollback(
+    settings: QuotaflowSettings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    with QuotaClient(settings) as client:
+        assert client.wait_ready(30)
+        assert client.policy_version is None, "no version published: the file rules"
+        assert admitted(client, "live-a", 5) == 5
+
+        tight = write(tmp_path, "tight.yaml", 3)
+        dry = cli(settings, "apply", str(tight), "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert "~ live: requests_per_minute 1000 -> 3" in dry.stdout
+        assert cli(settings, "history").stdout.strip() == "", "a dry run publishes nothing"
+
+        applied_at = time.monotonic()
+        done = cli(settings, "apply", str(tight), "-m", "tighten for the test")
+        assert done.returncode == 0, done.stderr
+        assert "published version 1" in done.stdout
+        wait_for(lambda: client.policy_version == 1, 5, what="the SDK adopts version 1")
+        took = time.monotonic() - applied_at
+        lag = client.policy_lag
+        print(f"\npublished to enforced: {lag * 1000:.0f} ms; apply command to enforced: "
+              f"{took * 1000:.0f} ms (its Python start-up included)")  # fmt: skip
+        assert lag is not None and lag < 1.0, "in force within 1 s of its publication"
+        # five already counted against a limit now 3: denied until usage slides under
+        wait_for(lambda: not client.check("live-a").allowed, 5, what="a lowered limit denies")
+        assert admitted(client, "live-b", 5) == 3, "a fresh key gets the new limit"
+        wait_for(lambda: (worker.stats() or {}).get("policy_version") == 1, 5,
+                 what="the worker adopts version 1")  # fmt: skip
+
+        # optimistic concurrency: a change made against version 0 is refused now
+        loose = write(tmp_path, "loose.yaml", 50)
+        stale = cli(settings, "apply", str(loose), "--expect-version", "0")
+        assert stale.returncode != 0 and "live policy version is 1" in stale.stderr
+        raised = cli(settings, "apply", str(loose), "-m", "raise", "--expect-version", "1")
+        assert raised.returncode == 0, raised.stderr
+        wait_for(lambda: client.policy_version == 2, 5, what="version 2")
+        wait_for(lambda: client.check("live-a").allowed, 5, what="a raised limit admits at once")
+
+        history = cli(settings, "history", "--json")
+        rows = [json.loads(line) for line in history.stdout.splitlines()]
+        assert [(r["version"], r["message"]) for r in rows] == [
+            (1, "tighten for the test"),
+            (2, "raise"),
+        ]
+        assert rows[1]["changes"] == ["~ live: requests_per_minute 3 -> 50"]
+
+        back = cli(settings, "rollback", "1")
+        assert back.returncode == 0, back.stderr
+        wait_for(lambda: client.policy_version == 3, 5, what="the rollback as version 3")
+        got = json.loads(cli(settings, "get", "--format", "json").stdout)
+        assert got["policies"][0]["limits"] == {"requests_per_minute": 3}
+        assert json.loads(cli(settings, "get", "--version", "2", "--format", "json").stdout)[
+            "policies"][0]["limits"] == {"requests_per_minute": 50}  # fmt: skip
+        assert client.stats()["policy_version"] == 3
+
+
+def test_a_hostile_writer_of_the_topic_changes_nothing(
+    settings: QuotaflowSettings, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """Garbage, a document that fails validation, a forged hash, a version number replayed
+    with other content: each is refused with a reason, the version in force stays, and
+    neither the SDK nor the worker stops following."""
+    with QuotaClient(settings) as client:
+        assert client.wait_ready(30)
+        live = wait_for(lambda: client.policy_version, 10, what="a version in force")
+        raw = Producer({**settings.kafka.confluent_config()})
+        good_doc = {"policies": [{"name": "live", "keys": ["live-*"],
+                                  "limits": {"requests_per_minute": 1}}]}  # fmt: skip
+        bad_doc = {"policies": [{"name": "live", "keys": ["live-*"],
+                                 "limits": {"requests_per_minute": -5}}]}  # fmt: skip
+
+        def message(version: int, doc: dict, digest: str | None = None) -> bytes:
+            return json.dumps({
+                "v": 1, "version": version, "author": "mallory", "time": time.time(),
+                "message": "", "document": doc, "hash": digest or content_hash(doc),
+            }).encode()  # fmt: skip
+
+        for value in (
+            b"\xff not json",
+            b"[]",
+            message(live + 1, bad_doc),
+            message(live + 1, good_doc, digest="sha256:0000"),
+            message(live, good_doc),  # replays the version in force with other content
+            message(10**6, "not a document"),  # type: ignore[arg-type]
+        ):
+            raw.produce(settings.topics.policies, key=DOCUMENT_KEY, value=value, partition=0)
+        raw.flush(10)
+        time.sleep(1.0)
+        assert client.policy_version == live
+        refused = client.policy_follower.log.refused  # type: ignore[union-attr]
+        reasons = "\n".join(refused[-6:])
+        for expected in ("not JSON", "not a policy version", "requests_per_minute",
+                         "hash: does not match", f"version {live} was already written",
+                         "document: expected an object"):  # fmt: skip
+            assert expected in reasons, (expected, reasons)
+        assert (worker.stats() or {}).get("policy_version") == live, "the worker kept it too"
+
+        # and a valid version after all that is still followed
+        next_file = write(tmp_path, "next.yaml", 7)
+        done = cli(settings, "apply", str(next_file), "-m", "after the noise")
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: client.policy_version == live + 1, 5, what="the next version")
+        assert version_key(live + 1) == f"version:{live + 1}".encode()
