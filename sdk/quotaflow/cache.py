@@ -105,6 +105,8 @@ class QuotaCache:
         # Own usage per (key, scope, window size): [window_start, *measures]. It survives
         # acknowledgement, for the ``local`` fail mode.
         self._own: dict[tuple[str, str, int], list[int]] = {}
+        #: Calls a shadow-mode policy would have denied, by limit (admitted all the same).
+        self.shadow_denials: dict[str, int] = {}
         self._lock = threading.Lock()
         #: Local clock time the stream was last heard from (a state or a heartbeat).
         self.last_heard: float | None = None
@@ -275,14 +277,21 @@ class QuotaCache:
         # (reason, name, binding, reset_at, used, limit, want)
         deny: tuple[Reason, str, Binding, float, int, int, int] | None = None
         stale_reason: Reason | None = None
+        shadow: str | None = None  # what a shadow-mode policy would have denied by
         for binding in bindings:
             policy = binding.policy
+            # shadow mode (enforce: false): decided like any policy, but what would deny is
+            # only noted (shadow) and the call goes on to the next policy
+            enforce = policy.enforce
             if (
                 policy.unpriced == "reject"
                 and model is not None
                 and self._priced is not None
                 and not self._priced(model)
             ):
+                if not enforce:
+                    shadow = shadow or "unpriced"
+                    continue
                 return Decision(
                     False, key, model, "unpriced", "unpriced", policy.name, _EMPTY, 0.0,
                     None, age,
@@ -293,6 +302,9 @@ class QuotaCache:
                     stale_reason = stale_reason or "stale_open"
                     continue
                 if policy.fail_mode == "closed":
+                    if not enforce:
+                        shadow = shadow or "stale"
+                        continue
                     return Decision(
                         False, key, model, "stale_closed", "stale", policy.name, _EMPTY,
                         policy.max_staleness, None, age,
@@ -340,7 +352,9 @@ class QuotaCache:
                             windows, pending, scope, unit, size, limit - max(want, 1), now
                         )
                     )  # fmt: skip
-                    if deny is None or deny[0] != "limit" or reset_at > deny[3]:
+                    if not enforce:
+                        shadow = shadow or name
+                    elif deny is None or deny[0] != "limit" or reset_at > deny[3]:
                         deny = ("limit", name, binding, reset_at, used, limit, want)
                 elif shared and deny is None:
                     allowance = share * (limit - counted) - mine
@@ -353,13 +367,23 @@ class QuotaCache:
                     if want > allowance and (
                         mine or allowance <= 0 or self._random() * want > allowance
                     ):
-                        deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used, limit, want)
+                        if enforce:
+                            deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used,
+                                    limit, want)  # fmt: skip
+                        else:
+                            shadow = shadow or name
         view = MappingProxyType(remaining)
         if deny is not None:
             reason, name, d_binding, reset_at, used, ceiling, want = deny
             return Decision(
                 False, key, model, reason, name, d_binding.policy.name, view,
                 reset_at - now, reset_at, age, used, ceiling, want,
+            )  # fmt: skip
+        if shadow is not None:
+            self.shadow_denials[shadow] = self.shadow_denials.get(shadow, 0) + 1
+            return Decision(
+                True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
+                0.0, None, age, shadow=shadow,
             )  # fmt: skip
         return Decision(
             True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,

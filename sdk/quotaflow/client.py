@@ -465,4 +465,5 @@ class QuotaClient:
             "follower_error": follower.error if follower else None,
             "policy_version": self.policy_version,
             "policy_lag_s": self.policy_lag,
+            "shadow_denials": dict(self.cache.shadow_denials),
         }

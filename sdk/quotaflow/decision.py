@@ -40,6 +40,9 @@ class Decision(NamedTuple):
     used: int | None = None
     ceiling: int | None = None
     requested: int | None = None
+    #: The limit of a shadow-mode policy (``enforce: false``) that would have denied this
+    #: call, which was admitted: the rollout of a new limit, measured before it binds.
+    shadow: str | None = None
 
     def __bool__(self) -> bool:
         return self.allowed

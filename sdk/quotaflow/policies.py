@@ -176,6 +176,12 @@ class Policy(BaseModel):
         description="IANA time zone of the policy's _per_month limits: a month runs from the "
         "first at 00:00 there to the next.",
     )
+    enforce: bool = Field(
+        default=True,
+        description="false: shadow mode. Decisions are computed and every call is admitted; "
+        "would-be denials are counted and shown (the decision's `shadow`, SDK stats, the "
+        "worker's /metrics), so a new limit can be rolled out safely.",
+    )
     alerts: list[float] = Field(
         default_factory=list,
         max_length=16,

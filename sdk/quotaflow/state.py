@@ -135,6 +135,9 @@ class QuotaState:
     totals: Totals = Totals()  # noqa: RUF009 (a tuple: immutable, safe to share)
     #: Lifetime totals per model, for dashboards and audits.
     models: dict[str, Totals] = field(default_factory=dict)
+    #: Limits of shadow-mode policies (``enforce: false``) at their ceiling: they would
+    #: throttle the key, and do not.
+    shadow: tuple[str, ...] = ()
 
     def to_json(self) -> bytes:
         doc = {
@@ -159,6 +162,7 @@ class QuotaState:
             "totals": dict(zip(TOTAL_FIELDS, self.totals, strict=True)),
             # msgspec writes a named tuple as an array
             "models": self.models,
+            "shadow": self.shadow,
         }
         # msgspec: a busy worker encodes thousands of states a second (~4x json.dumps)
         return _encode(doc)
@@ -194,6 +198,7 @@ class QuotaState:
                 for m, t in doc.get("models", {}).items()
             },
             totals=Totals(**{name: int(totals.get(name, 0)) for name in TOTAL_FIELDS}),
+            shadow=tuple(str(x) for x in doc.get("shadow") or ()),
         )
 
 

@@ -109,6 +109,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
     scope_policies: dict[str, str] = {}
     limits: list[LimitStatus] = []
     denied: LimitStatus | None = None
+    shadow: list[str] = []  # limits of shadow-mode policies (enforce: false) at their ceiling
     for scope in entry["s"]:
         bindings = policies.resolve(key, None if scope == KEY_SCOPE else scope)
         binding = next((b for b in bindings if b.scope == scope), None)
@@ -161,7 +162,9 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
                 reset_at=reset_at,
             )
             limits.append(status)
-            if status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
+            if status.remaining == 0 and not binding.policy.enforce:
+                shadow.append(status.name if scope == KEY_SCOPE else f"{scope}/{status.name}")
+            elif status.remaining == 0 and (denied is None or status.reset_at > denied.reset_at):
                 denied = status
     sources = entry["src"]
     shares = budget_shares(entry)
@@ -174,6 +177,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
         scope_policies=scope_policies,
         limits=tuple(limits),
         throttled=denied is not None,
+        shadow=tuple(shadow),
         denied_by=None
         if denied is None
         else (denied.name if denied.scope == KEY_SCOPE else f"{denied.scope}/{denied.name}"),

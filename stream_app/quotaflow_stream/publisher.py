@@ -122,6 +122,8 @@ class StatePublisher:
         self.latencies_ms: deque[float] = deque(maxlen=2000)
         #: Times a key went from open to throttled.
         self.throttle_onsets = 0
+        #: Times a key reached a limit of a shadow-mode policy (it would have been throttled).
+        self.shadow_onsets = 0
         #: Usage per key-wide policy since this worker started, laid out as an entry's totals
         #: (records, requests, tokens, cost, ...): /metrics exports it per policy, never per
         #: key (cardinality). Counted at publication from each entry's totals.
@@ -200,6 +202,8 @@ class StatePublisher:
         before = self.latest.get(key)
         if state.throttled and (before is None or not before.throttled):
             self.throttle_onsets += 1
+        if state.shadow and (before is None or not before.shadow):
+            self.shadow_onsets += 1  # would have been throttled: shadow mode
         self.latest[key] = state
         payload = state.to_json()
         self.output.send(self.decisions_topic, key.encode(), payload)

@@ -250,6 +250,11 @@ class _Metrics:
                 self.worker.publisher.throttle_onsets,
                 "Keys that became throttled.",
             ),
+            (
+                "quotaflow_shadow_denials",
+                self.worker.publisher.shadow_onsets,
+                "Keys that reached a limit of a shadow-mode policy (enforce: false), unthrottled.",
+            ),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily(

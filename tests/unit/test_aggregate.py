@@ -349,3 +349,18 @@ def test_minute_buckets_not_rolled_up_yet_leave_every_window_in_time() -> None:
         for pending in (None, minute_sums(entry, "")):
             assert sliding_counts(entry, "", size, M0 + later, 0, pending)[1:4] == (0, 0, 0)
             assert sliding_counts(entry, "", size, M0 + 30, 0, pending)[1:4] == (1, 10, 5)
+
+
+def test_a_shadow_mode_policy_at_its_ceiling_does_not_throttle_the_state() -> None:
+    shadow = parse_policies({"policies": [{"name": "s", "keys": ["k*"], "enforce": False,
+                                           "limits": {"requests_per_minute": 2}}]})  # fmt: skip
+    entry, _ = add_records(None, [rec(i, M0 + i) for i in range(3)], SCOPES, 10)
+    state = evaluate("k1", entry, shadow, now=M0 + 5)
+    assert not state.throttled and state.denied_by is None
+    assert state.shadow == ("requests_per_minute",)
+    assert state.limits[0].remaining == 0, "its figures are computed as ever"
+    from quotaflow.state import QuotaState
+
+    assert QuotaState.from_json(state.to_json()).shadow == ("requests_per_minute",)
+    enforced = evaluate("k1", entry, POLICIES, now=M0 + 5)
+    assert enforced.throttled and enforced.shadow == ()

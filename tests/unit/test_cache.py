@@ -292,3 +292,41 @@ def test_budget_shares_can_be_switched_off(clock: Clock) -> None:
     c.mark_heard()
     c.apply_state(state("k1", T0, 60, 0, 0, {}, shares={"me": 0.25, "b": 0.75}))
     assert c.check("k1", requests=40).allowed and not c.check("k1", requests=41).allowed
+
+
+def shadowed(**over: object) -> PolicySet:
+    """A tight key-wide policy in shadow mode beside an enforcing model policy."""
+    return parse_policies({"policies": [
+        {"name": "new-limit", "keys": ["k*"], "limits": {"requests_per_minute": 2},
+         "enforce": False, **over},
+        {"name": "m", "keys": ["k*"], "models": ["big"], "limits": {"tokens_per_minute": 300}},
+    ]})  # fmt: skip
+
+
+def test_shadow_mode_admits_what_it_would_deny_and_says_so(clock: Clock) -> None:
+    c = QuotaCache(shadowed(), "me", clock=clock)
+    c.mark_heard()
+    for _ in range(2):
+        d = c.check("k1", "small")
+        assert d.allowed and d.shadow is None
+        c.add_usage("k1", (T0, "small", 1, 0, 0, 0, 0, 0))
+    over = c.check("k1", "small")
+    assert over.allowed and over.reason == "ok" and over.shadow == "requests_per_minute"
+    assert c.check("k1", "small").shadow == "requests_per_minute"
+    assert c.shadow_denials == {"requests_per_minute": 2}
+    # an enforcing policy beside it still denies
+    c.add_usage("k1", (T0, "big", 1, 300, 0, 0, 0, 0))
+    big = c.check("k1", "big", prompt_tokens=10)
+    assert not big.allowed and big.limit == "big/tokens_per_minute"
+    # once enforced, the same usage is denied
+    c.policies = parse_policies({"policies": [{"name": "new-limit", "keys": ["k*"],
+                                              "limits": {"requests_per_minute": 2}}]})  # fmt: skip
+    assert not c.check("k1", "small").allowed
+
+
+def test_shadow_mode_admits_when_a_closed_policy_is_stale(clock: Clock) -> None:
+    c = QuotaCache(shadowed(fail_mode="closed", max_staleness=5), "me", clock=clock)
+    c.mark_heard()
+    clock.now += 10
+    d = c.check("k1", "small")
+    assert d.allowed and d.shadow == "stale"
