@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from quotaflow import policies_cli
 
     policies_cli.register(pol_sub)
+    policies_cli.register_limits(sub)
 
     kid = sub.add_parser(
         "key-id", help="print the counter id of each API key read from stdin (for policies)"

@@ -37,7 +37,7 @@ from quotaflow.emitter import UsageEmitter
 from quotaflow.follower import DecisionsFollower
 from quotaflow.ids import IdMinter
 from quotaflow.journal import Journal
-from quotaflow.policies import PolicySet, load_policies
+from quotaflow.policies import Limits, PolicySet, load_policies
 from quotaflow.policy_log import PolicyVersion
 from quotaflow.policy_topic import PolicyFollower
 from quotaflow.prices import PriceTable, check_unpriced_fallbacks, dollars, load_price_table
@@ -124,6 +124,8 @@ class QuotaClient:
         #: The live policy version in force (None: the policy file, no version adopted yet).
         self.policy_version: int | None = None
         self.policy_lag: float | None = None
+        self.overrides_in_force = 0
+        self._file_policies = self.policies
         self.policy_follower: PolicyFollower | None = None
         if follow and policies is None and self.settings.policies.follow:
             self.policy_follower = PolicyFollower(
@@ -164,22 +166,29 @@ class QuotaClient:
         self.state = ClientState.OPENED
         return self
 
-    def _adopt(self, version: PolicyVersion) -> None:
-        """Enforce a live policy version (called from the policies follower's thread): each
-        check() reads the policy set once, so a call sees the old set or the new, never both.
-        Counters are the worker's and stay as they are: no window resets."""
-        policies = version.policies
+    def _adopt(
+        self, version: PolicyVersion | None, overrides: dict[tuple[str, str | None], Limits]
+    ) -> None:
+        """Enforce the live policies (called from the policies follower's thread): a version
+        (else the file) with the overrides in force. Each check() reads the policy set once,
+        so a call sees the old set or the new, never both. Counters are the worker's and stay
+        as they are: no window resets."""
+        base = version.policies if version is not None else self._file_policies
+        policies = PolicySet(base.policies, base.source, overrides) if overrides else base
         check_unpriced_fallbacks(policies, self.prices)  # raises: the follower keeps the old
         pricer = CallPricer(self.prices, policies)
         self.pricer, self._resolved_prices = pricer, pricer.cache
         self._money = policies.money
         self.cache.adopt(policies, self._price_call if policies.money else None)
         self.policies = policies
-        self.policy_version = version.version
-        #: Seconds from the version's publication to this instance enforcing it.
-        self.policy_lag = max(time.time() - version.time, 0.0)
-        log.info("policies: version %d in force (%s, by %s)", version.version,
-                 version.message or "no message", version.author)  # fmt: skip
+        number = version.version if version is not None else None
+        if number != self.policy_version and version is not None:
+            #: Seconds from the version's publication to this instance enforcing it.
+            self.policy_lag = max(time.time() - version.time, 0.0)
+            log.info("policies: version %d in force (%s, by %s)", version.version,
+                     version.message or "no message", version.author)  # fmt: skip
+        self.policy_version = number
+        self.overrides_in_force = len(overrides)
 
     def wait_ready(self, timeout: float = 30.0) -> bool:
         """Block until the follower has warm-started and is consuming; False on timeout."""
@@ -466,4 +475,5 @@ class QuotaClient:
             "policy_version": self.policy_version,
             "policy_lag_s": self.policy_lag,
             "shadow_denials": dict(self.cache.shadow_denials),
+            "overrides_in_force": self.overrides_in_force,
         }

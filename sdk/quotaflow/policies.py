@@ -28,7 +28,7 @@ is chosen by precedence: an exact key beats a glob, globs in file order, ``defau
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -341,9 +341,17 @@ class PolicySet:
 
     _CACHE_MAX = 200_000
 
-    def __init__(self, policies: Iterable[Policy], source: str = "<memory>") -> None:
+    def __init__(
+        self,
+        policies: Iterable[Policy],
+        source: str = "<memory>",
+        overrides: Mapping[tuple[str, str | None], Limits] | None = None,
+    ) -> None:
         self.policies: tuple[Policy, ...] = tuple(policies)
         self.source = source
+        #: Temporary limits of one key (and model, or None for key-wide), on top of the policy
+        #: that binds it: a boost or a clamp (``quotaflow limits set``).
+        self.overrides: Mapping[tuple[str, str | None], Limits] = dict(overrides or {})
         self._by_name = {p.name: p for p in self.policies}
         #: Whether any policy has alerts (publication skips looking for them otherwise).
         self.alerting = any(p.alerts for p in self.policies)
@@ -375,11 +383,17 @@ class PolicySet:
             return found
         bindings: list[Binding] = []
         key_wide = self._key_wide.pick(key)
-        if key_wide is not None:
+        override = self.overrides.get((key, None)) if self.overrides else None
+        if override is not None:
+            bindings.append(Binding.of(KEY_SCOPE, overridden(key_wide, key, None, override)))
+        elif key_wide is not None:
             bindings.append(self._binding(KEY_SCOPE, key_wide))
         if model is not None:
             per_model = self._model_class(model).pick(key)
-            if per_model is not None:
+            override = self.overrides.get((key, model)) if self.overrides else None
+            if override is not None:
+                bindings.append(Binding.of(model, overridden(per_model, key, model, override)))
+            elif per_model is not None:
                 bindings.append(self._binding(model, per_model))
         result = tuple(bindings)
         if len(self._cache) >= self._CACHE_MAX:
@@ -404,6 +418,29 @@ class PolicySet:
                 self._bindings.clear()
             found = self._bindings[(scope, policy.name)] = Binding.of(scope, policy)
         return found
+
+
+def overridden(policy: Policy | None, key: str, model: str | None, limits: Limits) -> Policy:
+    """``policy`` with the limits an override sets replacing its own (the others stay); with
+    no policy binding the key, a policy of the override's limits alone."""
+    changed = {name: getattr(limits, name) for name in limits.model_fields_set}
+    if policy is None:
+        return Policy.model_construct(
+            name=f"override:{key}", keys=[key], models=[model] if model else None,
+            limits=limits,
+        )  # fmt: skip
+    fields = {name: getattr(policy, name) for name in type(policy).model_fields}
+    # a fresh model, not model_copy: that would carry the cached specs of the old limits
+    return Policy.model_construct(**{**fields, "limits": policy.limits.model_copy(update=changed)})
+
+
+def parse_limits(doc: Any, what: str = "limits") -> Limits:
+    """Limits as a policy's ``limits`` mapping states them (money in dollars); raises
+    ConfigError naming the field."""
+    try:
+        return Limits.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"{what}: {describe_validation_error(exc)}") from None
 
 
 def parse_policies(doc: Any, source: str = "<memory>") -> PolicySet:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import socket
 import time
 from pathlib import Path
@@ -13,8 +14,8 @@ from typing import Any
 
 from quotaflow._exceptions import QuotaflowError
 from quotaflow._yaml import Missing, read_yaml
-from quotaflow.policies import PolicySet, load_policies
-from quotaflow.policy_log import PolicyVersion, diff
+from quotaflow.policies import PolicySet, load_policies, parse_limits
+from quotaflow.policy_log import Override, PolicyVersion, diff
 
 
 def register(pol_sub: Any) -> None:
@@ -124,6 +125,15 @@ def _cmd_history(args: argparse.Namespace) -> int:
         print(f"{number:>4}  {when}Z  {version.author}  {version.message or '-'}")
         for line in changes:
             print(f"        {line}")
+    for o in found.override_history:
+        what = "cleared" if o.limits is None else f"set {o.limits}"
+        if args.json:
+            print(json.dumps({"override": o.key, "model": o.model, "limits": o.limits,
+                              "expires_at": o.expires_at, "reason": o.reason,
+                              "author": o.author, "time": o.time}))  # fmt: skip
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(o.time))
+            print(f"override  {when}Z  {o.author}  {o.key}: {what}  {o.reason or '-'}")
     for refusal in found.refused:
         print(f"refused: {refusal}")
     return 0
@@ -144,3 +154,118 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
                       expect_version=live.version)  # fmt: skip
     print(f"published version {written.version}: the document of version {args.version}")
     return 0
+
+
+# -- quotaflow limits: temporary overrides ----------------------------------------------------
+
+
+def register_limits(sub: Any) -> None:
+    lim = sub.add_parser("limits", help="temporary per-key limit overrides (boost or clamp)")
+    lim_sub = lim.add_subparsers(dest="limits_command", metavar="ACTION")
+    lim_sub.required = True
+    put = lim_sub.add_parser("set", help="override limits of KEY: LIMIT=VALUE ...")
+    put.add_argument("key")
+    put.add_argument("limits", nargs="+", metavar="LIMIT=VALUE",
+                     help="e.g. tokens_per_minute=200000 cost_per_day=50.00")  # fmt: skip
+    put.add_argument("--model", help="override the model policy's limits for this model")
+    put.add_argument("--ttl", help="expire after this long (90s, 30m, 2h, 1d; default never)")
+    put.add_argument("--reason", default="", help="why (kept on the topic)")
+    put.add_argument("--author")
+    put.set_defaults(func=_cmd_limits_set)
+    clear = lim_sub.add_parser("clear", help="remove KEY's override (before it expires)")
+    clear.add_argument("key")
+    clear.add_argument("--model")
+    clear.add_argument("--reason", default="")
+    clear.add_argument("--author")
+    clear.set_defaults(func=_cmd_limits_clear)
+    show = lim_sub.add_parser("list", help="the overrides in force")
+    show.add_argument("--json", action="store_true", help="print JSON lines")
+    show.set_defaults(func=_cmd_limits_list)
+
+
+_TTL_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> float:
+    """Seconds in ``90s``, ``30m``, ``2h``, ``1d`` or ``1h30m``; raises QuotaflowError."""
+    parts = _TTL_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise QuotaflowError(f"--ttl {text!r}: expected a duration like 90s, 30m, 2h or 1h30m")
+    seconds = sum(float(n) * _TTL_UNITS[u] for n, u in parts)
+    if seconds <= 0:
+        raise QuotaflowError(f"--ttl {text!r}: must be longer than 0")
+    return seconds
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """``LIMIT=VALUE`` pairs as a limits mapping, validated like a policy's (names the field)."""
+    import yaml
+
+    limits: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise QuotaflowError(f"{item!r}: expected LIMIT=VALUE, e.g. tokens_per_minute=200000")
+        limits[name] = yaml.safe_load(value)
+    parse_limits(limits, "override")  # raises ConfigError naming the limit
+    return limits
+
+
+def _publish_override(override: Override) -> None:
+    from quotaflow._kafka import producer as kafka_producer
+    from quotaflow.policy_log import override_key
+    from quotaflow.policy_topic import signing_key
+
+    settings = _settings()
+    producer = kafka_producer(settings.kafka.confluent_config())
+    errors: list[str] = []
+    producer.produce(
+        settings.topics.policies, key=override_key(override.key, override.model),
+        value=override.to_json(signing_key(settings)), partition=0,
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+    )  # fmt: skip
+    if producer.flush(10) or errors:
+        raise QuotaflowError(f"publishing the override failed: {errors or 'timed out'}")
+
+
+def _cmd_limits_set(args: argparse.Namespace) -> int:
+    limits = parse_assignments(args.limits)
+    now = time.time()
+    expires = now + parse_ttl(args.ttl) if args.ttl else None
+    _publish_override(Override(args.key, args.model, limits, expires, args.reason,
+                               _author(args.author), now))  # fmt: skip
+    until = _when(expires) if expires is not None else "until cleared"
+    scope = f" (model {args.model})" if args.model else ""
+    print(f"override of {args.key}{scope}: {limits}, {until}")
+    return 0
+
+
+def _cmd_limits_clear(args: argparse.Namespace) -> int:
+    _publish_override(Override(args.key, args.model, None, None, args.reason,
+                               _author(args.author), time.time()))  # fmt: skip
+    print(f"override of {args.key} cleared")
+    return 0
+
+
+def _cmd_limits_list(args: argparse.Namespace) -> int:
+    from quotaflow.policy_topic import read_log
+
+    found = read_log(_settings())
+    now = time.time()
+    for (key, model), o in sorted(found.overrides.items(), key=lambda kv: kv[0][0]):
+        if not o.active(now):
+            continue
+        row = {"key": key, "model": model, "limits": o.limits, "expires_at": o.expires_at,
+               "reason": o.reason, "author": o.author, "set_at": o.time}  # fmt: skip
+        if args.json:
+            print(json.dumps(row))
+        else:
+            until = _when(o.expires_at) if o.expires_at is not None else "until cleared"
+            scope = f" model={model}" if model else ""
+            print(f"{key}{scope}: {o.limits} {until}; {o.reason or '-'} ({o.author})")
+    return 0
+
+
+def _when(at: float) -> str:
+    return "until " + time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(at))

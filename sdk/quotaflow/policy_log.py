@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quotaflow._exceptions import ConfigError
-from quotaflow.policies import Policy, PolicySet, parse_policies
+from quotaflow.policies import Limits, Policy, PolicySet, parse_limits, parse_policies
 
 #: Layout of a version message.
 MESSAGE_VERSION = 1
@@ -36,6 +36,12 @@ DOCUMENT_KEY = b"document"
 
 def version_key(version: int) -> bytes:
     return f"version:{version}".encode()
+
+
+def override_key(key: str, model: str | None) -> bytes:
+    """The topic key of one counter's (and model's) override: the latest message is its state
+    (compaction keeps that), earlier ones are its audit trail until compacted."""
+    return f"override:{key}".encode() + (f"\x00{model}".encode() if model else b"")
 
 
 class RefusedMessage(ValueError):
@@ -97,6 +103,15 @@ def new_version(
 def read_version(raw: bytes | None, signing_key: str | None = None) -> PolicyVersion:
     """The version in a policies-topic message; raises :class:`RefusedMessage` with the reason
     if it is not one to believe."""
+    found = read_message(raw, signing_key)
+    if not isinstance(found, PolicyVersion):
+        raise RefusedMessage("an override, not a policy version")
+    return found
+
+
+def read_message(raw: bytes | None, signing_key: str | None = None) -> PolicyVersion | Override:
+    """The version or override in a policies-topic message; raises :class:`RefusedMessage`
+    with the reason if it is not one to believe."""
     if raw is None:
         raise RefusedMessage("empty message")
     if len(raw) > MAX_MESSAGE_BYTES:
@@ -112,6 +127,8 @@ def read_version(raw: bytes | None, signing_key: str | None = None) -> PolicyVer
         isinstance(sig, str) and hmac.compare_digest(sig, _signature(body, signing_key))
     ):
         raise RefusedMessage("bad or missing signature (policies.signing_key)")
+    if body.get("kind") == "override":
+        return read_override(body)
     version, author, at = body.get("version"), body.get("author"), body.get("time")
     message, document, digest = body.get("message"), body.get("document"), body.get("hash")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
@@ -132,6 +149,57 @@ def read_version(raw: bytes | None, signing_key: str | None = None) -> PolicyVer
         raise RefusedMessage(str(exc)) from None
 
 
+@dataclass(frozen=True)
+class Override:
+    """A temporary boost or clamp of one counter's limits (and model's, or key-wide), on top
+    of the policy that binds it; ``limits`` None clears it."""
+
+    key: str
+    model: str | None
+    limits: dict[str, Any] | None  # as a policy's limits mapping states them (dollars)
+    expires_at: float | None
+    reason: str
+    author: str
+    time: float
+
+    def active(self, now: float) -> bool:
+        return self.limits is not None and (self.expires_at is None or now < self.expires_at)
+
+    def to_json(self, signing_key: str | None = None) -> bytes:
+        body = {"v": MESSAGE_VERSION, "kind": "override", "key": self.key, "model": self.model,
+                "limits": self.limits, "expires_at": self.expires_at, "reason": self.reason,
+                "author": self.author, "time": self.time}  # fmt: skip
+        if signing_key:
+            body["sig"] = _signature(body, signing_key)
+        return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+def read_override(body: dict[str, Any]) -> Override:
+    """The override in a message body already checked for shape and signature."""
+    key, model, limits = body.get("key"), body.get("model"), body.get("limits")
+    expires, reason = body.get("expires_at"), body.get("reason", "")
+    author, at = body.get("author", ""), body.get("time")
+    if not isinstance(key, str) or not 0 < len(key) <= 256:
+        raise RefusedMessage("key: expected a counter key of 1 to 256 characters")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= 256):
+        raise RefusedMessage("model: expected a model name or null")
+    if expires is not None and (not isinstance(expires, int | float) or isinstance(expires, bool)):
+        raise RefusedMessage("expires_at: expected epoch seconds or null")
+    if not isinstance(reason, str) or len(reason) > 2000 or not isinstance(author, str):
+        raise RefusedMessage("reason, author: expected short strings")
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        raise RefusedMessage("time: expected epoch seconds")
+    if limits is not None:
+        if not isinstance(limits, dict):
+            raise RefusedMessage("limits: expected an object or null")
+        try:
+            parse_limits(limits)
+        except ConfigError as exc:
+            raise RefusedMessage(str(exc)) from None
+    return Override(key, model, limits, None if expires is None else float(expires),
+                    reason, author, float(at))  # fmt: skip
+
+
 @dataclass
 class PolicyLog:
     """What the topic holds: every valid version (the first message of each) and the
@@ -139,14 +207,31 @@ class PolicyLog:
 
     versions: dict[int, PolicyVersion] = field(default_factory=dict)
     refused: list[str] = field(default_factory=list)
+    #: The latest override message of each (key, model), cleared ones included.
+    overrides: dict[tuple[str, str | None], Override] = field(default_factory=dict)
+    #: Every override message, in topic order (what ``limits`` commands audit).
+    override_history: list[Override] = field(default_factory=list)
+
+    def active_overrides(self, now: float) -> dict[tuple[str, str | None], Limits]:
+        """The overrides in force at ``now``, as limits (validated when read)."""
+        return {
+            pair: parse_limits(o.limits)
+            for pair, o in self.overrides.items()
+            if o.active(now) and o.limits is not None
+        }
 
     def add(self, raw: bytes | None, where: str, signing_key: str | None = None) -> bool:
-        """Take one message; True if it made a newer version current."""
+        """Take one message; True if it made a newer version current or changed an
+        override."""
         try:
-            found = read_version(raw, signing_key)
+            found = read_message(raw, signing_key)
         except RefusedMessage as exc:
             self.refused.append(f"{where}: {exc}")
             return False
+        if isinstance(found, Override):
+            self.overrides[(found.key, found.model)] = found
+            self.override_history.append(found)
+            return True
         known = self.versions.get(found.version)
         if known is not None:
             if known.hash != found.hash or known.time != found.time:

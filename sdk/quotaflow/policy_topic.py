@@ -14,6 +14,7 @@ from quotaflow._exceptions import QuotaflowError
 from quotaflow._kafka import consumer as kafka_consumer
 from quotaflow._kafka import kafka_errors
 from quotaflow._kafka import producer as kafka_producer
+from quotaflow.policies import Limits
 from quotaflow.policy_log import (
     DOCUMENT_KEY,
     PolicyLog,
@@ -67,7 +68,7 @@ def _consume_to_end(
 def read_log(settings: QuotaflowSettings, timeout: float = 10.0) -> PolicyLog:
     """Every version the policies topic holds (read to its end)."""
     found = PolicyLog()
-    key = _signing_key(settings)
+    key = signing_key(settings)
 
     def take(msg: Any) -> None:
         found.add(msg.value(), f"{msg.topic()}[{msg.partition()}]@{msg.offset()}", key)
@@ -103,7 +104,7 @@ def publish(
         producer.list_topics(settings.topics.policies, timeout=timeout)  # connected: the
         # version's time is when it is written, not when the producer started
     ours = new_version(document, live_number + 1, author, message, time.time())
-    value = ours.to_json(_signing_key(settings))
+    value = ours.to_json(signing_key(settings))
     errors: list[str] = []
 
     def delivered(err: Any, _msg: Any) -> None:
@@ -124,24 +125,26 @@ def publish(
     return ours
 
 
-def _signing_key(settings: QuotaflowSettings) -> str | None:
+def signing_key(settings: QuotaflowSettings) -> str | None:
     key = settings.policies.signing_key
     return key.get_secret_value() if key is not None else None
 
 
+#: What a follower hands over: the version in force (None: none published, the file rules)
+#: and the overrides in force, by (key, model).
+OnChange = Callable[[PolicyVersion | None, dict[tuple[str, str | None], Limits]], None]
+
+
 class PolicyFollower:
-    """Background thread following the policies topic: ``on_version`` gets each version newer
-    than the one in force (the first at start-up, once the topic has been read to its end)."""
+    """Background thread following the policies topic: ``on_change`` gets the version in force
+    and the active overrides whenever either changes (a newer version, an override set or
+    cleared, an override expiring), first once the topic has been read to its end."""
 
     def __init__(
-        self,
-        settings: QuotaflowSettings,
-        on_version: Callable[[PolicyVersion], None],
-        *,
-        fetch_max_wait_ms: int = 50,
+        self, settings: QuotaflowSettings, on_change: OnChange, *, fetch_max_wait_ms: int = 50
     ) -> None:
         self.settings = settings
-        self.on_version = on_version
+        self.on_change = on_change
         self.log = PolicyLog()
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._stop = threading.Event()
@@ -168,7 +171,7 @@ class PolicyFollower:
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
         topic = self.settings.topics.policies
-        key = _signing_key(self.settings)
+        key = signing_key(self.settings)
         consumer = kafka_consumer(
             self.settings.kafka.confluent_config(), "quotaflow-policies-follower",
             fetch_wait_max_ms=self._fetch_max_wait_ms, fetch_min_bytes=1,
@@ -177,28 +180,26 @@ class PolicyFollower:
             ends = self._assign(consumer, topic, OFFSET_BEGINNING, TopicPartition)
             if ends is None:
                 return
-            if not ends:
-                self.caught_up.set()
-            pending: PolicyVersion | None = None
+            delivered: tuple[Any, ...] = (None, {})
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
                 if msg is not None and msg.error() is None:
-                    where = f"{topic}[{msg.partition()}]@{msg.offset()}"
                     refused = len(self.log.refused)
-                    if self.log.add(msg.value(), where, key):
-                        pending = self.log.current
+                    self.log.add(msg.value(), f"{topic}[{msg.partition()}]@{msg.offset()}", key)
                     if len(self.log.refused) > refused:
                         log.warning("policies: refused %s", self.log.refused[-1])
                     if msg.offset() + 1 >= ends.get(msg.partition(), 0):
                         ends.pop(msg.partition(), None)
-                if ends and not self.caught_up.is_set():
-                    continue  # at start-up, only the newest version of the backlog counts
-                if pending is not None:
-                    self._deliver(pending)
-                    pending = None
+                if ends:
+                    continue  # at start-up, only what the whole backlog leaves in force counts
+                # overrides also change on their own, when they expire: compared every poll
+                now = (self.log.current, self.log.active_overrides(time.time()))
+                if now[0] is not delivered[0] or now[1] != delivered[1]:
+                    self._deliver(*now)
+                    delivered = now
                 self.caught_up.set()
-        except Exception:  # never take the host process down: the version in force stays
-            log.exception("policies follower stopped; the version in force stays in force")
+        except Exception:  # never take the host process down: what is in force stays
+            log.exception("policies follower stopped; the policies in force stay in force")
         finally:
             consumer.close()
 
@@ -219,9 +220,10 @@ class PolicyFollower:
             self._stop.wait(0.5)
         return None
 
-    def _deliver(self, version: PolicyVersion) -> None:
+    def _deliver(
+        self, version: PolicyVersion | None, overrides: dict[tuple[str, str | None], Limits]
+    ) -> None:
         try:
-            self.on_version(version)
+            self.on_change(version, overrides)
         except Exception:
-            log.exception("policies: applying version %d failed; keeping the one in force",
-                          version.version)  # fmt: skip
+            log.exception("policies: applying a change failed; keeping what is in force")

@@ -16,7 +16,7 @@ from typing import Any
 
 import faust
 
-from quotaflow.policies import KEY_SCOPE, Policy, PolicySet
+from quotaflow.policies import KEY_SCOPE, Limits, Policy, PolicySet
 from quotaflow.policy_log import PolicyVersion
 from quotaflow.policy_topic import PolicyFollower
 from quotaflow.prices import load_price_table
@@ -99,7 +99,8 @@ class StreamWorker:
         #: The live policy version in force (None: the policy file).
         self.policy_version: int | None = None
         # the newest version the follower thread handed over, adopted on the event loop
-        self._incoming: PolicyVersion | None = None
+        self._incoming: tuple[PolicyVersion | None, dict[Any, Limits]] | None = None
+        self._file_policies = policies
         self.policy_follower = (
             PolicyFollower(settings, self._hand_over) if settings.policies.follow else None
         )
@@ -138,19 +139,28 @@ class StreamWorker:
         app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
         return self
 
-    def _hand_over(self, version: PolicyVersion) -> None:
-        self._incoming = version  # one assignment: the loop picks the newest up
+    def _hand_over(
+        self, version: PolicyVersion | None, overrides: dict[tuple[str, str | None], Limits]
+    ) -> None:
+        self._incoming = (version, overrides)  # one assignment: the loop picks the newest up
 
     async def _adopt_incoming(self) -> None:
-        version, self._incoming = self._incoming, None
-        if version is not None:
-            self.adopt_policies(version)
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            self.adopt_policies(*incoming)
 
-    def adopt_policies(self, version: PolicyVersion) -> int:
-        """Count and publish by a live policy version from now on; republish at once the keys
-        whose policies changed. Returns how many. Counts stay: no window resets (a scope a new
-        model policy names starts counting now)."""
-        old, new = self.policies, version.policies
+    def adopt_policies(
+        self,
+        version: PolicyVersion | None,
+        overrides: dict[tuple[str, str | None], Limits] | None = None,
+    ) -> int:
+        """Count and publish by the live policies from now on (a version, else the file, with
+        the overrides in force); republish at once the keys whose policies changed. Returns
+        how many. Counts stay: no window resets (a scope a new model policy names starts
+        counting now)."""
+        base = version.policies if version is not None else self._file_policies
+        old = self.policies
+        new = PolicySet(base.policies, base.source, overrides) if overrides else base
         self.policies = new
         self.store.adopt(scopes_for(new), new.month_zones)
         self.publisher.policies = new
@@ -159,10 +169,10 @@ class StreamWorker:
             if any(_bound(old, key, scope) != _bound(new, key, scope) for scope in entry["s"])
         ]  # fmt: skip
         self.publisher.dirty.update(dict.fromkeys(changed))
-        self.policy_version = self.publisher.policy_version = version.version
-        log.info("policies: version %d in force (%s, by %s); %d keys to republish",
-                 version.version, version.message or "no message", version.author,
-                 len(changed))  # fmt: skip
+        number = version.version if version is not None else None
+        self.policy_version = self.publisher.policy_version = number
+        log.info("policies: version %s in force with %d overrides; %d keys to republish",
+                 number, len(overrides or {}), len(changed))  # fmt: skip
         return len(changed)
 
     def _usage_partitions(self, tps: Any) -> set[int]:

@@ -161,3 +161,49 @@ def test_a_hostile_writer_of_the_topic_changes_nothing(
         assert done.returncode == 0, done.stderr
         wait_for(lambda: client.policy_version == live + 1, 5, what="the next version")
         assert version_key(live + 1) == f"version:{live + 1}".encode()
+
+
+def limits(settings: QuotaflowSettings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **settings.to_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "quotaflow", "limits", *args],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+
+
+def test_an_override_clamps_one_key_expires_on_its_own_and_clears(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    with QuotaClient(settings) as client:
+        assert client.wait_ready(30)
+        in_force = client.policies.resolve("live-ov")[0].policy.specs[0].limit
+        assert in_force >= 3, "the version in force allows a few calls a minute"
+        done = limits(settings, "set", "live-ov", "requests_per_minute=1", "--ttl", "4s",
+                      "--reason", "clamp for the test")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: client.overrides_in_force == 1, 5, what="the SDK takes the override")
+        assert admitted(client, "live-ov", 3) == 1, "clamped to 1 a minute"
+        assert admitted(client, "live-other", 3) == 3, "other keys keep their policy"
+        listed = [json.loads(x) for x in limits(settings, "list", "--json").stdout.splitlines()]
+        assert [(r["key"], r["limits"], r["reason"]) for r in listed] == [
+            ("live-ov", {"requests_per_minute": 1}, "clamp for the test")
+        ]
+        # expires on its own: the policy's limit again, the call counted before still counted
+        wait_for(lambda: client.overrides_in_force == 0, 8, what="the override expires")
+        assert admitted(client, "live-ov", in_force) == in_force - 1
+        assert limits(settings, "list").stdout.strip() == ""
+
+        boost = limits(settings, "set", "live-ov", "requests_per_minute=100")
+        assert boost.returncode == 0, boost.stderr
+        wait_for(lambda: client.overrides_in_force == 1, 5, what="a boost")
+        assert client.check("live-ov").allowed
+        assert limits(settings, "clear", "live-ov").returncode == 0
+        wait_for(lambda: client.overrides_in_force == 0, 5, what="cleared")
+        assert not client.check("live-ov").allowed, "back to the policy, already spent"
+        wait_for(lambda: not (worker.stats() or {}).get("unacked_messages"), 10)
+
+        bad = limits(settings, "set", "live-ov", "requests_per_minute=-2")
+        assert bad.returncode != 0 and "requests_per_minute" in bad.stderr
+        audit = cli(settings, "history").stdout
+        assert "live-ov: set {'requests_per_minute': 1}  clamp for the test" in audit
+        assert "live-ov: cleared" in audit

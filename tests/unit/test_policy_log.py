@@ -101,3 +101,73 @@ def test_the_diff_names_policies_added_removed_and_each_setting_changed() -> Non
         "~ a: fail_mode 'open' -> 'closed'",
     ]
     assert diff(new, new) == []
+
+
+def test_an_override_boosts_or_clamps_one_key_and_model_and_leaves_the_rest() -> None:
+    from quotaflow.policies import PolicySet, parse_limits
+
+    base = parse_policies({"policies": [
+        {"name": "a", "keys": ["k*"], "limits": {"requests_per_minute": 10,
+                                                "tokens_per_minute": 100}},
+        {"name": "m", "keys": ["k*"], "models": ["big"], "limits": {"tokens_per_minute": 50}},
+    ]})  # fmt: skip
+    ps = PolicySet(base.policies, overrides={
+        ("k1", None): parse_limits({"tokens_per_minute": 1000, "cost_per_day": 2.5}),
+        ("k2", "big"): parse_limits({"tokens_per_minute": 5}),
+        ("other", None): parse_limits({"requests_per_minute": 1}),
+    })  # fmt: skip
+    (k1,) = ps.resolve("k1")
+    assert {s.name: s.limit for s in k1.policy.specs} == {
+        "requests_per_minute": 10, "tokens_per_minute": 1000, "cost_per_day": 2_500_000,
+    }  # fmt: skip
+    assert k1.money and k1.policy.name == "a"
+    assert {s.name: s.limit for s in ps.resolve("k3")[0].policy.specs}["tokens_per_minute"] == 100
+    _, big = ps.resolve("k2", "big")
+    assert [(s.name, s.limit) for s in big.policy.specs] == [("tokens_per_minute", 5)]
+    assert [(s.name, s.limit) for s in ps.resolve("k3", "big")[1].policy.specs] == [
+        ("tokens_per_minute", 50)
+    ]
+    (alone,) = ps.resolve("other")
+    assert alone.policy.name == "override:other" and alone.rows[0][3] == 1
+    assert base.resolve("k1")[0].policy.specs[1].limit == 100, "the base set is unchanged"
+
+
+def test_override_messages_take_effect_expire_and_clear_in_topic_order() -> None:
+    from quotaflow.policy_log import Override
+
+    log = PolicyLog()
+    set_ = Override("k1", None, {"requests_per_minute": 5}, 100.0, "launch", "ann", 10.0)
+    assert log.add(set_.to_json(), "@0")
+    assert set(log.active_overrides(50.0)) == {("k1", None)}
+    assert log.active_overrides(100.0) == {}, "expired at expires_at"
+    cleared = Override("k1", None, None, None, "done", "ann", 20.0)
+    assert log.add(cleared.to_json(), "@1") and log.active_overrides(50.0) == {}
+    assert [o.reason for o in log.override_history] == ["launch", "done"]
+    bad = json.loads(set_.to_json())
+    hostile = [
+        ("limits", {"requests_per_minute": -1}, "requests_per_minute"),
+        ("limits", {"nonsense_per_minute": 1}, "nonsense"),
+        ("key", "", "key"),
+        ("expires_at", "soon", "expires_at"),
+    ]
+    for field, value, reason in hostile:
+        assert not log.add(json.dumps({**bad, field: value}).encode(), "@x")
+        assert reason in log.refused[-1], (field, log.refused[-1])
+    assert log.active_overrides(50.0) == {}, "refused overrides change nothing"
+
+
+def test_ttls_and_limit_assignments_are_parsed_strictly() -> None:
+    from quotaflow._exceptions import QuotaflowError
+    from quotaflow.policies_cli import parse_assignments, parse_ttl
+
+    assert parse_ttl("90s") == 90 and parse_ttl("1h30m") == 5400 and parse_ttl("2d") == 172800
+    for bad in ("", "2", "2x", "h", "1h 30m", "0s", "-5m"):
+        with pytest.raises(QuotaflowError):
+            parse_ttl(bad)
+    assert parse_assignments(["tokens_per_minute=2000", "cost_per_day=2.50"]) == {
+        "tokens_per_minute": 2000, "cost_per_day": 2.5,
+    }  # fmt: skip
+    with pytest.raises(QuotaflowError, match="tokens_per_minute"):
+        parse_assignments(["tokens_per_minute=-3"])
+    with pytest.raises(QuotaflowError, match="LIMIT=VALUE"):
+        parse_assignments(["tokens_per_minute"])
