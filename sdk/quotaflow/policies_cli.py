@@ -213,12 +213,11 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def _publish_override(override: Override) -> None:
-    from quotaflow._kafka import producer as kafka_producer
     from quotaflow.policy_log import override_key
-    from quotaflow.policy_topic import signing_key
+    from quotaflow.policy_topic import policy_producer, signing_key
 
     settings = _settings()
-    producer = kafka_producer(settings.kafka.confluent_config())
+    producer = policy_producer(settings)
     errors: list[str] = []
     producer.produce(
         settings.topics.policies, key=override_key(override.key, override.model),
