@@ -225,6 +225,8 @@ class Heartbeat(NamedTuple):
     published_at: float
     worker: str
     instances: int
+    #: The live policy version the worker enforces (None: its policy file).
+    policy_version: int | None = None
 
 
 def read_heartbeat(raw: bytes | None) -> Heartbeat | None:
@@ -234,8 +236,10 @@ def read_heartbeat(raw: bytes | None) -> Heartbeat | None:
         doc = json.loads(raw or b"")
         if doc.get("v") not in READABLE_VERSIONS or not doc.get("heartbeat"):
             return None
+        version = doc.get("policy_version")
         return Heartbeat(
-            float(doc["published_at"]), str(doc.get("worker", "")), int(doc.get("instances", 0))
-        )
+            float(doc["published_at"]), str(doc.get("worker", "")), int(doc.get("instances", 0)),
+            version if isinstance(version, int) and not isinstance(version, bool) else None,
+        )  # fmt: skip
     except (ValueError, TypeError, AttributeError, KeyError):
         return None

@@ -213,6 +213,7 @@ def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Chec
 
     consumer = kafka_consumer(settings.kafka.confluent_config(), "quotaflow-doctor")
     newest: float | None = None
+    versions: dict[str, int | None] = {}  # worker -> policy version in its newest heartbeat
     try:
         meta = consumer.list_topics(settings.topics.decisions, timeout=timeout)
         topic = meta.topics.get(settings.topics.decisions)
@@ -244,6 +245,7 @@ def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Chec
                     continue
                 skew = time.time() - beat.published_at
                 newest = skew if newest is None else min(newest, skew)
+                versions[beat.worker] = beat.policy_version
     except Exception as exc:
         checks.append(
             Check(
@@ -276,6 +278,37 @@ def _worker_clock(settings: QuotaflowSettings, timeout: float, checks: list[Chec
         )
     else:
         checks.append(Check("worker clock", "ok", f"within {abs(newest):.2f} s of a worker"))
+    _policy_versions(settings, versions, timeout, checks)
+
+
+def _policy_versions(
+    settings: QuotaflowSettings,
+    workers: dict[str, int | None],
+    timeout: float,
+    checks: list[Check],
+) -> None:
+    """Whether every worker enforces the live policy version (from their heartbeats)."""
+    from quotaflow.policy_topic import read_log
+
+    try:
+        live = read_log(settings, timeout).current
+    except Exception as exc:
+        checks.append(Check("policy version", "warn", f"cannot read the policies topic: {exc}",
+                            CREATE_TOPICS))  # fmt: skip
+        return
+    want = live.version if live is not None else None
+    shown = {w: ("file" if v is None else f"v{v}") for w, v in sorted(workers.items())}
+    behind = {w: v for w, v in workers.items() if v != want}
+    if behind:
+        checks.append(Check(
+            "policy version", "warn",
+            f"live version is {want or 'none (the file)'}; workers on "
+            + ", ".join(f"{w}: {shown[w]}" for w in behind),
+            "a worker that cannot read the policies topic keeps its version: check its log",
+        ))  # fmt: skip
+    else:
+        where = f"v{want}" if want is not None else "the policy file (no live version)"
+        checks.append(Check("policy version", "ok", f"{len(workers)} workers on {where}"))
 
 
 def _redis(settings: QuotaflowSettings, checks: list[Check]) -> None:

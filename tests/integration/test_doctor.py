@@ -82,3 +82,35 @@ def test_a_forged_heartbeat_does_not_hide_the_clock_row(
     assert out.flush(10) == 0
     rows = {c.name: c for c in run_checks(settings, timeout=5)}
     assert rows["worker clock"].status == "ok", rows["worker clock"]
+
+
+def test_doctor_flags_a_worker_not_on_the_live_policy_version(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    import json
+    import time
+
+    from quotaflow._kafka import producer
+    from quotaflow.policy_topic import publish
+    from quotaflow.state import HEARTBEAT_KEY
+
+    doc = {"policies": [{"name": "d", "default": True, "limits": {"requests_per_minute": 5}}]}
+    version = publish(settings, doc, author="doctor-test", message="", expect_version=None)
+    wait_for(lambda: (worker.stats() or {}).get("policy_version") == version.version, 10)
+
+    def row() -> object:
+        found = {c.name: c for c in run_checks(settings, timeout=5)}["policy version"]
+        return found if found.status == "ok" else None
+
+    ok = wait_for(row, 20, interval=0.5, what="the worker's heartbeat on the new version")
+    assert f"on v{version.version}" in ok.detail  # type: ignore[attr-defined]
+    # a member still on its file (a heartbeat as such a worker writes it)
+    out = producer(settings.kafka.confluent_config())
+    beat = {"v": 3, "heartbeat": True, "published_at": time.time(), "worker": "old-worker",
+            "instances": 0, "policy_version": None}  # fmt: skip
+    out.produce(settings.topics.decisions, key=HEARTBEAT_KEY.encode(),
+                value=json.dumps(beat).encode(), partition=0)  # fmt: skip
+    assert out.flush(10) == 0
+    rows = {c.name: c for c in run_checks(settings, timeout=5)}
+    assert rows["policy version"].status == "warn"
+    assert "old-worker: file" in rows["policy version"].detail
