@@ -105,6 +105,8 @@ class QuotaCache:
         # Own usage per (key, scope, window size): [window_start, *measures]. It survives
         # acknowledgement, for the ``local`` fail mode.
         self._own: dict[tuple[str, str, int], list[int]] = {}
+        #: The live policy version decisions are made by (None: the policy file).
+        self.policy_version: int | None = None
         #: Calls a shadow-mode policy would have denied, by limit (admitted all the same).
         self.shadow_denials: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -225,10 +227,12 @@ class QuotaCache:
     def __len__(self) -> int:
         return len(self._states)
 
-    def adopt(self, policies: PolicySet, price: CallPrice | None) -> None:
-        """Decide by ``policies`` from now on (a live policy version); the states, pending
+    def adopt(
+        self, policies: PolicySet, price: CallPrice | None, version: int | None = None
+    ) -> None:
+        """Decide by ``policies`` from now on (a live policy ``version``); the states, pending
         usage and own usage kept so far stay: limits change, counts do not."""
-        self.policies, self._price = policies, price
+        self.policies, self._price, self.policy_version = policies, price, version
 
     def check(
         self,
@@ -251,7 +255,8 @@ class QuotaCache:
         now = self.clock()
         bindings = self.policies.resolve(key, model)
         if not bindings:
-            return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, None)
+            return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, None,
+                            None, None, None, None, self.policy_version)  # fmt: skip
         if cost_micros is None:
             cost_micros = 0
             if self._price is not None:
@@ -294,7 +299,7 @@ class QuotaCache:
                     continue
                 return Decision(
                     False, key, model, "unpriced", "unpriced", policy.name, _EMPTY, 0.0,
-                    None, age,
+                    None, age, None, None, None, None, self.policy_version,
                 )  # fmt: skip
             stale = silent_for > policy.max_staleness
             if stale:
@@ -307,7 +312,8 @@ class QuotaCache:
                         continue
                     return Decision(
                         False, key, model, "stale_closed", "stale", policy.name, _EMPTY,
-                        policy.max_staleness, None, age,
+                        policy.max_staleness, None, age, None, None, None, None,
+                        self.policy_version,
                     )  # fmt: skip
                 stale_reason = "stale_local"
             windows = state.scopes.get(binding.scope) if state is not None else None
@@ -377,17 +383,17 @@ class QuotaCache:
             reason, name, d_binding, reset_at, used, ceiling, want = deny
             return Decision(
                 False, key, model, reason, name, d_binding.policy.name, view,
-                reset_at - now, reset_at, age, used, ceiling, want,
+                reset_at - now, reset_at, age, used, ceiling, want, None, self.policy_version,
             )  # fmt: skip
         if shadow is not None:
             self.shadow_denials[shadow] = self.shadow_denials.get(shadow, 0) + 1
             return Decision(
                 True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
-                0.0, None, age, shadow=shadow,
+                0.0, None, age, None, None, None, shadow, self.policy_version,
             )  # fmt: skip
         return Decision(
             True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
-            0.0, None, age,
+            0.0, None, age, None, None, None, None, self.policy_version,
         )  # fmt: skip
 
     def _month_used(

@@ -179,9 +179,9 @@ class QuotaClient:
         pricer = CallPricer(self.prices, policies)
         self.pricer, self._resolved_prices = pricer, pricer.cache
         self._money = policies.money
-        self.cache.adopt(policies, self._price_call if policies.money else None)
-        self.policies = policies
         number = version.version if version is not None else None
+        self.cache.adopt(policies, self._price_call if policies.money else None, number)
+        self.policies = policies
         if number != self.policy_version and version is not None:
             #: Seconds from the version's publication to this instance enforcing it.
             self.policy_lag = max(time.time() - version.time, 0.0)

@@ -43,6 +43,8 @@ class Decision(NamedTuple):
     #: The limit of a shadow-mode policy (``enforce: false``) that would have denied this
     #: call, which was admitted: the rollout of a new limit, measured before it binds.
     shadow: str | None = None
+    #: The live policy version this decision was made by (None: the policy file).
+    policy_version: int | None = None
 
     def __bool__(self) -> bool:
         return self.allowed

@@ -112,6 +112,7 @@ def test_apply_is_followed_by_the_sdk_and_the_worker_with_history_and_rollback(
         assert json.loads(cli(settings, "get", "--version", "2", "--format", "json").stdout)[
             "policies"][0]["limits"] == {"requests_per_minute": 50}  # fmt: skip
         assert client.stats()["policy_version"] == 3
+        assert client.check("live-c").policy_version == 3, "each decision names its version"
 
 
 def test_a_hostile_writer_of_the_topic_changes_nothing(
