@@ -184,11 +184,14 @@ class PolicyFollower:
             self.settings.kafka.confluent_config(), "quotaflow-policies-follower",
             fetch_wait_max_ms=self._fetch_max_wait_ms, fetch_min_bytes=1,
         )  # fmt: skip
+        delivered: tuple[Any, ...] = (None, {})
+        if self._warm_start(key):  # the workers' copy, in force until the topic says more
+            delivered = (self.log.current, {})
+            self._deliver(*delivered)
         try:
             ends = self._assign(consumer, topic, OFFSET_BEGINNING, TopicPartition)
             if ends is None:
                 return
-            delivered: tuple[Any, ...] = (None, {})
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
                 if msg is not None and msg.error() is None:
@@ -210,6 +213,28 @@ class PolicyFollower:
             log.exception("policies follower stopped; the policies in force stay in force")
         finally:
             consumer.close()
+
+    def _warm_start(self, key: str | None) -> bool:
+        """Take the version the workers copied to Redis; False if there is none to believe
+        (no copy, Redis away, or a copy that fails the same checks as a topic message)."""
+        import redis
+
+        r = self.settings.redis
+        try:
+            client = redis.Redis.from_url(r.url, **r.client_kwargs())
+            try:
+                raw: Any = client.get(r.policies_key)
+            finally:
+                client.close()
+        except Exception as exc:  # redis errors and connection errors alike
+            log.info("policies: no Redis copy of the live version (%s)", exc)
+            return False
+        if raw is None:
+            return False
+        taken = self.log.add(raw, f"redis {r.policies_key}", key)
+        if not taken:
+            log.warning("policies: refused the Redis copy: %s", self.log.refused[-1])
+        return taken
 
     def _assign(self, consumer: Any, topic: str, beginning: int, tp: Any) -> dict[int, int] | None:
         while not self._stop.is_set():

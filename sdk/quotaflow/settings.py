@@ -94,6 +94,12 @@ class RedisSettings(BaseModel):
         """The hash that holds the latest quota state of every key (the snapshot)."""
         return f"{self.key_prefix}:states"
 
+    @property
+    def policies_key(self) -> str:
+        """The live policy version in force, as workers last adopted it (start-up without the
+        broker: the topic, else this, else the policy file)."""
+        return f"{self.key_prefix}:policies"
+
 
 class TopicSettings(BaseModel):
     usage: str = "quotaflow.usage"

@@ -18,7 +18,7 @@ import faust
 
 from quotaflow.policies import KEY_SCOPE, Limits, Policy, PolicySet
 from quotaflow.policy_log import PolicyVersion
-from quotaflow.policy_topic import PolicyFollower
+from quotaflow.policy_topic import PolicyFollower, signing_key
 from quotaflow.prices import load_price_table
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.state import QuotaState
@@ -170,6 +170,8 @@ class StreamWorker:
         ]  # fmt: skip
         self.publisher.dirty.update(dict.fromkeys(changed))
         number = version.version if version is not None else None
+        if version is not None and number != self.policy_version:
+            self.snapshot.put_policies(version.to_json(signing_key(self.settings)))
         self.policy_version = self.publisher.policy_version = number
         log.info("policies: version %s in force with %d overrides; %d keys to republish",
                  number, len(overrides or {}), len(changed))  # fmt: skip

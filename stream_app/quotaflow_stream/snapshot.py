@@ -16,10 +16,13 @@ _CHUNK = 1000
 
 
 class SnapshotWriter:
-    def __init__(self, client: Any, states_hash: str) -> None:
+    def __init__(self, client: Any, states_hash: str, policies_key: str | None = None) -> None:
         self._client = client  # a redis.asyncio.Redis
         self.states_hash = states_hash
+        self.policies_key = policies_key
         self._pending: dict[str, bytes] = {}
+        # the live policy version to copy to Redis at the next flush
+        self._policies: bytes | None = None
         self.written = 0
         self.failures = 0
         self.healthy = True
@@ -28,25 +31,33 @@ class SnapshotWriter:
     def put(self, key: str, state_json: bytes) -> None:
         self._pending[key] = state_json
 
+    def put_policies(self, version_json: bytes) -> None:
+        """Copy this policy version message to Redis at the next flush."""
+        self._policies = version_json
+
     @property
     def pending(self) -> int:
         return len(self._pending)
 
     async def flush(self) -> int:
         """Write what is pending; on failure keep it for the next flush. Returns keys written."""
-        if not self._pending:
+        if not self._pending and self._policies is None:
             return 0
         batch, self._pending = self._pending, {}
+        policies, self._policies = self._policies, None
         items = list(batch.items())
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for i in range(0, len(items), _CHUNK):
                     pipe.hset(self.states_hash, mapping=dict(items[i : i + _CHUNK]))
+                if policies is not None and self.policies_key is not None:
+                    pipe.set(self.policies_key, policies)
                 await pipe.execute()
         except Exception as exc:  # redis errors and connection errors alike
             # Newer states that arrived meanwhile win over the batch we failed to write.
             batch.update(self._pending)
             self._pending = batch
+            self._policies = self._policies or policies
             self.failures += 1
             if self.healthy or time.monotonic() - self._last_warning > 30:
                 log.warning("Redis snapshot write failed (%s); will retry", exc)

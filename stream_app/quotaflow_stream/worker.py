@@ -38,7 +38,7 @@ def create_worker(settings: QuotaflowSettings) -> StreamWorker:
     counts = ensure_topics(settings)
     app = build_app(settings)
     redis_client = aioredis.Redis.from_url(settings.redis.url, **settings.redis.client_kwargs())
-    snapshot = SnapshotWriter(redis_client, settings.redis.states_hash)
+    snapshot = SnapshotWriter(redis_client, settings.redis.states_hash, settings.redis.policies_key)
     stream = StreamWorker(
         app, settings, policies, snapshot, usage_partitions=counts[settings.topics.usage]
     ).register()

@@ -208,3 +208,45 @@ def test_an_override_clamps_one_key_expires_on_its_own_and_clears(
         audit = cli(settings, "history").stdout
         assert "live-ov: set {'requests_per_minute': 1}  clamp for the test" in audit
         assert "live-ov: cleared" in audit
+
+
+def test_without_the_broker_an_sdk_starts_on_the_workers_redis_copy(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    """At start-up: the topic, else the Redis copy, else the file. The worker copies each
+    version it adopts to Redis; an SDK that cannot reach the broker enforces that copy (after
+    checking it like a topic message), not its file."""
+    import redis
+
+    from quotaflow.policy_log import read_version
+    from quotaflow.policy_topic import publish
+    from quotaflow_stream.harness import free_port
+
+    doc = {"policies": [{"name": "live", "keys": ["live-*"], "limits": {"requests_per_minute": 9}}]}
+    live = publish(settings, doc, author="t", message="for the copy", expect_version=None).version
+    stored = redis.Redis.from_url(settings.redis.url)
+
+    def copied() -> int | None:
+        raw = stored.get(settings.redis.policies_key)
+        return read_version(raw).version if raw else None
+
+    wait_for(lambda: copied() == live, 10, what="the worker's Redis copy of the new version")
+    cut_off = settings.model_copy(deep=True)
+    cut_off.kafka.bootstrap_servers = f"127.0.0.1:{free_port()}"  # nothing listens there
+    client = QuotaClient(cut_off).open()
+    try:
+        wait_for(lambda: client.policy_version == live, 10, what="the Redis copy in force")
+        assert client.policies.resolve("live-z")[0].policy.specs[0].limit == 9
+    finally:
+        client.close(timeout=1)
+    # a copy that fails the checks is refused: the file rules
+    stored.set(settings.redis.policies_key, b'{"v": 1, "version": 99, "document": {}}')
+    client = QuotaClient(cut_off).open()
+    try:
+        time.sleep(1.0)
+        assert client.policy_version is None
+        refused = client.policy_follower.log.refused  # type: ignore[union-attr]
+        assert refused and refused[-1].startswith(f"redis {settings.redis.policies_key}")
+    finally:
+        client.close(timeout=1)
+        stored.close()
