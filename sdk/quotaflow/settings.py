@@ -121,6 +121,9 @@ class WorkerSettings(BaseModel):
     web_port: int = Field(default=6066, ge=0, le=65535)
     #: When set, the dashboard, API and metrics ask for ``Authorization: Bearer <token>``.
     api_token: SecretStr | None = None
+    #: Writes of the admin API (policies, overrides) ask for this token, never the read
+    #: token; unset, the admin API only reads.
+    admin_token: SecretStr | None = None
     #: Seconds between two dashboard updates (server-sent events).
     dashboard_interval: float = Field(default=1.0, gt=0)
 

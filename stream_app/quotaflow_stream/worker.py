@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from quotaflow.policies import load_policies
 from quotaflow.settings import QuotaflowSettings
+from quotaflow_stream.admin_api import register_admin_api
 from quotaflow_stream.agents import StreamWorker
 from quotaflow_stream.app import build_app
 from quotaflow_stream.counters import Counters
@@ -43,6 +44,7 @@ def create_worker(settings: QuotaflowSettings) -> StreamWorker:
         app, settings, policies, snapshot, usage_partitions=counts[settings.topics.usage]
     ).register()
     WebApi(stream)
+    register_admin_api(stream)
     return stream
 
 
