@@ -141,3 +141,21 @@ def test_alert_fractions_are_checked(bad: list[Any]) -> None:
                          "limits": {"requests_per_minute": 1}}]}  # fmt: skip
     with pytest.raises(ConfigError, match="alerts"):
         parse_policies(doc)
+
+
+def test_alerts_follow_a_limit_changed_mid_period() -> None:
+    """Lowered from 10 to 6 a minute with 5 used: the next publication measures against 6
+    (0.8 crossed, not 0.5 again), with the new limit in the event."""
+    w = Worker()
+    w.use("team-a", 5)
+    assert [a["threshold"] for a in w.alerts()] == [0.5]
+    lowered = parse_policies({"policies": [{
+        "name": "soft", "keys": ["team-*"], "alerts": [0.5, 0.8, 1.0],
+        "limits": {"requests_per_minute": 6}}]})  # fmt: skip
+    w.publisher.policies = lowered
+    w.store.adopt(scopes_for(lowered), lowered.month_zones)
+    w.publisher.changed({"team-a"}, ["svc"], w.now)
+    w.tick += 100
+    asyncio.run(w.publisher.publish_dirty())
+    later = w.alerts()[1:]
+    assert [(a["threshold"], a["used"], a["limit_value"]) for a in later] == [(0.8, 5, 6)]

@@ -330,3 +330,27 @@ def test_shadow_mode_admits_when_a_closed_policy_is_stale(clock: Clock) -> None:
     clock.now += 10
     d = c.check("k1", "small")
     assert d.allowed and d.shadow == "stale"
+
+
+def test_a_policy_change_mid_window_keeps_counts_and_a_removed_policy_falls_to_the_next(
+    clock: Clock,
+) -> None:
+    """Limits change, counts do not: usage recorded before the change counts against the new
+    limit; a key whose policy was removed falls to the next match (here the default)."""
+    two = parse_policies({"policies": [
+        {"name": "team", "keys": ["k1"], "limits": {"requests_per_minute": 10}},
+        {"name": "fallback", "default": True, "limits": {"requests_per_minute": 3}},
+    ]})  # fmt: skip
+    c = QuotaCache(two, "me", clock=clock)
+    c.mark_heard()
+    for _ in range(4):
+        assert c.check("k1").allowed
+        c.add_usage("k1", (T0, "m", 1, 0, 0, 0, 0, 0))
+    assert c.check("k1").policy == "team"
+    c.adopt(parse_policies({"policies": [two.policies[1].model_dump(exclude_none=True)]}),
+            None, 2)  # fmt: skip
+    d = c.check("k1")
+    assert not d.allowed and d.policy == "fallback" and d.used == 4 and d.ceiling == 3
+    assert d.policy_version == 2
+    c.adopt(two, None, 3)  # raised again: admits at once
+    assert c.check("k1").allowed and c.check("k1").remaining["requests_per_minute"] == 5
