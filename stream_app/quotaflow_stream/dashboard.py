@@ -31,6 +31,8 @@ def key_row(state: QuotaState, now: float) -> dict[str, Any]:
         "policy": state.scope_policies.get(""),
         "throttled": state.throttled,
         "denied_by": state.denied_by,
+        # limits of shadow-mode policies at their ceiling: would throttle, do not
+        "shadow": list(state.shadow),
         "retry_after": _retry_after(state, now),
         "limits": [
             {
@@ -103,6 +105,8 @@ def summary(
             for r in rows
             if r["throttled"]
         ],
+        # keys a shadow-mode policy would throttle (a limit being rolled out)
+        "shadow": [{"key": r["key"], "limits": r["shadow"]} for r in rows if r["shadow"]],
         "top_consumers": [
             {"key": r["key"], **r["last_minute"]}
             for r in consumers[:10]

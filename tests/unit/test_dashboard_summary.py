@@ -72,3 +72,12 @@ def test_spend_is_summed_in_micro_dollars_and_shown_in_dollars() -> None:
     lavish = next(k for k in s["keys"] if k["key"] == "lavish")
     budget = next(lim for lim in lavish["limits"] if lim["name"] == "cost_per_day")
     assert budget["money"] and budget["percent"] == 90.0 and budget["used"] == 900_001
+
+
+def test_keys_a_shadow_mode_policy_would_throttle_are_listed_not_throttled() -> None:
+    from dataclasses import replace
+
+    shadowed = replace(state("trial", 12, 10), shadow=("requests_per_minute",))
+    s = summary([shadowed, state("calm", 2, 100)], NOW, {})
+    assert s["shadow"] == [{"key": "trial", "limits": ["requests_per_minute"]}]
+    assert s["throttled"] == [] and s["keys"][0]["shadow"] == ["requests_per_minute"]

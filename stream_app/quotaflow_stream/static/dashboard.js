@@ -55,8 +55,10 @@ function render(s) {
       const limits = k.limits
         .map((l) => {
           const cls = l.percent >= 100 ? "full" : l.percent >= 80 ? "warn" : "";
+          // a shadow-mode limit at its ceiling: it would deny, and does not
+          const shadow = (k.shadow || []).includes(l.name) ? ` <span class="shadow" title="shadow mode: would deny">shadow</span>` : "";
           return `<div class="limit"><span class="meter"><i class="${cls}" style="width:${Math.min(l.percent, 100)}%"></i></span>` +
-            `<span class="used" data-limit="${esc(l.name)}">${figure(l, l.used)} / ${figure(l, l.limit)}</span> <span class="muted">${esc(l.name)}</span></div>`;
+            `<span class="used" data-limit="${esc(l.name)}">${figure(l, l.used)} / ${figure(l, l.limit)}</span> <span class="muted">${esc(l.name)}</span>${shadow}</div>`;
         })
         .join("");
       return `<tr data-key="${esc(k.key)}" class="${k.throttled ? "throttled" : ""}"><td>${esc(k.key)}</td><td>${esc(k.policy || "–")}</td>` +
