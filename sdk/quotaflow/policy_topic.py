@@ -208,6 +208,9 @@ class PolicyFollower:
                 if now[0] is not delivered[0] or now[1] != delivered[1]:
                     self._deliver(*now)
                     delivered = now
+                if not self.caught_up.is_set() and now[0] is None:
+                    log.info("policies: no live version on %s; the policy file %s rules",
+                             topic, self.settings.policies_file)  # fmt: skip
                 self.caught_up.set()
         except Exception:  # never take the host process down: what is in force stays
             log.exception("policies follower stopped; the policies in force stay in force")

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,35 @@ def test_without_the_broker_an_sdk_starts_on_the_workers_redis_copy(
     finally:
         client.close(timeout=1)
         stored.close()
+
+
+def test_shadow_mode_through_the_topic_admits_and_reports(
+    settings: QuotaflowSettings, worker: WorkerProcess
+) -> None:
+    """A version whose policy does not enforce: every SDK admits past the limit and says
+    which limit would have denied; the worker's state names it without throttling the key."""
+    from quotaflow.policy_topic import publish
+
+    doc = {"policies": [{"name": "live", "keys": ["live-*"], "enforce": False,
+                         "limits": {"requests_per_minute": 2}}]}  # fmt: skip
+    version = publish(settings, doc, author="t", message="shadow", expect_version=None).version
+    with QuotaClient(settings) as client:
+        assert client.wait_ready(30)
+        wait_for(lambda: client.policy_version == version, 5)
+        decisions = []
+        for _ in range(4):
+            decisions.append(client.check("live-shadow"))
+            client.record("live-shadow", "m", prompt_tokens=1)
+        assert all(d.allowed for d in decisions)
+        assert [d.shadow for d in decisions] == [None, None, "requests_per_minute",
+                                                 "requests_per_minute"]  # fmt: skip
+        assert client.stats()["shadow_denials"] == {"requests_per_minute": 2}
+
+    def state() -> object:
+        url = f"{worker.base_url}/api/keys/live-shadow"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            doc = json.loads(resp.read())
+        return doc if doc["totals"]["records"] == 4 else None
+
+    got = wait_for(state, 20, what="the worker's state of the shadowed key")
+    assert got["shadow"] == ["requests_per_minute"] and not got["throttled"]  # type: ignore[index]
