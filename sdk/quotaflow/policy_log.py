@@ -97,6 +97,11 @@ def new_version(
 ) -> PolicyVersion:
     """Version ``version`` of ``document``, validated (raises ConfigError naming the field)."""
     policies = parse_policies(document, source=f"policy version {version}")
+    if not len(policies):
+        raise ConfigError(
+            f"policy version {version}: no policies (every key would go unlimited); "
+            "to lift every limit, say so with a default policy"
+        )
     return PolicyVersion(version, author, now, message, document, content_hash(document), policies)
 
 

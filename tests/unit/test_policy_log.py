@@ -171,3 +171,16 @@ def test_ttls_and_limit_assignments_are_parsed_strictly() -> None:
         parse_assignments(["tokens_per_minute=-3"])
     with pytest.raises(QuotaflowError, match="LIMIT=VALUE"):
         parse_assignments(["tokens_per_minute"])
+
+
+def test_a_version_with_no_policies_is_refused_everywhere() -> None:
+    """Never run with empty policies: neither apply nor a reader takes such a document."""
+    from quotaflow._exceptions import ConfigError
+    from quotaflow.policy_log import content_hash
+
+    with pytest.raises(ConfigError, match="no policies"):
+        new_version({"policies": []}, 1, "a", "", 0)
+    body = json.loads(new_version(DOC, 1, "a", "", 0).to_json())
+    empty = {**body, "document": {"policies": []}, "hash": content_hash({"policies": []})}
+    with pytest.raises(RefusedMessage, match="no policies"):
+        read_version(json.dumps(empty).encode())
