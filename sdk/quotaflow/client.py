@@ -128,9 +128,7 @@ class QuotaClient:
         self._file_policies = self.policies
         self.policy_follower: PolicyFollower | None = None
         if follow and policies is None and self.settings.policies.follow:
-            self.policy_follower = PolicyFollower(
-                self.settings, self._adopt, fetch_max_wait_ms=client.fetch_max_wait_ms
-            )
+            self.policy_follower = PolicyFollower(self.settings, self._adopt)
         self.state = ClientState.UNOPENED
         self._last_ts = 0.0
         self._reservations: dict[str, Reservation] = {}

@@ -138,6 +138,11 @@ def signing_key(settings: QuotaflowSettings) -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
+#: How long a follower's fetch waits for a policy message. The embedded broker answers a
+#: fetch only when its wait ends, so every follower costs it 1000 / this fetches a second;
+#: policies change rarely and must be in force within a second, not within 50 ms.
+POLICY_FETCH_WAIT_MS = 200
+
 #: What a follower hands over: the version in force (None: none published, the file rules)
 #: and the overrides in force, by (key, model).
 OnChange = Callable[[PolicyVersion | None, dict[tuple[str, str | None], Limits]], None]
@@ -149,7 +154,11 @@ class PolicyFollower:
     cleared, an override expiring), first once the topic has been read to its end."""
 
     def __init__(
-        self, settings: QuotaflowSettings, on_change: OnChange, *, fetch_max_wait_ms: int = 50
+        self,
+        settings: QuotaflowSettings,
+        on_change: OnChange,
+        *,
+        fetch_max_wait_ms: int = POLICY_FETCH_WAIT_MS,
     ) -> None:
         self.settings = settings
         self.on_change = on_change
