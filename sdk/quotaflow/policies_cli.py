@@ -213,19 +213,9 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
 
 
 def _publish_override(override: Override) -> None:
-    from quotaflow.policy_log import override_key
-    from quotaflow.policy_topic import policy_producer, signing_key
+    from quotaflow.policy_topic import publish_override
 
-    settings = _settings()
-    producer = policy_producer(settings)
-    errors: list[str] = []
-    producer.produce(
-        settings.topics.policies, key=override_key(override.key, override.model),
-        value=override.to_json(signing_key(settings)), partition=0,
-        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
-    )  # fmt: skip
-    if producer.flush(10) or errors:
-        raise QuotaflowError(f"publishing the override failed: {errors or 'timed out'}")
+    publish_override(_settings(), override)
 
 
 def _cmd_limits_set(args: argparse.Namespace) -> int:

@@ -17,9 +17,11 @@ from quotaflow._kafka import producer as kafka_producer
 from quotaflow.policies import Limits
 from quotaflow.policy_log import (
     DOCUMENT_KEY,
+    Override,
     PolicyLog,
     PolicyVersion,
     new_version,
+    override_key,
     version_key,
 )
 from quotaflow.settings import QuotaflowSettings
@@ -123,6 +125,19 @@ def publish(
             "review the new diff and apply again"
         )
     return ours
+
+
+def publish_override(settings: QuotaflowSettings, override: Override) -> None:
+    """Write one override message (set or cleared) and wait for the broker to have it."""
+    producer = policy_producer(settings)
+    errors: list[str] = []
+    producer.produce(
+        settings.topics.policies, key=override_key(override.key, override.model),
+        value=override.to_json(signing_key(settings)), partition=0,
+        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
+    )  # fmt: skip
+    if producer.flush(10) or errors:
+        raise QuotaflowError(f"publishing the override failed: {errors or 'timed out'}")
 
 
 def policy_producer(settings: QuotaflowSettings) -> Any:

@@ -32,8 +32,8 @@ from faust.web import View
 
 from quotaflow._exceptions import ConfigError, QuotaflowError
 from quotaflow.policies import parse_limits, parse_policies
-from quotaflow.policy_log import Override, PolicyLog, diff, override_key
-from quotaflow.policy_topic import VersionConflict, policy_producer, publish, signing_key
+from quotaflow.policy_log import Override, PolicyLog, diff
+from quotaflow.policy_topic import VersionConflict, publish, publish_override
 
 if TYPE_CHECKING:
     from quotaflow_stream.agents import StreamWorker
@@ -277,15 +277,7 @@ def _override_row(o: Override) -> dict[str, Any]:
 def _send_override(settings: Any, o: Override) -> None:
     if not 0 < len(o.key) <= 256:
         raise _BadRequest("key: expected a counter key of 1 to 256 characters", 422)
-    producer = policy_producer(settings)
-    errors: list[str] = []
-    producer.produce(
-        settings.topics.policies, key=override_key(o.key, o.model),
-        value=o.to_json(signing_key(settings)), partition=0,
-        on_delivery=lambda err, _msg: errors.append(str(err)) if err else None,
-    )  # fmt: skip
-    if producer.flush(10) or errors:
-        raise QuotaflowError(f"publishing the override failed: {errors or 'timed out'}")
+    publish_override(settings, o)
 
 
 def _path(summary: str, method: str, write: bool, body: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Fixtures of the end-to-end tests: a broker of a test's own behind a fault-injecting proxy."""
+"""Fixtures of the end-to-end tests: a broker of a test's own behind a fault-injecting proxy,
+and two workers sharing a module's pipeline."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from quotaflow_stream.harness import free_port, wait_port
+from quotaflow.settings import QuotaflowSettings
+from quotaflow_stream.harness import WorkerProcess, free_port, wait_port
 from tests.support.faultproxy import FaultProxy
 
 
@@ -35,3 +37,23 @@ def proxied_broker(tmp_path: Path) -> Iterator[tuple[int, FaultProxy]]:
         broker.terminate()
         broker.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def workers(settings: QuotaflowSettings) -> Iterator[list[WorkerProcess]]:
+    from quotaflow_stream.topics import ensure_topics
+
+    ensure_topics(settings)
+    started = []
+    for i in range(2):
+        s = settings.model_copy(deep=True)
+        s.worker.web_port = free_port()
+        s.worker.data_dir = Path(f"{settings.worker.data_dir}-{i}")
+        started.append(WorkerProcess(s, s.worker.data_dir.parent / f"worker-{i}.log").start())
+    try:
+        for w in started:
+            w.wait_ready(90)
+        yield started
+    finally:
+        for w in started:
+            w.stop()

@@ -10,14 +10,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from quotaflow.policy_topic import publish
 from quotaflow.settings import QuotaflowSettings
-from quotaflow_stream.harness import WorkerProcess, free_port
+from quotaflow_stream.harness import WorkerProcess
 from tests.support import wait_for
 
 pytestmark = pytest.mark.e2e
@@ -52,26 +50,6 @@ with QuotaClient() as client:
         time.sleep(0.025)
 print(json.dumps({"sent": sent, "decisions": decisions}), flush=True)
 """
-
-
-@pytest.fixture(scope="module")
-def workers(settings: QuotaflowSettings) -> Iterator[list[WorkerProcess]]:
-    from quotaflow_stream.topics import ensure_topics
-
-    ensure_topics(settings)
-    started = []
-    for i in range(2):
-        s = settings.model_copy(deep=True)
-        s.worker.web_port = free_port()
-        s.worker.data_dir = Path(f"{settings.worker.data_dir}-{i}")
-        started.append(WorkerProcess(s, s.worker.data_dir.parent / f"worker-{i}.log").start())
-    try:
-        for w in started:
-            w.wait_ready(90)
-        yield started
-    finally:
-        for w in started:
-            w.stop()
 
 
 def test_a_lowered_limit_is_enforced_by_every_instance_within_a_second_and_nothing_is_lost(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,26 +17,6 @@ from quotaflow_stream.harness import DevStack, WorkerProcess, free_port
 from tests.support import pipeline_settings, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def workers(settings: QuotaflowSettings) -> Iterator[list[WorkerProcess]]:
-    from quotaflow_stream.topics import ensure_topics
-
-    ensure_topics(settings)
-    started = []
-    for i in range(2):
-        s = settings.model_copy(deep=True)
-        s.worker.web_port = free_port()
-        s.worker.data_dir = Path(f"{settings.worker.data_dir}-{i}")
-        started.append(WorkerProcess(s, s.worker.data_dir.parent / f"worker-{i}.log").start())
-    try:
-        for w in started:
-            w.wait_ready(90)
-        yield started
-    finally:
-        for w in started:
-            w.stop()
 
 
 def keys_of(base: str) -> dict[str, int]:
