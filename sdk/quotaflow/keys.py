@@ -17,3 +17,13 @@ def key_id(secret: str, salt: str | bytes) -> str:
         raise ValueError("key_id needs a non-empty salt")
     digest = hmac.new(salt_bytes, secret.encode(), hashlib.sha256).hexdigest()
     return "k_" + digest[:24]
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, else None."""
+    return authorization[len("Bearer ") :] if authorization.startswith("Bearer ") else None
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Compare a presented token with the configured one in constant time."""
+    return hmac.compare_digest(given.encode(), expected.encode())

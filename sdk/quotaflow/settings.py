@@ -227,6 +227,9 @@ class GatewaySettings(BaseModel):
     consumed_tokens_header: str | None = None
     #: A Dev Proxy style JSON file replacing the 429 answer (``@dynamic`` = retry-after seconds).
     rate_limit_response_file: Path | None = None
+    #: When set, ``/metrics`` asks for ``Authorization: Bearer <token>`` (it names no key, but
+    #: shows traffic and policies to whoever can reach the gateway's port).
+    metrics_token: SecretStr | None = None
 
     @property
     def default_salt(self) -> bool:
@@ -257,6 +260,15 @@ class AlertSettings(BaseModel):
     group_id: str = "quotaflow-alerts-forward"
 
 
+class OtelSettings(BaseModel):
+    """OpenTelemetry export (``pip install quotaflow[otel]``): usage as GenAI metrics from
+    every QuotaClient, spans of the gateway's metered calls. Exporters are the process's own
+    (``quotaflow gateway`` configures OTLP from the standard ``OTEL_EXPORTER_OTLP_*``)."""
+
+    enabled: bool = False
+    service_name: str = "quotaflow"
+
+
 class PolicySettings(BaseModel):
     """Live policies (the policies topic): who may write them, and whether to follow them."""
 
@@ -285,6 +297,9 @@ class QuotaflowSettings(BaseSettings):
         env_nested_delimiter="__",
         env_file=".env",
         extra="ignore",
+        # an empty variable (a blank entry of an env file or a Secret) means unset: defaults,
+        # and their checks (the gateway's salt), apply
+        env_ignore_empty=True,
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -295,6 +310,7 @@ class QuotaflowSettings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
     policies: PolicySettings = Field(default_factory=PolicySettings)
+    otel: OtelSettings = Field(default_factory=OtelSettings)
     policies_file: Path = Path("config") / "policies.yaml"
     #: Price overrides (negotiated prices, fine-tunes, self-hosted models) on top of
     #: genai-prices' data; a missing file means no overrides.

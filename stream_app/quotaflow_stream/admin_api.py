@@ -23,7 +23,6 @@ writes go to the policies topic in a thread, so the worker's loop never blocks o
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from faust.web import View
 
 from quotaflow._exceptions import ConfigError, QuotaflowError
+from quotaflow.keys import bearer_token, same_secret
 from quotaflow.policies import parse_limits, parse_policies
 from quotaflow.policy_log import Override, PolicyLog, diff
 from quotaflow.policy_topic import VersionConflict, publish, publish_override
@@ -50,10 +50,11 @@ class AdminAccess:
 
     def denied(self, request: Any, write: bool) -> tuple[int, str] | None:
         """(status, message) if the request may not proceed, else None."""
-        given = request.headers.get("Authorization", "")
-        token = given[len("Bearer ") :] if given.startswith("Bearer ") else None
+        token = bearer_token(request.headers.get("Authorization", ""))
         admin = (
-            self.admin_token is not None and token is not None and _same(token, self.admin_token)
+            self.admin_token is not None
+            and token is not None
+            and same_secret(token, self.admin_token)
         )
         if write:
             if token is None:
@@ -65,11 +66,7 @@ class AdminAccess:
             return None
         if token is None:
             return 401, "unauthorized: send Authorization: Bearer <worker.api_token>"
-        return None if _same(token, self.read_token) else (403, "forbidden: wrong token")
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
+        return None if same_secret(token, self.read_token) else (403, "forbidden: wrong token")
 
 
 def register_admin_api(worker: StreamWorker) -> None:

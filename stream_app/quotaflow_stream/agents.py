@@ -198,6 +198,18 @@ class StreamWorker:
             return False
         return assigned and recovered and not app.rebalancing
 
+    @property
+    def serving(self) -> bool:
+        """Started, tables recovered and no rebalance under way: what a readiness probe asks.
+        Unlike :attr:`ready` it holds for a worker with no partitions (a standby, or a new
+        replica during a rolling update), which is healthy, only idle."""
+        app = self.app
+        try:
+            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+        except Exception:  # not started yet
+            return False
+        return recovered and not app.rebalancing
+
     def current_state(self, key: str) -> QuotaState | None:
         return self.publisher.current_state(key)
 

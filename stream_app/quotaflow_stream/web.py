@@ -7,6 +7,8 @@ Prometheus metrics.
     GET /api/keys/{key}   one key's full quota state
     GET /api/events       server-sent events: the dashboard's summary once per tick
     GET /metrics          Prometheus metrics
+    GET /healthz          liveness: the event loop answers (no token, no data)
+    GET /readyz           readiness: tables recovered, no rebalance under way (503 otherwise)
 
 Keys this worker owns come from its own latest states; keys of other workers from the Redis
 snapshot, so every worker answers for every key. The server binds to 127.0.0.1 unless told
@@ -18,12 +20,12 @@ and its script carry no data and load without it.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from quotaflow.keys import bearer_token, same_secret
 from quotaflow.state import TOTAL_FIELDS, QuotaState
 from quotaflow.stats import percentile
 from quotaflow.units import MICROS
@@ -84,6 +86,17 @@ class WebApi:
         self.app.page("/api/events")(events)
         self.app.page("/metrics")(metrics)
 
+        # Probes (Kubernetes, compose) carry no data and need no token.
+        async def healthz(web: Any, request: Any) -> Any:
+            return web.json({"ok": True})
+
+        async def readyz(web: Any, request: Any) -> Any:
+            ready = api.worker.serving
+            return web.json({"ready": ready}, status=200 if ready else 503)
+
+        self.app.page("/healthz")(healthz)
+        self.app.page("/readyz")(readyz)
+
     # -- access --------------------------------------------------------------------------
 
     async def _guard(self, web: Any, request: Any, handler: Any) -> Any:
@@ -96,12 +109,8 @@ class WebApi:
 
     def _authorized(self, request: Any) -> bool:
         assert self.token is not None
-        given = request.headers.get("Authorization", "")
-        if given.startswith("Bearer "):
-            given = given[len("Bearer ") :]
-        else:
-            given = request.query.get("token", "")
-        return hmac.compare_digest(given.encode(), self.token.encode())
+        given = bearer_token(request.headers.get("Authorization", ""))
+        return same_secret(request.query.get("token", "") if given is None else given, self.token)
 
     # -- pages ---------------------------------------------------------------------------
 
@@ -245,6 +254,7 @@ class _Metrics:
             ("quotaflow_dlq_records", c.dlq, "Records sent to the dead-letter topic."),
             ("quotaflow_states_published", c.states_published, "Quota states published."),
             ("quotaflow_alerts", c.alerts, "Soft-budget alert events emitted."),
+            ("quotaflow_heartbeats", c.heartbeats, "Heartbeats published (one a second)."),
             (
                 "quotaflow_denials",
                 self.worker.publisher.throttle_onsets,
@@ -278,6 +288,7 @@ class _Metrics:
                     usage.add_metric([policy, unit], value)
         yield usage
         yield cost
+        yield from self._policies()
         throttled = sum(1 for s in self.worker.publisher.latest.values() if s.throttled)
         yield GaugeMetricFamily(
             "quotaflow_throttled_keys", "Keys of this worker at a limit now.", value=throttled
@@ -299,3 +310,44 @@ class _Metrics:
             if ms is not None:
                 latency.add_metric([str(q / 100)], ms)
         yield latency
+
+    def _policies(self) -> Any:
+        """Each policy's limits at their fullest key, and what stale means for each policy."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        worker = self.worker
+        yield GaugeMetricFamily(
+            "quotaflow_worker_ready", "1 when tables are recovered and no rebalance is under way.",
+            value=1.0 if worker.serving else 0.0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "quotaflow_policy_version", "Live policy version in force (-1: the policy file).",
+            value=-1 if worker.policy_version is None else worker.policy_version,
+        )  # fmt: skip
+        staleness = GaugeMetricFamily(
+            "quotaflow_policy_max_staleness_seconds", "Each policy's max_staleness.",
+            labels=["policy"],
+        )  # fmt: skip
+        for policy in worker.policies.policies:
+            staleness.add_metric([policy.name], policy.max_staleness)
+        yield staleness
+        # The fullest key of each (policy, limit): one series per limit a policy states, never
+        # one per key. Money limits are fractions like the rest.
+        fullest: dict[tuple[str, str], float] = {}
+        for state in worker.publisher.latest.values():
+            policies = state.scope_policies
+            for lim in state.limits:
+                if lim.limit <= 0:
+                    continue
+                label = (policies.get(lim.scope) or "", lim.name)
+                used = lim.used / lim.limit
+                if used > fullest.get(label, -1.0):
+                    fullest[label] = used
+        utilization = GaugeMetricFamily(
+            "quotaflow_limit_utilization",
+            "Used over limit for the fullest key of each policy's limit (1 = at the limit).",
+            labels=["policy", "limit"],
+        )
+        for (policy_name, limit), value in sorted(fullest.items()):
+            utilization.add_metric([policy_name, limit], value)
+        yield utilization

@@ -15,12 +15,14 @@ import fnmatch
 import json
 import logging
 import time
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from quotaflow._exceptions import ConfigError, QuotaExceeded, RecordError
 from quotaflow.client import QuotaClient
+from quotaflow.keys import bearer_token, same_secret
 from quotaflow.prices import dollars
 from quotaflow.record import looks_like_secret
 from quotaflow.reservation import Reservation
@@ -28,12 +30,18 @@ from quotaflow.settings import QuotaflowSettings
 from quotaflow.streaming import StreamUsage
 from quotaflow.tokens import encoding_for_model
 from quotaflow_producers.gateway.keys import resolve_key
+from quotaflow_producers.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from quotaflow_producers.gateway.responses import (
     RateLimitTemplate,
     openai_error,
     ratelimit_headers,
     remaining_tokens,
 )
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
+    from quotaflow_producers.gateway.tracing import CallTracer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +59,13 @@ _DROP_RESPONSE = {"content-length", "transfer-encoding", "connection", "keep-ali
 class Gateway:
     """Build with settings and a QuotaClient; ``app`` is the aiohttp application."""
 
-    def __init__(self, settings: QuotaflowSettings, quota: QuotaClient) -> None:
+    def __init__(
+        self,
+        settings: QuotaflowSettings,
+        quota: QuotaClient,
+        *,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         problem = settings.gateway.salt_problem()
         if problem is not None:
             raise ConfigError(problem)
@@ -68,10 +82,21 @@ class Gateway:
         self.app = web.Application(client_max_size=self.g.max_body_bytes)
         self.app.router.add_route("*", "/v1/{tail:.*}", self.handle)
         self.app.router.add_get("/healthz", self.health)
+        self.app.router.add_get("/readyz", self.readiness)
+        self.app.router.add_get("/metrics", self.scrape)
         self.app.on_startup.append(self._start)
         self.app.on_cleanup.append(self._stop)
         self.denied = 0
         self.forwarded = 0
+        self.metrics = GatewayMetrics(METERED, quota)
+        self.tracer: CallTracer | None = None
+        if tracer_provider is not None or settings.otel.enabled:
+            from quotaflow_producers.gateway.tracing import CallTracer  # the optional extra
+
+            self.tracer = CallTracer(self.upstream, tracer_provider)
+        self._metrics_token = (
+            self.g.metrics_token.get_secret_value() if self.g.metrics_token else None
+        )
 
     async def _start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
@@ -88,11 +113,39 @@ class Gateway:
             await self._session.close()
 
     async def health(self, request: web.Request) -> web.Response:
+        """Liveness: the event loop answers."""
         return web.json_response({"ok": True, "forwarded": self.forwarded, "denied": self.denied})
+
+    async def readiness(self, request: web.Request) -> web.Response:
+        """Readiness: the embedded client is open and its follower has warm-started, so the
+        first calls are decided on the fleet's counts (503 until then)."""
+        follower = self.quota.follower
+        ready = self.quota.state.value == "opened" and (follower is None or follower.ready.is_set())
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def scrape(self, request: web.Request) -> web.Response:
+        token = bearer_token(request.headers.get("Authorization", ""))
+        if self._metrics_token is not None and (
+            token is None or not same_secret(token, self._metrics_token)
+        ):
+            return openai_error(401, "The metrics need the gateway's metrics token.",
+                                code="unauthorized")  # fmt: skip
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- the proxy ---------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = self.metrics.route(request.path)
+        status = 499  # unless answered: the caller went away (or the handler was cancelled)
+        try:
+            response = await self._handle(request)
+            status = response.status
+            return response
+        finally:
+            self.metrics.answered(route, status, started)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -139,17 +192,30 @@ class Gateway:
                 code="model_not_found",
                 param="model",
             )
+        if self.tracer is None:
+            return (await self._admit(request, raw, key, model, body))[0]
+        with self.tracer.span(request, model, body) as span:
+            response, reservation = await self._admit(request, raw, key, model, body)
+            self.tracer.finish(span, response, reservation, key)
+            return response
+
+    async def _admit(
+        self, request: web.Request, raw: bytes, key: str, model: str, body: dict[str, Any]
+    ) -> tuple[web.StreamResponse, Reservation | None]:
+        """Reserve the call and forward it, or refuse it: the answer, and the reservation
+        (settled once the answer is complete) if the call went upstream."""
         try:
             reservation = self.quota.reserve(key, model, body)
         except QuotaExceeded as exc:
             if exc.decision is not None and exc.decision.reason == "unpriced":
                 # not a rate: retrying cannot help, so not a 429
-                return openai_error(400, str(exc), code="model_not_priced")
-            return self._rate_limited(key, model, exc)
+                self.metrics.denials.labels(request.path, "unpriced").inc()
+                return openai_error(400, str(exc), code="model_not_priced"), None
+            return self._rate_limited(request.path, key, model, exc), None
         except RecordError as exc:
             # nothing is forwarded that could not be recorded (see QuotaClient.reserve)
-            return openai_error(400, str(exc), code="invalid_request")
-        return await self._forward(request, raw, key, model, reservation)
+            return openai_error(400, str(exc), code="invalid_request"), None
+        return await self._forward(request, raw, key, model, reservation), reservation
 
     async def _passthrough(self, request: web.Request, raw: bytes, key: str) -> web.StreamResponse:
         bindings = self.quota.policies.resolve(key, None)
@@ -163,14 +229,19 @@ class Gateway:
                     key, f"route:{request.path}", prompt_tokens=0, max_output_tokens=0
                 )
             except QuotaExceeded as exc:
-                return self._rate_limited(key, None, exc)
+                return self._rate_limited(request.path, key, None, exc)
             except RecordError as exc:
                 return openai_error(400, str(exc), code="invalid_request")
             return await self._forward(request, raw, key, f"route:{request.path}", reservation)
         return await self._forward(request, raw, key, None, None)
 
-    def _rate_limited(self, key: str, model: str | None, exc: QuotaExceeded) -> web.Response:
+    def _rate_limited(
+        self, path: str, key: str, model: str | None, exc: QuotaExceeded
+    ) -> web.Response:
         self.denied += 1
+        d = exc.decision
+        reason = "budget" if d is not None and d.by_budget else d.reason if d else "limit"
+        self.metrics.denials.labels(self.metrics.route(path), reason).inc()
         now = self.quota.clock()
         headers = ratelimit_headers(self.quota.cache.usage(key, model), now)
         wait = max(exc.retry_after, 0.0)
@@ -178,7 +249,6 @@ class Gateway:
         headers["retry-after-ms"] = str(round(wait * 1000))
         if self.template is not None:
             return self.template.render(wait, headers)
-        d = exc.decision
         if d is not None and d.by_budget:
             # a spent budget, as OpenAI answers an exhausted quota (a rate denial stays
             # rate_limit_exceeded): the figures are in dollars
@@ -206,6 +276,8 @@ class Gateway:
             if k.lower() not in _DROP_REQUEST and k.lower() != self.g.key_header.lower()
         }
         headers["Accept-Encoding"] = "identity"  # usage is read from the bytes as they pass
+        if self.tracer is not None:
+            self.tracer.inject(headers)  # the upstream continues the call's span
         if self.g.upstream_api_key is not None:
             headers.pop("api-key", None)
             headers["Authorization"] = f"Bearer {self.g.upstream_api_key.get_secret_value()}"
@@ -222,22 +294,29 @@ class Gateway:
         assert self._session is not None
         url = self.upstream + request.rel_url.path_qs
         started = time.perf_counter()
+        route = self.metrics.route(request.path)
         try:
             upstream = await self._session.request(
                 request.method, url, data=raw or None, headers=self._upstream_headers(request)
             )
         except TimeoutError:
+            self.metrics.upstream_errors.labels(route, "timeout").inc()
             if reservation is not None:
                 # The provider may have started on the prompt: count it, estimated.
                 reservation.settle(completion_tokens=0, status="error", estimated=True)
             return openai_error(504, "The upstream did not answer in time.", type_="server_error",
                                 code="upstream_timeout")  # fmt: skip
         except aiohttp.ClientError as exc:
+            self.metrics.upstream_errors.labels(route, "unreachable").inc()
             if reservation is not None:
                 reservation.release()  # never reached the provider: nothing to count
             return openai_error(502, f"The upstream could not be reached: {type(exc).__name__}.",
                                 type_="server_error", code="upstream_unavailable")  # fmt: skip
         self.forwarded += 1
+        self.metrics.upstream_duration.labels(route).observe(time.perf_counter() - started)
+        if upstream.status >= 500 or upstream.status == 429:
+            kind = "rate_limited" if upstream.status == 429 else "server_error"
+            self.metrics.upstream_errors.labels(route, kind).inc()
         try:
             return await self._relay(request, upstream, key, model, reservation)
         finally:
