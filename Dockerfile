@@ -13,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY sdk ./sdk
 COPY stream_app ./stream_app
 COPY producers ./producers
-RUN pip install ".[stream,openai,parquet]" "rich>=13"
+RUN pip install ".[stream,openai,otel,parquet]" "rich>=13"
 COPY config ./config
 
 # Table state (RocksDB-free: Faust's in-memory store plus its changelog) and nothing else.

@@ -45,7 +45,7 @@ from quotaflow.pricing import CallPricer
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
-from quotaflow.tokens import count_request, request_kind
+from quotaflow.tokens import count_request, operation_name, request_kind
 from quotaflow.tokens import max_output_tokens as request_max_output_tokens
 from quotaflow.transports import KafkaTransport, Transport
 
@@ -156,6 +156,10 @@ class QuotaClient:
             if c.journal
             else None,
         )
+        if self.settings.otel.enabled:
+            from quotaflow.otel import UsageMetrics  # the optional extra: imported only here
+
+            self.emitter.observers.append(UsageMetrics().observe)
         self.emitter.start()
         if self.follower is not None:
             self.follower.start()
@@ -348,6 +352,7 @@ class QuotaClient:
         prompt_tokens: int | None = None,
         max_output_tokens: int | None = None,
         images: int = 0,
+        attrs: Mapping[str, str] | None = None,
     ) -> Reservation:
         """Admit a call by its estimated prompt tokens plus its output ceiling (and ``images``),
         and hold that amount, and its price at the model's prices, until it is settled; raises
@@ -357,6 +362,8 @@ class QuotaClient:
         ``request`` is the OpenAI request body (chat, completions or embeddings); its prompt is
         counted locally and its ``max_completion_tokens``/``max_tokens`` is the ceiling, else
         the key's policy's ``default_max_output_tokens``. Embeddings hold no output tokens.
+        ``attrs`` label the settled record; with a request body, ``operation`` says which API
+        was called (``chat``, ``text_completion``, ``embeddings``: OpenTelemetry's GenAI names).
         """
         self._expire_reservations()
         estimated = False
@@ -378,12 +385,15 @@ class QuotaClient:
             else:
                 bindings = self.policies.resolve(key, model)
                 max_output_tokens = bindings[0].policy.default_max_output_tokens if bindings else 0
+        labels = dict(attrs or {})
+        if body and "operation" not in labels:
+            labels["operation"] = operation_name(body)
         reservation_id = uuid.uuid4().hex
         # The record settle() falls back to must be valid now: a call is admitted only if its
         # usage can be recorded (a gateway forwards nothing it could not count).
         _checked_record(
             reservation_id, self.clock(), key, model, 1, prompt_tokens, max_output_tokens,
-            estimated, "ok", self.source, {},
+            estimated, "ok", self.source, labels,
         )  # fmt: skip
         now = self.clock()
         # the worst case: the whole prompt uncached and every output token used (priced only
@@ -428,6 +438,7 @@ class QuotaClient:
             record=self.record,
             release=functools.partial(self._end_reservation, key, reservation_id),
             clock=self.clock,
+            attrs=labels,
         )
         self._reservations[reservation.id] = reservation
         self.cache.hold(

@@ -45,6 +45,9 @@ class UsageEmitter:
         self.max_buffered = max_buffered
         self._on_overflow = on_overflow
         self.journal = journal
+        #: Called in the emitter thread with each chunk of records as it is handed to the
+        #: transport (OpenTelemetry export): off the request path, and once per record.
+        self.observers: list[Callable[[list[Encodable]], None]] = []
         # Past the memory bound records wait here for the emitter thread to journal them
         # (emit() never touches the disk); while the journal holds records, every new record
         # follows them there, so order is kept.
@@ -151,6 +154,11 @@ class UsageEmitter:
                     continue
                 self.sent_records += len(chunk)
                 self.sent_messages += 1
+                for observe in self.observers:
+                    try:
+                        observe(chunk)
+                    except Exception:  # an observer must never stop delivery
+                        log.exception("usage observer %r failed", observe)
         if unsent:
             # Back to the front, in order; give the transport a moment to drain.
             self._buffer.extendleft(reversed(unsent))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -35,6 +35,7 @@ class RecordUsage(Protocol):
         status: Status = ...,
         estimated: bool = ...,
         id: str | None = ...,
+        attrs: Mapping[str, str] | None = ...,
     ) -> RecordedUsage: ...
 
 
@@ -59,6 +60,7 @@ class Reservation:
         record: RecordUsage,
         release: Callable[[], None],
         clock: Callable[[], float],
+        attrs: Mapping[str, str] | None = None,
     ) -> None:
         self._record_usage = record
         self._release_hold = release
@@ -71,6 +73,8 @@ class Reservation:
         self.prompt_estimated = prompt_estimated
         self.expires_at = expires_at
         self.decision = decision
+        #: Labels of the settled record (``operation``: which API was called).
+        self.attrs = attrs
         self.record: RecordedUsage | None = None
         self._lock = threading.Lock()
 
@@ -128,6 +132,7 @@ class Reservation:
                 status=status,
                 estimated=estimated,
                 id=self.id,
+                attrs=self.attrs,
             )
             return self.record
 

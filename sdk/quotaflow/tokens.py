@@ -222,6 +222,18 @@ def request_kind(body: dict[str, Any]) -> str:
     raise ValueError("request has none of 'messages', 'prompt' or 'input'")
 
 
+#: OpenTelemetry GenAI operation names (``gen_ai.operation.name``) of the request kinds.
+_OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings"}
+
+
+def operation_name(body: dict[str, Any]) -> str:
+    """Which API a request body calls, by OpenTelemetry's GenAI name (``chat`` if unclear)."""
+    try:
+        return _OPERATIONS[request_kind(body)]
+    except ValueError:
+        return "chat"
+
+
 def count_request(body: dict[str, Any], model: str | None = None) -> TokenCount:
     """Prompt tokens of an OpenAI request body (chat, completions or embeddings)."""
     model = model or body.get("model")

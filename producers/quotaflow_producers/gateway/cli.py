@@ -32,6 +32,10 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     from quotaflow_producers.gateway.server import Gateway, serve
 
     settings = load_settings()
+    if settings.otel.enabled:
+        from quotaflow.otel import configure_otlp
+
+        configure_otlp(settings.otel.service_name)
     if args.upstream:
         settings.gateway.upstream = args.upstream
     if args.listen:

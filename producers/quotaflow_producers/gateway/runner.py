@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 from aiohttp import web
 
@@ -13,8 +14,8 @@ from quotaflow_producers.gateway.server import Gateway, serve
 
 
 class GatewayThread:
-    def __init__(self, settings: QuotaflowSettings, quota: QuotaClient) -> None:
-        self.gateway = Gateway(settings, quota)
+    def __init__(self, settings: QuotaflowSettings, quota: QuotaClient, **options: Any) -> None:
+        self.gateway = Gateway(settings, quota, **options)
         self.host = settings.gateway.listen_host
         self.port = settings.gateway.listen_port
         self._loop = asyncio.new_event_loop()
