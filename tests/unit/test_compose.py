@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from pydantic import BaseModel
 
-from quotaflow.settings import QuotaflowSettings
+from tests.support.settings_names import settings_field
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -23,22 +22,6 @@ def env_of(service: str) -> dict[str, Any]:
     env = SERVICES[service].get("environment") or {}
     assert isinstance(env, dict), f"{service}: environment as a mapping"
     return env
-
-
-def settings_field(name: str) -> bool:
-    """Whether QUOTAFLOW_A__B names a field of the settings model (what pydantic-settings reads)."""
-    model: type[BaseModel] = QuotaflowSettings
-    parts = name.removeprefix("QUOTAFLOW_").lower().split("__")
-    for i, part in enumerate(parts):
-        field = model.model_fields.get(part)
-        if field is None:
-            return False
-        annotation = field.annotation
-        if i < len(parts) - 1:
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                return False
-            model = annotation
-    return True
 
 
 def test_the_stack_has_its_services_on_official_images() -> None:
@@ -112,4 +95,5 @@ def test_the_dockerfile_builds_the_cli_image() -> None:
     assert text.startswith("#") and "FROM python:3.11-slim" in text
     assert 'ENTRYPOINT ["quotaflow"]' in text
     assert re.search(r"^USER (?!root)", text, re.M), "runs as a non-root user"
-    assert ".[stream,openai,parquet]" in text
+    # the roles the image runs, and OpenTelemetry export for operators who turn it on
+    assert ".[stream,openai,otel,parquet]" in text

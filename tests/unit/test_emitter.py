@@ -76,3 +76,21 @@ def test_overflow_beyond_the_memory_bound_is_counted_and_handed_over() -> None:
         e.emit(record(i, "k"))
     assert e.overflowed == 2 and [r.id for r in spilled] == ["r3", "r4"]
     e.close()
+
+
+def test_observers_see_each_record_once_as_it_is_sent_and_cannot_stop_delivery() -> None:
+    t = MemoryTransport(partitions=1, refuse=3)
+    e = UsageEmitter(t, "usage", max_batch=2, flush_interval=0.001)
+    seen: list[str] = []
+
+    def broken(chunk: list[object]) -> None:
+        raise RuntimeError("an exporter failing")
+
+    e.observers.extend([lambda chunk: seen.extend(r.id for r in chunk), broken])  # type: ignore[attr-defined]
+    e.start()
+    for i in range(10):
+        e.emit(record(i, "k"))
+    e.close(timeout=5)
+    # refused sends went back to the buffer: observed only when they were really handed over
+    assert seen == [f"r{i}" for i in range(10)]
+    assert [r.id for r in sent_records(t)] == seen

@@ -158,3 +158,21 @@ def test_cancelled_stream_settles_what_was_delivered(client: QuotaClient) -> Non
     record = r.settle_stream(usage, cancelled=True)
     assert record.status == "cancelled" and record.estimated
     assert record.completion_tokens == count_text("partial answer", "gpt-4o")
+
+
+def test_a_settled_record_says_which_api_was_called(client: QuotaClient) -> None:
+    embedding = {"model": "text-embedding-3-small", "input": ["a"]}
+    calls = [
+        (chat("hi"), None, "chat"),
+        ({"model": "gpt-3.5-turbo-instruct", "prompt": "hi"}, None, "text_completion"),
+        (embedding, None, "embeddings"),
+        (chat("hi"), {"team": "search"}, "chat"),
+        (chat("hi"), {"operation": "generate_content"}, "generate_content"),
+    ]
+    for body, attrs, operation in calls:
+        r = client.reserve("k-op", str(body["model"]), body, attrs=attrs)
+        record = r.settle(prompt_tokens=1, completion_tokens=1)
+        assert record.attrs == {**(attrs or {}), "operation": operation}
+    # without a request body there is nothing to tell: no label is made up
+    bare = client.reserve("k-op", "gpt-4o", prompt_tokens=1, max_output_tokens=1).settle()
+    assert "operation" not in bare.attrs

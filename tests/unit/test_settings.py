@@ -91,3 +91,15 @@ def test_example_env_file_is_valid() -> None:
     s = QuotaflowSettings(_env_file=str(example))  # type: ignore[call-arg]
     assert s.topics.partitions == 8 and s.kafka.security_protocol == "PLAINTEXT"
     assert s.worker.fetch_max_wait_ms == 20
+
+
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a blank entry of a Secret's env file must not become an empty salt or token
+    monkeypatch.setenv("QUOTAFLOW_GATEWAY__KEY_SALT", "")
+    monkeypatch.setenv("QUOTAFLOW_WORKER__API_TOKEN", "")
+    monkeypatch.setenv("QUOTAFLOW_GATEWAY__METRICS_TOKEN", "")
+    settings = load_settings()
+    assert settings.gateway.default_salt and settings.worker.api_token is None
+    assert settings.gateway.metrics_token is None
+    settings.gateway.listen_host = "0.0.0.0"
+    assert settings.gateway.salt_problem() is not None

@@ -28,6 +28,8 @@ class OpenAIStub:
         self.received: list[str] = []
         #: The Authorization header of each request, to check what a proxy forwarded.
         self.authorizations: list[str | None] = []
+        #: The W3C ``traceparent`` of each request: whether a proxy continued the caller's trace.
+        self.traceparents: list[str | None] = []
         #: Every usage object this server reported, in order.
         self.reported: list[dict[str, Any]] = []
         #: Added to every token count it reports, as a provider whose tokenizer differs from
@@ -85,6 +87,7 @@ class OpenAIStub:
         body = await request.json()
         self.requests.append(body)
         self.authorizations.append(request.headers.get("Authorization"))
+        self.traceparents.append(request.headers.get("traceparent"))
         if self.response_delay:
             await asyncio.sleep(self.response_delay)
         return body
