@@ -63,13 +63,6 @@ policies:
 
 
 @pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    s = OpenAIStub().start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def base_settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> QuotaflowSettings:
     workdir = tmp_path_factory.mktemp("gateway")
     (workdir / "policies.yaml").write_text(POLICIES)

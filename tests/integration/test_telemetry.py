@@ -81,13 +81,6 @@ def samples(text: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    s = OpenAIStub().start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def telemetry(
     settings: QuotaflowSettings, worker: WorkerProcess, stub: OpenAIStub
 ) -> Iterator[Telemetry]:
