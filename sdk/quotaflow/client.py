@@ -353,17 +353,22 @@ class QuotaClient:
         max_output_tokens: int | None = None,
         images: int = 0,
         attrs: Mapping[str, str] | None = None,
+        kind: str | None = None,
+        provider: str | None = None,
     ) -> Reservation:
         """Admit a call by its estimated prompt tokens plus its output ceiling (and ``images``),
         and hold that amount, and its price at the model's prices, until it is settled; raises
         :class:`QuotaExceeded` if it does not fit. Settling charges the real usage and cost and
         gives the rest back.
 
-        ``request`` is the OpenAI request body (chat, completions or embeddings); its prompt is
+        ``request`` is the request body; its prompt is
         counted locally and its ``max_completion_tokens``/``max_tokens`` is the ceiling, else
         the key's policy's ``default_max_output_tokens``. Embeddings hold no output tokens.
-        ``attrs`` label the settled record; with a request body, ``operation`` says which API
-        was called (``chat``, ``text_completion``, ``embeddings``: OpenTelemetry's GenAI names).
+        ``kind`` says which API the body is for where its fields cannot (``responses``,
+        ``messages`` for Anthropic's, ``images``); OpenAI chat, completions and embeddings are
+        told apart by their fields. ``attrs`` label the settled record; with a request body,
+        ``operation`` says which API was called (OpenTelemetry's GenAI names). ``provider`` is
+        recorded and reads the usage the call reports in that provider's shape.
         """
         self._expire_reservations()
         estimated = False
@@ -371,7 +376,7 @@ class QuotaClient:
         if prompt_tokens is None:
             if body:
                 try:
-                    count = count_request(body, model)
+                    count = count_request(body, model, kind)
                 except ValueError as exc:
                     raise RecordError(f"cannot count the request's prompt: {exc}") from None
                 prompt_tokens, estimated = count.tokens, count.estimated
@@ -380,14 +385,14 @@ class QuotaClient:
         if max_output_tokens is None:
             max_output_tokens = request_max_output_tokens(body)
         if max_output_tokens is None:
-            if body and request_kind(body) == "embedding":
+            if body and (kind or request_kind(body)) in ("embedding", "images"):
                 max_output_tokens = 0
             else:
                 bindings = self.policies.resolve(key, model)
                 max_output_tokens = bindings[0].policy.default_max_output_tokens if bindings else 0
         labels = dict(attrs or {})
         if body and "operation" not in labels:
-            labels["operation"] = operation_name(body)
+            labels["operation"] = operation_name(body, kind)
         reservation_id = uuid.uuid4().hex
         # The record settle() falls back to must be valid now: a call is admitted only if its
         # usage can be recorded (a gateway forwards nothing it could not count).
@@ -439,6 +444,8 @@ class QuotaClient:
             release=functools.partial(self._end_reservation, key, reservation_id),
             clock=self.clock,
             attrs=labels,
+            provider=provider,
+            images=images,
         )
         self._reservations[reservation.id] = reservation
         self.cache.hold(

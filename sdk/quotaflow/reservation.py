@@ -32,6 +32,8 @@ class RecordUsage(Protocol):
         cached_prompt_tokens: int = ...,
         cache_write_tokens: int = ...,
         reasoning_tokens: int = ...,
+        images: int = ...,
+        provider: str | None = ...,
         status: Status = ...,
         estimated: bool = ...,
         id: str | None = ...,
@@ -61,6 +63,8 @@ class Reservation:
         release: Callable[[], None],
         clock: Callable[[], float],
         attrs: Mapping[str, str] | None = None,
+        provider: str | None = None,
+        images: int = 0,
     ) -> None:
         self._record_usage = record
         self._release_hold = release
@@ -75,6 +79,10 @@ class Reservation:
         self.decision = decision
         #: Labels of the settled record (``operation``: which API was called).
         self.attrs = attrs
+        #: Recorded, and names the shape of the usage the call reports (Anthropic's differs).
+        self.provider = provider
+        #: Images held: what the call may generate (settled with what it did).
+        self.images = images
         self.record: RecordedUsage | None = None
         self._lock = threading.Lock()
 
@@ -88,6 +96,7 @@ class Reservation:
         *,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        images: int | None = None,
         status: Status = "ok",
         estimated: bool | None = None,
     ) -> RecordedUsage:
@@ -101,7 +110,7 @@ class Reservation:
         with self._lock:
             if self.record is not None:
                 return self.record
-            billed = billed_usage(usage)
+            billed = billed_usage(usage, self.provider)
             reported_prompt = billed.prompt_tokens if billed is not None else None
             reported_completion = billed.completion_tokens if billed is not None else None
             prompt = prompt_tokens if prompt_tokens is not None else reported_prompt
@@ -129,6 +138,12 @@ class Reservation:
                 cached_prompt_tokens=cached,
                 cache_write_tokens=write,
                 reasoning_tokens=reasoning,
+                # what was generated when said; unsaid, the hold (a call settled blind), or
+                # none for a failed call
+                images=images
+                if images is not None
+                else (self.images if usage is None and status == "ok" else 0),
+                provider=self.provider,
                 status=status,
                 estimated=estimated,
                 id=self.id,
@@ -146,18 +161,17 @@ class Reservation:
         return self.settle(usage)
 
     def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> RecordedUsage:
-        """Settle a streamed call: the final usage chunk if sent, else the counted content."""
+        """Settle a streamed call: the usage it reported if it got that far, else what was
+        reported before the end (Anthropic's input side) plus the content counted."""
         if stream.reported:
-            # the usage chunk comes last: a client that closes right after it (openai's
-            # Stream stops at [DONE]) cancelled nothing
+            # the usage comes last: a client that closes right after it (openai's Stream
+            # stops at [DONE]) cancelled nothing
             return self.settle(stream.usage)
-        billed = billed_usage(stream.usage)
-        prompt = billed.prompt_tokens if billed is not None else None
         return self.settle(
-            prompt_tokens=prompt if prompt is not None else self.prompt_tokens,
+            stream.partial,
             completion_tokens=stream.completion_tokens(),
             status="cancelled" if cancelled else "ok",
-            estimated=not stream.reported,
+            estimated=True,
         )
 
     def release(self) -> None:

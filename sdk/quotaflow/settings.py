@@ -214,8 +214,18 @@ class GatewaySettings(BaseModel):
     key_header: str = "x-quotaflow-key"
     #: Salt of the HMAC that turns API keys into counter ids; keep it private and fleet-wide.
     key_salt: SecretStr = SecretStr(DEFAULT_KEY_SALT)
-    #: Replaces the caller's Authorization towards the upstream when set.
+    #: Routes to other upstreams, by path prefix (the longest match wins; others go to
+    #: ``upstream``): Anthropic's API lives elsewhere than OpenAI's. ``--upstream`` alone sends
+    #: every route to one upstream.
+    upstreams: dict[str, str] = Field(
+        default_factory=lambda: {"/v1/messages": "https://api.anthropic.com"}
+    )
+    #: Replaces the caller's Authorization towards OpenAI-style upstreams when set.
     upstream_api_key: SecretStr | None = None
+    #: Admit Anthropic calls by Anthropic's own prompt count (``/v1/messages/count_tokens``,
+    #: one more upstream round trip) instead of the local estimate (its tokenizer is not
+    #: public, so local counts are estimates).
+    anthropic_count_tokens: bool = False
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     upstream_timeout: float = Field(default=600.0, gt=0)
     upstream_connect_timeout: float = Field(default=10.0, gt=0)

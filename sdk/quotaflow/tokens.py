@@ -211,6 +211,122 @@ def count_inputs(value: Any, model: str) -> TokenCount:
     raise ValueError(f"expected a string or a list, got {type(value).__name__}")
 
 
+def _text_tokens(enc: Any, text: str) -> int:
+    return len(enc.encode(text, disallowed_special=()))
+
+
+def _item_tokens(enc: Any, item: dict[str, Any]) -> tuple[int, bool]:
+    """One input item of the Responses API, or one content block of Anthropic's Messages."""
+    if "content" in item:
+        return _content_tokens(enc, item["content"])
+    for field in ("text", "arguments", "output", "thinking"):
+        if isinstance(item.get(field), str):
+            name = item.get("name")
+            return _text_tokens(enc, item[field] + (name if isinstance(name, str) else "")), False
+    if "input" in item:  # an Anthropic tool_use block
+        return _text_tokens(enc, json.dumps(item["input"]) + str(item.get("name", ""))), True
+    # images, files, audio: billed by rules the request does not show
+    return 85, True
+
+
+def _blocks_tokens(enc: Any, value: Any, where: str) -> tuple[int, bool]:
+    """A string, or a list of blocks/items (each an object), as the newer APIs take them."""
+    if isinstance(value, str):
+        return _text_tokens(enc, value), False
+    if not isinstance(value, list):
+        raise ValueError(f"'{where}' must be a string or a list, got {type(value).__name__}")
+    total, estimated = 0, False
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}[{i}]: expected an object, got {type(item).__name__}")
+        try:
+            tokens, approx = _item_tokens(enc, item)
+        except (AttributeError, TypeError) as exc:
+            raise ValueError(f"{where}[{i}]: malformed: {exc}") from None
+        total += tokens + 3  # each message or item is framed
+        estimated |= approx
+    return total, estimated
+
+
+def _tool_defs(body: dict[str, Any]) -> list[dict[str, Any]]:
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("'tools' must be a list of objects")
+    return tools
+
+
+def count_responses_prompt(body: dict[str, Any], model: str) -> TokenCount:
+    """Prompt tokens of an OpenAI Responses request: ``instructions``, ``input`` (a string or a
+    list of items) and the tool definitions. Items' framing is OpenAI's chat framing, so the
+    count is exact for text and estimated for anything else."""
+    enc, exact = encoding_for_model(model)
+    total, estimated = 3, not exact  # the reply's priming
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise ValueError("'instructions' must be a string")
+        total += _text_tokens(enc, instructions) + 3
+    if body.get("input") is not None:
+        tokens, approx = _blocks_tokens(enc, body["input"], "input")
+        total += tokens + (3 if isinstance(body["input"], str) else 0)
+        estimated |= approx
+    # function tools are flat in this API ({type, name, description, parameters}); built-in
+    # ones (web search, file search) cost what the provider says
+    tools = _tool_defs(body)
+    functions = [t for t in tools if t.get("type", "function") == "function"]
+    total += count_tools(functions, model)
+    estimated |= len(functions) != len(tools) or bool(body.get("previous_response_id"))
+    return TokenCount(total, estimated, enc.name)
+
+
+def count_messages_prompt(body: dict[str, Any], model: str) -> TokenCount:
+    """Prompt tokens of an Anthropic Messages request (``system``, ``messages``, ``tools``),
+    always an estimate: Anthropic's tokenizer is not public, so an OpenAI encoding stands in."""
+    enc, _ = encoding_for_model(model)
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("'messages' must be a list")
+    total = 0
+    if body.get("system") is not None:
+        total += _blocks_tokens(enc, body["system"], "system")[0]
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}]: expected an object, got {type(message).__name__}")
+        total += _blocks_tokens(enc, message.get("content", ""), f"messages[{i}].content")[0] + 3
+    for tool in _tool_defs(body):
+        schema = json.dumps(tool.get("input_schema", {}))
+        total += _text_tokens(enc, f"{tool.get('name', '')}{tool.get('description', '')}{schema}")
+    return TokenCount(total, True, enc.name)
+
+
+def count_image_prompt(body: dict[str, Any], model: str) -> TokenCount:
+    """Text tokens of an image request's ``prompt`` (what token-priced image models bill)."""
+    enc, exact = encoding_for_model(model)
+    prompt = body.get("prompt", "")
+    if not isinstance(prompt, str):
+        raise ValueError("'prompt' must be a string")
+    return TokenCount(_text_tokens(enc, prompt), not exact, enc.name)
+
+
+def image_count(body: dict[str, Any]) -> int:
+    """Images an image request asks for (``n``, 1 by default)."""
+    n = body.get("n", 1)
+    if n is None:
+        return 1
+    if isinstance(n, str) and n.isdigit():  # multipart form fields are strings
+        n = int(n)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+        raise ValueError("'n' must be an integer from 1 to 128")
+    return n
+
+
+#: Request kinds whose body alone does not say what they are: the route (or the client method)
+#: does. ``request_kind`` tells the first three apart by their fields.
+KINDS = ("chat", "completion", "embedding", "responses", "messages", "images")
+
+
 def request_kind(body: dict[str, Any]) -> str:
     """``chat``, ``completion`` or ``embedding``, from the fields a request body has."""
     if "messages" in body:
@@ -223,25 +339,37 @@ def request_kind(body: dict[str, Any]) -> str:
 
 
 #: OpenTelemetry GenAI operation names (``gen_ai.operation.name``) of the request kinds.
-_OPERATIONS = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings"}
+_OPERATIONS = {
+    "chat": "chat", "completion": "text_completion", "embedding": "embeddings",
+    "responses": "chat", "messages": "chat", "images": "generate_content",
+}  # fmt: skip
 
 
-def operation_name(body: dict[str, Any]) -> str:
-    """Which API a request body calls, by OpenTelemetry's GenAI name (``chat`` if unclear)."""
+def operation_name(body: dict[str, Any], kind: str | None = None) -> str:
+    """Which API a request calls, by OpenTelemetry's GenAI name (``chat`` if unclear)."""
     try:
-        return _OPERATIONS[request_kind(body)]
+        return _OPERATIONS[kind or request_kind(body)]
     except ValueError:
         return "chat"
 
 
-def count_request(body: dict[str, Any], model: str | None = None) -> TokenCount:
-    """Prompt tokens of an OpenAI request body (chat, completions or embeddings)."""
+def count_request(
+    body: dict[str, Any], model: str | None = None, kind: str | None = None
+) -> TokenCount:
+    """Prompt tokens of a request body: OpenAI chat, completions, embeddings (told apart by
+    their fields), or, named by ``kind``, Responses, Anthropic Messages or images."""
     model = model or body.get("model")
     if not isinstance(model, str) or not model:
         raise ValueError("request has no 'model'")
-    kind = request_kind(body)
+    kind = kind or request_kind(body)
+    if kind == "responses":
+        return count_responses_prompt(body, model)
+    if kind == "messages":
+        return count_messages_prompt(body, model)
+    if kind == "images":
+        return count_image_prompt(body, model)
     if kind == "chat":
-        messages = body["messages"]
+        messages = body.get("messages")
         if not isinstance(messages, list):
             raise ValueError("'messages' must be a list")
         for i, message in enumerate(messages):
@@ -258,7 +386,10 @@ def count_request(body: dict[str, Any], model: str | None = None) -> TokenCount:
         except (AttributeError, TypeError, KeyError) as exc:
             # a malformed nested part (tool_calls, a content part): the request is bad, not us
             raise ValueError(f"malformed chat request: {exc}") from None
-    return count_inputs(body["prompt" if kind == "completion" else "input"], model)
+    field = "prompt" if kind == "completion" else "input"
+    if field not in body:
+        raise ValueError(f"request has no '{field}'")
+    return count_inputs(body[field], model)
 
 
 def max_output_tokens(body: dict[str, Any]) -> int | None:

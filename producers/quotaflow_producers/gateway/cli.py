@@ -15,7 +15,15 @@ log = logging.getLogger(__name__)
 
 def register(sub: Any) -> None:
     p = sub.add_parser("gateway", help="run the OpenAI-compatible metering gateway")
-    p.add_argument("--upstream", help="upstream base URL (default: settings, api.openai.com)")
+    p.add_argument(
+        "--upstream",
+        help="upstream base URL of every route (default: settings: api.openai.com, and "
+        "api.anthropic.com for /v1/messages)",
+    )
+    p.add_argument(
+        "--route", action="append", default=[], metavar="PREFIX=URL",
+        help="send paths under PREFIX to URL (repeatable; e.g. /v1/messages=https://api.anthropic.com)",
+    )  # fmt: skip
     p.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8787)")
     p.set_defaults(func=_cmd_gateway)
 
@@ -37,7 +45,16 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
         configure_otlp(settings.otel.service_name)
     if args.upstream:
+        # the one-upstream shortcut: every route, Anthropic's included, goes there
         settings.gateway.upstream = args.upstream
+        settings.gateway.upstreams = {}
+    for item in args.route:
+        prefix, sep, url = item.partition("=")
+        if not sep or not prefix.startswith("/") or not url.startswith(("http://", "https://")):
+            raise SystemExit(
+                f"quotaflow gateway: --route expects /PREFIX=http(s)://URL, got {item!r}"
+            )
+        settings.gateway.upstreams[prefix] = url
     if args.listen:
         settings.gateway.listen_host, settings.gateway.listen_port = _listen(args.listen)
     g = settings.gateway

@@ -13,7 +13,8 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization", "")
     if auth[:7].lower() == "bearer " and auth[7:].strip():
         return auth[7:].strip()
-    return headers.get("api-key") or None  # Azure OpenAI style
+    # Azure OpenAI style, then Anthropic's
+    return headers.get("api-key") or headers.get("x-api-key") or None
 
 
 def resolve_key(

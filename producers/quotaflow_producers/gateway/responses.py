@@ -34,7 +34,7 @@ def openai_error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _pick(rows: tuple[LimitUsage, ...], units: tuple[str, ...]) -> LimitUsage | None:
+def pick_limit(rows: tuple[LimitUsage, ...], units: tuple[str, ...]) -> LimitUsage | None:
     """The key-wide per-minute limit of the first unit that has one, else any of them."""
     candidates = [r for r in rows if r.spec.unit in units and "/" not in r.name]
     candidates = candidates or [r for r in rows if r.spec.unit in units]
@@ -60,7 +60,7 @@ def ratelimit_headers(rows: tuple[LimitUsage, ...], now: float) -> dict[str, str
         ("requests", ("requests",)),
         ("tokens", ("tokens", "prompt_tokens", "completion_tokens")),
     ):
-        row = _pick(rows, dims)
+        row = pick_limit(rows, dims)
         if row is None:
             continue
         headers[f"x-ratelimit-limit-{kind}"] = str(row.spec.limit)
@@ -70,7 +70,7 @@ def ratelimit_headers(rows: tuple[LimitUsage, ...], now: float) -> dict[str, str
 
 
 def remaining_tokens(rows: tuple[LimitUsage, ...]) -> int | None:
-    row = _pick(rows, ("tokens", "prompt_tokens", "completion_tokens"))
+    row = pick_limit(rows, ("tokens", "prompt_tokens", "completion_tokens"))
     return None if row is None else row.remaining
 
 

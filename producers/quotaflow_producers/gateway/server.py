@@ -1,12 +1,13 @@
-"""The gateway's HTTP side: an aiohttp reverse proxy that meters OpenAI-compatible calls.
+"""The gateway's HTTP side: an aiohttp reverse proxy that meters LLM API calls.
 
-Per metered call (``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``): find the
-counter key, reserve the call in the embedded :class:`QuotaClient` (no I/O), answer 429 at once
-if it does not fit, else forward it and settle the reservation with the usage the upstream
-reports (for streams: the final usage chunk, or the relayed content counted), so every usage
-record carries the provider's own figures. Streams are relayed chunk by chunk, never buffered.
-Other ``/v1/*`` routes pass through, counted as requests where the key's policy lists them in
-``count_routes``.
+Per metered call (the routes of :mod:`quotaflow_producers.gateway.apis`: OpenAI chat,
+completions, embeddings, Responses and images; Anthropic Messages): find the counter key,
+reserve the call in the embedded :class:`QuotaClient` (no I/O), answer 429 at once in the
+caller's API's own shape if it does not fit, else forward it to the route's upstream and settle
+the reservation with the usage the upstream reports (for streams: the usage events, or the
+relayed content counted), so every usage record carries the provider's own figures. Streams are
+relayed chunk by chunk, never buffered. Other ``/v1/*`` routes pass through, counted as requests
+where the key's policy lists them in ``count_routes``.
 """
 
 from __future__ import annotations
@@ -28,15 +29,19 @@ from quotaflow.record import looks_like_secret
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.streaming import StreamUsage
-from quotaflow.tokens import encoding_for_model
+from quotaflow.tokens import encoding_for_model, image_count
+from quotaflow_producers.gateway.apis import (
+    APIS,
+    DEFAULT_IMAGE_MODEL,
+    MeteredApi,
+    dialect_of,
+    error,
+    limit_headers,
+    read_body,
+)
 from quotaflow_producers.gateway.keys import resolve_key
 from quotaflow_producers.gateway.metrics import CONTENT_TYPE, GatewayMetrics
-from quotaflow_producers.gateway.responses import (
-    RateLimitTemplate,
-    openai_error,
-    ratelimit_headers,
-    remaining_tokens,
-)
+from quotaflow_producers.gateway.responses import RateLimitTemplate, remaining_tokens
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -45,7 +50,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METERED = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+METERED = tuple(APIS)
 #: The call's price in dollars (exact, from integer micro-dollars), and the table that priced it.
 COST_HEADER = "x-quotaflow-cost-usd"
 PRICE_VERSION_HEADER = "x-quotaflow-price-version"
@@ -73,6 +78,11 @@ class Gateway:
         self.g = settings.gateway
         self.quota = quota
         self.upstream = self.g.upstream.rstrip("/")
+        # longest prefix first: /v1/messages/count_tokens before /v1/messages before /v1
+        self.routes = sorted(
+            ((prefix, url.rstrip("/")) for prefix, url in self.g.upstreams.items()),
+            key=lambda item: -len(item[0]),
+        )
         self.template = (
             RateLimitTemplate.load(self.g.rate_limit_response_file)
             if self.g.rate_limit_response_file
@@ -93,10 +103,17 @@ class Gateway:
         if tracer_provider is not None or settings.otel.enabled:
             from quotaflow_producers.gateway.tracing import CallTracer  # the optional extra
 
-            self.tracer = CallTracer(self.upstream, tracer_provider)
+            self.tracer = CallTracer(tracer_provider)
         self._metrics_token = (
             self.g.metrics_token.get_secret_value() if self.g.metrics_token else None
         )
+
+    def upstream_for(self, path: str) -> str:
+        """The base URL a path is forwarded to: the longest matching route, else ``upstream``."""
+        for prefix, url in self.routes:
+            if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+                return url
+        return self.upstream
 
     async def _start(self, app: web.Application) -> None:
         self._session = aiohttp.ClientSession(
@@ -128,8 +145,8 @@ class Gateway:
         if self._metrics_token is not None and (
             token is None or not same_secret(token, self._metrics_token)
         ):
-            return openai_error(401, "The metrics need the gateway's metrics token.",
-                                code="unauthorized")  # fmt: skip
+            return error("openai", 401, "The metrics need the gateway's metrics token.",
+                         code="unauthorized")  # fmt: skip
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     # -- the proxy ---------------------------------------------------------------------------
@@ -146,76 +163,127 @@ class Gateway:
             self.metrics.answered(route, status, started)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        dialect = dialect_of(request.path)
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return openai_error(
-                413,
+            return error(
+                dialect, 413,
                 f"Request body exceeds the gateway's limit of {self.g.max_body_bytes} bytes.",
                 code="request_too_large",
-            )
+            )  # fmt: skip
         key = resolve_key(request.headers, request.remote, self.g)
         if key is None:
-            return openai_error(
-                401,
+            return error(
+                dialect, 401,
                 "No counter key: send an API key, or the "
                 f"{self.g.key_header} header, as the gateway is configured to expect.",
                 code="missing_key",
-            )
+            )  # fmt: skip
         if looks_like_secret(key):
             # A credential sent as a counter key: refused before the upstream (it would be
             # served and then could not be recorded), and never repeated or logged.
-            return openai_error(
-                400,
+            return error(
+                dialect, 400,
                 f"The counter key looks like an API secret; send an id in {self.g.key_header}, "
                 "never a credential.",
                 code="invalid_counter_key",
-            )
-        if request.method == "POST" and request.path in METERED:
-            return await self._metered(request, raw, key)
+            )  # fmt: skip
+        api = APIS.get(request.path)
+        if request.method == "POST" and api is not None:
+            return await self._metered(request, raw, key, api)
         return await self._passthrough(request, raw, key)
 
-    async def _metered(self, request: web.Request, raw: bytes, key: str) -> web.StreamResponse:
+    async def _metered(
+        self, request: web.Request, raw: bytes, key: str, api: MeteredApi
+    ) -> web.StreamResponse:
+        dialect = api.dialect
         try:
-            body = json.loads(raw)
+            body = read_body(api, raw, request.headers.get("Content-Type", ""))
         except ValueError as exc:
-            return openai_error(400, f"We could not parse the JSON body of your request: {exc}")
-        if not isinstance(body, dict):
-            return openai_error(400, "The request body must be a JSON object.")
-        model = body.get("model")
+            return error(dialect, 400, str(exc))
+        model = body.get("model", DEFAULT_IMAGE_MODEL if api.images else None)
         if not isinstance(model, str) or not model:
-            return openai_error(400, "You must provide a model parameter.", param="model")
-        if self.g.unknown_models == "reject" and not encoding_for_model(model)[1]:
-            return openai_error(
-                400,
+            message = (
+                "model: Field required" if dialect == "anthropic"
+                else "You must provide a model parameter."
+            )  # fmt: skip
+            return error(dialect, 400, message, param="model")
+        if (
+            dialect == "openai"
+            and not api.images
+            and self.g.unknown_models == "reject"
+            and not encoding_for_model(model)[1]
+        ):
+            return error(
+                dialect, 400,
                 f"The model `{model}` does not exist or is not served by this gateway.",
-                code="model_not_found",
-                param="model",
-            )
+                code="model_not_found", param="model",
+            )  # fmt: skip
         if self.tracer is None:
-            return (await self._admit(request, raw, key, model, body))[0]
-        with self.tracer.span(request, model, body) as span:
-            response, reservation = await self._admit(request, raw, key, model, body)
+            return (await self._admit(request, raw, key, model, body, api))[0]
+        with self.tracer.span(request, model, api.kind, self.upstream_for(request.path)) as span:
+            response, reservation = await self._admit(request, raw, key, model, body, api)
             self.tracer.finish(span, response, reservation, key)
             return response
 
     async def _admit(
-        self, request: web.Request, raw: bytes, key: str, model: str, body: dict[str, Any]
+        self,
+        request: web.Request,
+        raw: bytes,
+        key: str,
+        model: str,
+        body: dict[str, Any],
+        api: MeteredApi,
     ) -> tuple[web.StreamResponse, Reservation | None]:
         """Reserve the call and forward it, or refuse it: the answer, and the reservation
         (settled once the answer is complete) if the call went upstream."""
+        dialect = api.dialect
         try:
-            reservation = self.quota.reserve(key, model, body)
+            images = image_count(body) if api.images else 0
+            if dialect == "anthropic" and not isinstance(body.get("max_tokens"), int):
+                raise ValueError("max_tokens: Field required")
+        except ValueError as exc:
+            return error(dialect, 400, str(exc)), None
+        prompt = await self._counted_prompt(request, api, body)
+        try:
+            reservation = self.quota.reserve(
+                key, model, body, kind=api.kind, images=images, provider=api.provider,
+                prompt_tokens=prompt,
+            )  # fmt: skip
         except QuotaExceeded as exc:
             if exc.decision is not None and exc.decision.reason == "unpriced":
                 # not a rate: retrying cannot help, so not a 429
                 self.metrics.denials.labels(request.path, "unpriced").inc()
-                return openai_error(400, str(exc), code="model_not_priced"), None
+                return error(dialect, 400, str(exc), code="model_not_priced"), None
             return self._rate_limited(request.path, key, model, exc), None
         except RecordError as exc:
             # nothing is forwarded that could not be recorded (see QuotaClient.reserve)
-            return openai_error(400, str(exc), code="invalid_request"), None
-        return await self._forward(request, raw, key, model, reservation), reservation
+            return error(dialect, 400, str(exc), code="invalid_request"), None
+        return await self._forward(request, raw, key, model, reservation, api), reservation
+
+    async def _counted_prompt(
+        self, request: web.Request, api: MeteredApi, body: dict[str, Any]
+    ) -> int | None:
+        """Anthropic's own count of the prompt (``/v1/messages/count_tokens``) where configured,
+        else None: the local estimate. Its tokenizer is not public; the local count is marked
+        estimated. Any failure falls back to the estimate."""
+        if api.kind != "messages" or not self.g.anthropic_count_tokens:
+            return None
+        assert self._session is not None
+        wanted = ("model", "messages", "system", "tools", "tool_choice", "thinking")
+        payload = {k: body[k] for k in wanted if k in body}
+        url = self.upstream_for(request.path) + "/v1/messages/count_tokens"
+        try:
+            async with self._session.post(
+                url, json=payload, headers=self._upstream_headers(request, dialect="anthropic")
+            ) as resp:
+                if resp.status != 200:
+                    return None
+                counted = (await resp.json()).get("input_tokens")
+        except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+            return None
+        return counted if isinstance(counted, int) and counted >= 0 else None
 
     async def _passthrough(self, request: web.Request, raw: bytes, key: str) -> web.StreamResponse:
         bindings = self.quota.policies.resolve(key, None)
@@ -231,19 +299,22 @@ class Gateway:
             except QuotaExceeded as exc:
                 return self._rate_limited(request.path, key, None, exc)
             except RecordError as exc:
-                return openai_error(400, str(exc), code="invalid_request")
-            return await self._forward(request, raw, key, f"route:{request.path}", reservation)
-        return await self._forward(request, raw, key, None, None)
+                return error(dialect_of(request.path), 400, str(exc), code="invalid_request")
+            return await self._forward(
+                request, raw, key, f"route:{request.path}", reservation, None
+            )
+        return await self._forward(request, raw, key, None, None, None)
 
     def _rate_limited(
         self, path: str, key: str, model: str | None, exc: QuotaExceeded
     ) -> web.Response:
         self.denied += 1
+        dialect = dialect_of(path)
         d = exc.decision
         reason = "budget" if d is not None and d.by_budget else d.reason if d else "limit"
         self.metrics.denials.labels(self.metrics.route(path), reason).inc()
         now = self.quota.clock()
-        headers = ratelimit_headers(self.quota.cache.usage(key, model), now)
+        headers = limit_headers(dialect, self.quota.cache.usage(key, model), now)
         wait = max(exc.retry_after, 0.0)
         headers["retry-after"] = str(max(1, round(wait + 0.499)))
         headers["retry-after-ms"] = str(round(wait * 1000))
@@ -253,8 +324,8 @@ class Gateway:
             # a spent budget, as OpenAI answers an exhausted quota (a rate denial stays
             # rate_limit_exceeded): the figures are in dollars
             message = f"You exceeded your budget: {d.explain()}."
-            return openai_error(
-                429, message, type_="insufficient_quota", code="insufficient_quota",
+            return error(
+                dialect, 429, message, type_="insufficient_quota", code="insufficient_quota",
                 headers=headers,
             )  # fmt: skip
         figures = (
@@ -267,9 +338,9 @@ class Gateway:
             f"Please try again in {wait:.3f}s."
         )
         kind = "requests" if exc.limit and "requests" in exc.limit else "tokens"
-        return openai_error(429, message, type_=kind, code="rate_limit_exceeded", headers=headers)
+        return error(dialect, 429, message, type_=kind, code="rate_limit_exceeded", headers=headers)
 
-    def _upstream_headers(self, request: web.Request) -> dict[str, str]:
+    def _upstream_headers(self, request: web.Request, dialect: str = "openai") -> dict[str, str]:
         headers = {
             k: v
             for k, v in request.headers.items()
@@ -278,7 +349,7 @@ class Gateway:
         headers["Accept-Encoding"] = "identity"  # usage is read from the bytes as they pass
         if self.tracer is not None:
             self.tracer.inject(headers)  # the upstream continues the call's span
-        if self.g.upstream_api_key is not None:
+        if self.g.upstream_api_key is not None and dialect == "openai":
             headers.pop("api-key", None)
             headers["Authorization"] = f"Bearer {self.g.upstream_api_key.get_secret_value()}"
         return headers
@@ -290,35 +361,38 @@ class Gateway:
         key: str,
         model: str | None,
         reservation: Reservation | None,
+        api: MeteredApi | None,
     ) -> web.StreamResponse:
         assert self._session is not None
-        url = self.upstream + request.rel_url.path_qs
+        dialect = dialect_of(request.path)
+        url = self.upstream_for(request.path) + request.rel_url.path_qs
         started = time.perf_counter()
         route = self.metrics.route(request.path)
         try:
             upstream = await self._session.request(
-                request.method, url, data=raw or None, headers=self._upstream_headers(request)
-            )
+                request.method, url, data=raw or None,
+                headers=self._upstream_headers(request, dialect),
+            )  # fmt: skip
         except TimeoutError:
             self.metrics.upstream_errors.labels(route, "timeout").inc()
             if reservation is not None:
                 # The provider may have started on the prompt: count it, estimated.
-                reservation.settle(completion_tokens=0, status="error", estimated=True)
-            return openai_error(504, "The upstream did not answer in time.", type_="server_error",
-                                code="upstream_timeout")  # fmt: skip
+                reservation.settle(completion_tokens=0, images=0, status="error", estimated=True)
+            return error(dialect, 504, "The upstream did not answer in time.",
+                         type_="server_error", code="upstream_timeout")  # fmt: skip
         except aiohttp.ClientError as exc:
             self.metrics.upstream_errors.labels(route, "unreachable").inc()
             if reservation is not None:
                 reservation.release()  # never reached the provider: nothing to count
-            return openai_error(502, f"The upstream could not be reached: {type(exc).__name__}.",
-                                type_="server_error", code="upstream_unavailable")  # fmt: skip
+            return error(dialect, 502, f"The upstream could not be reached: {type(exc).__name__}.",
+                         type_="server_error", code="upstream_unavailable")  # fmt: skip
         self.forwarded += 1
         self.metrics.upstream_duration.labels(route).observe(time.perf_counter() - started)
         if upstream.status >= 500 or upstream.status == 429:
             kind = "rate_limited" if upstream.status == 429 else "server_error"
             self.metrics.upstream_errors.labels(route, kind).inc()
         try:
-            return await self._relay(request, upstream, key, model, reservation)
+            return await self._relay(request, upstream, key, model, reservation, api)
         finally:
             upstream.release()
             log.info(
@@ -334,22 +408,26 @@ class Gateway:
         key: str,
         model: str | None,
         reservation: Reservation | None,
+        api: MeteredApi | None,
     ) -> web.StreamResponse:
+        dialect = dialect_of(request.path)
         headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
         sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
         if reservation is None or upstream.status >= 400:
             if reservation is not None:
-                reservation.settle(prompt_tokens=0, completion_tokens=0, status="error")
+                reservation.settle(prompt_tokens=0, completion_tokens=0, images=0, status="error")
             if not sse:
                 data = await upstream.read()
-                headers.update(self._limit_headers(key, model))
+                headers.update(self._limit_headers(dialect, key, model))
                 return web.Response(status=upstream.status, body=data, headers=headers)
         if sse:
-            return await self._relay_stream(request, upstream, key, model, reservation, headers)
+            return await self._relay_stream(
+                request, upstream, key, model, reservation, headers, dialect
+            )
         assert reservation is not None
         data = await upstream.read()
-        record = reservation.settle_body(data)
-        headers.update(self._limit_headers(key, model))
+        record = settle_answer(reservation, data, api)
+        headers.update(self._limit_headers(dialect, key, model))
         if record.cost_micros is not None:
             # what this call cost, exactly (a stream's is known only after its headers went)
             headers[COST_HEADER] = dollars(record.cost_micros)
@@ -367,8 +445,9 @@ class Gateway:
         model: str | None,
         reservation: Reservation | None,
         headers: dict[str, str],
+        dialect: str,
     ) -> web.StreamResponse:
-        headers.update(self._limit_headers(key, model))
+        headers.update(self._limit_headers(dialect, key, model))
         if reservation is not None and self.g.consumed_tokens_header:
             headers[self.g.consumed_tokens_header] = str(reservation.prompt_tokens)
         resp = web.StreamResponse(status=upstream.status, headers=headers)
@@ -388,14 +467,31 @@ class Gateway:
                 reservation.settle_stream(usage, cancelled=not finished)
         return resp
 
-    def _limit_headers(self, key: str, model: str | None) -> dict[str, str]:
+    def _limit_headers(self, dialect: str, key: str, model: str | None) -> dict[str, str]:
         rows = self.quota.cache.usage(key, model)
-        headers = ratelimit_headers(rows, self.quota.clock())
+        headers = limit_headers("anthropic" if dialect == "anthropic" else "openai", rows,
+                                self.quota.clock())  # fmt: skip
         if self.g.remaining_tokens_header:
             left = remaining_tokens(rows)
             if left is not None:
                 headers[self.g.remaining_tokens_header] = str(left)
         return headers
+
+
+def settle_answer(reservation: Reservation, data: bytes, api: MeteredApi | None) -> Any:
+    """Settle a call from its JSON answer: its ``usage`` (every API names it so), and for image
+    calls the images in ``data``; an answer that is not JSON settles on the estimates."""
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        return reservation.settle()
+    images = None
+    if api is not None and api.images:
+        generated = answer.get("data")
+        images = len(generated) if isinstance(generated, list) else 0
+    return reservation.settle(answer.get("usage"), images=images)
 
 
 async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:

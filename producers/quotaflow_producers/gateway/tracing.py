@@ -23,21 +23,19 @@ from quotaflow.tokens import operation_name
 
 
 class CallTracer:
-    def __init__(self, upstream: str, tracer_provider: trace.TracerProvider | None) -> None:
+    def __init__(self, tracer_provider: trace.TracerProvider | None) -> None:
         self.tracer = tracer(tracer_provider)
-        parts = urlsplit(upstream)
-        self.server: dict[str, Any] = {"server.address": parts.hostname or ""}
-        if parts.port or parts.scheme:
-            self.server["server.port"] = parts.port or (443 if parts.scheme == "https" else 80)
 
     @contextlib.contextmanager
-    def span(self, request: web.Request, model: str, body: dict[str, Any]) -> Iterator[Span]:
-        operation = operation_name(body)
+    def span(self, request: web.Request, model: str, kind: str, upstream: str) -> Iterator[Span]:
+        operation = operation_name({}, kind)
+        parts = urlsplit(upstream)
         attributes: dict[str, Any] = {
             genai.GEN_AI_OPERATION_NAME: operation,
             genai.GEN_AI_REQUEST_MODEL: model,
             "quotaflow.route": request.path,
-            **self.server,
+            "server.address": parts.hostname or "",
+            "server.port": parts.port or (443 if parts.scheme == "https" else 80),
         }
         with self.tracer.start_as_current_span(
             f"{operation} {model}",

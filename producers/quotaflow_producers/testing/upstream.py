@@ -1,9 +1,12 @@
-"""A local OpenAI-compatible upstream, for tests, benchmarks and trying the gateway offline.
+"""A local provider-like upstream, for tests, benchmarks and trying the gateway offline.
 
-Chat completions (plain and streamed, with or without the final usage chunk), completions and
-embeddings, each reporting usage counted with tiktoken as the real API does. It runs on a
-loopback port in a thread of the calling process and remembers what it received and reported,
-so tests can compare. Model ``stub-429`` answers like a provider over its own limit."""
+OpenAI's chat completions (plain and streamed, with or without the final usage chunk),
+completions, embeddings, Responses (plain and streamed), image generations and edits, and
+Anthropic's Messages (plain and streamed) with ``count_tokens``: each reports usage in its API's
+own shape, counted with tiktoken (plus ``usage_offset``, so tests can tell reported figures from
+local ones). It runs on a loopback port in a thread of the calling process and remembers what it
+received and reported, so tests can compare. Model ``stub-429`` answers like a provider over its
+own limit, in that API's error shape."""
 
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ class OpenAIStub:
         self.authorizations: list[str | None] = []
         #: The W3C ``traceparent`` of each request: whether a proxy continued the caller's trace.
         self.traceparents: list[str | None] = []
+        #: Bodies of ``/v1/messages/count_tokens`` requests.
+        self.received_counts: list[dict[str, Any]] = []
         #: Every usage object this server reported, in order.
         self.reported: list[dict[str, Any]] = []
         #: Added to every token count it reports, as a provider whose tokenizer differs from
@@ -41,6 +46,8 @@ class OpenAIStub:
         #: ``completion_tokens``); 0 leaves the details out, as for models without them.
         self.cached_tokens = 0
         self.reasoning_tokens = 0
+        #: Anthropic's cache writes (``cache_creation_input_tokens``) it reports per message.
+        self.cache_write_tokens = 0
         self.chunk_delay = 0.0
         #: Streams this server wrote to their end (a stream its client left stays unfinished).
         self.streams_finished = 0
@@ -66,6 +73,11 @@ class OpenAIStub:
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/images/generations", self._images)
+        app.router.add_post("/v1/images/edits", self._images)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -193,3 +205,145 @@ class OpenAIStub:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]})
+
+    # -- OpenAI Responses ---------------------------------------------------------------------
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if not isinstance(body.get("input"), str | list) or not isinstance(body.get("model"), str):
+            return self._invalid("input")
+        if body["model"] == "stub-429":
+            return self._rate_limited()
+        prompt = count_request(body, kind="responses").tokens + self.usage_offset
+        output = count_text(REPLY, body["model"]) + self.usage_offset + self.reasoning_tokens
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": min(self.cached_tokens, prompt)},
+            "output_tokens": output,
+            "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+            "total_tokens": prompt + output,
+        }
+        self.reported.append(usage)
+        message = {"type": "message", "id": "msg_stub", "role": "assistant", "status":
+                   "completed", "content": [{"type": "output_text", "text": REPLY,
+                                             "annotations": []}]}  # fmt: skip
+        response = {"id": "resp_stub", "object": "response", "created_at": int(time.time()),
+                    "model": body["model"], "status": "completed", "output": [message],
+                    "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto",
+                    "tools": []}  # fmt: skip
+        if not body.get("stream"):
+            return web.json_response(response)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            created = {**response, "status": "in_progress", "output": [], "usage": None}
+            await self._event(resp, "response.created", {"response": created})
+            for piece in self._pieces():
+                await self._event(resp, "response.output_text.delta",
+                                  {"item_id": "msg_stub", "output_index": 0,
+                                   "content_index": 0, "delta": piece})  # fmt: skip
+            await self._event(resp, "response.completed", {"response": response})
+            await resp.write_eof()
+            self.streams_finished += 1
+        return resp
+
+    def _pieces(self) -> list[str]:
+        words = REPLY.split(" ")
+        return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+    async def _event(self, resp: web.StreamResponse, kind: str, data: dict[str, Any]) -> None:
+        """One server-sent event as the Responses and Messages APIs write them."""
+        payload = json.dumps({"type": kind, **data}).encode()
+        await resp.write(b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n")
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay)
+
+    # -- OpenAI images ------------------------------------------------------------------------
+
+    async def _images(self, request: web.Request) -> web.Response:
+        if request.content_type.startswith("multipart/"):
+            form = await request.post()
+            body: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+            self.requests.append(body)
+            self.authorizations.append(request.headers.get("Authorization"))
+            self.traceparents.append(request.headers.get("traceparent"))
+        else:
+            body = await self._body(request)
+        if not isinstance(body.get("prompt"), str):
+            return self._invalid("prompt")
+        model = body.get("model") or "dall-e-2"
+        n = int(body.get("n") or 1)
+        reported: dict[str, Any] = {"images": n}
+        answer: dict[str, Any] = {"created": int(time.time()),
+                                  "data": [{"b64_json": "aW1hZ2U="} for _ in range(n)]}  # fmt: skip
+        if model.startswith("gpt-image"):
+            # token-priced image models report tokens: the prompt's, and the images'
+            prompt = count_request({"prompt": body["prompt"]}, model, "images").tokens
+            inputs = prompt + self.usage_offset
+            usage = {"input_tokens": inputs, "output_tokens": 1056 * n,
+                     "total_tokens": inputs + 1056 * n,
+                     "input_tokens_details": {"text_tokens": inputs,
+                                              "image_tokens": 0}}  # fmt: skip
+            answer["usage"] = usage
+            reported.update(usage)
+        self.reported.append(reported)
+        return web.json_response(answer)
+
+    # -- Anthropic Messages -------------------------------------------------------------------
+
+    @staticmethod
+    def _anthropic_error(status: int, kind: str, message: str) -> web.Response:
+        body = {"type": "error", "error": {"type": kind, "message": message}}
+        headers = {"retry-after": "1"} if status == 429 else None
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._body(request)
+        if not isinstance(body.get("messages"), list):
+            return self._anthropic_error(400, "invalid_request_error", "messages: Field required")
+        if not isinstance(body.get("max_tokens"), int):
+            return self._anthropic_error(400, "invalid_request_error", "max_tokens: Field required")
+        if body.get("model") == "stub-429":
+            return self._anthropic_error(429, "rate_limit_error", "upstream limit")
+        prompt = count_request(body, kind="messages").tokens + self.usage_offset
+        read = min(self.cached_tokens, prompt)
+        write = min(self.cache_write_tokens, prompt - read)
+        output = count_text(REPLY, body["model"]) + self.usage_offset
+        # Anthropic's shape: input_tokens excludes the cache reads and writes
+        usage = {"input_tokens": prompt - read - write, "cache_creation_input_tokens": write,
+                 "cache_read_input_tokens": read, "output_tokens": output}  # fmt: skip
+        self.reported.append(usage)
+        message = {"id": "msg_stub", "type": "message", "role": "assistant",
+                   "model": body["model"], "content": [{"type": "text", "text": REPLY}],
+                   "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}  # fmt: skip
+        if not body.get("stream"):
+            return web.json_response(message)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            start = {**message, "content": [], "stop_reason": None,
+                     "usage": {**usage, "output_tokens": 1}}  # fmt: skip
+            await self._event(resp, "message_start", {"message": start})
+            block = {"type": "text", "text": ""}
+            await self._event(resp, "content_block_start", {"index": 0, "content_block": block})
+            for piece in self._pieces():
+                delta = {"type": "text_delta", "text": piece}
+                await self._event(resp, "content_block_delta", {"index": 0, "delta": delta})
+            await self._event(resp, "content_block_stop", {"index": 0})
+            await self._event(resp, "message_delta",
+                              {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                               "usage": {"output_tokens": output}})  # fmt: skip
+            await self._event(resp, "message_stop", {})
+            await resp.write_eof()
+            self.streams_finished += 1
+        return resp
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.received_counts.append(body)
+        if not isinstance(body.get("messages"), list):
+            return self._anthropic_error(400, "invalid_request_error", "messages: Field required")
+        # Anthropic's own count: what the stub would report as the prompt
+        return web.json_response(
+            {"input_tokens": count_request(body, kind="messages").tokens + self.usage_offset}
+        )
