@@ -11,18 +11,14 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from quotaflow import QuotaClient, key_id
-from quotaflow.messages import parse_usage_value
-from quotaflow.record import UsageRecord
 from quotaflow.settings import DEFAULT_KEY_SOURCES, GatewaySettings, QuotaflowSettings
 from quotaflow.tokens import count_request, count_text
 from quotaflow.units import dollars
@@ -31,6 +27,7 @@ from quotaflow_producers.testing import REPLY, OpenAIStub
 from quotaflow_stream.harness import DevStack, free_port
 from quotaflow_stream.topics import ensure_topics
 from tests.support import pipeline_settings, wait_for
+from tests.support.gateways import GatewayFactory, flush, gateway_factory, usage_records
 from tests.support.prices import genai_cost
 
 pytestmark = pytest.mark.integration
@@ -79,36 +76,9 @@ def base_settings(stack: DevStack, tmp_path_factory: pytest.TempPathFactory) -> 
     return settings
 
 
-GatewayFactory = Callable[..., GatewayThread]
-
-
 @pytest.fixture(scope="module")
 def make_gateway(base_settings: QuotaflowSettings, stub: OpenAIStub) -> Iterator[GatewayFactory]:
-    running: list[tuple[GatewayThread, QuotaClient]] = []
-
-    def make(**gateway: Any) -> GatewayThread:
-        settings = base_settings.model_copy(deep=True)
-        overrides = {
-            "upstream": f"http://127.0.0.1:{stub.port}",
-            "listen_port": free_port(),
-            # most tests name their key by header, as a gateway behind an authenticating proxy
-            # would let them (test_a_caller_cannot_choose_its_key... covers the defaults)
-            "key_sources": ["header", "api_key"],
-        }
-        settings.gateway = GatewaySettings.model_validate(
-            {**settings.gateway.model_dump(), **overrides, **gateway}
-        )
-        settings.client.source = f"gateway-{len(running)}"
-        quota = QuotaClient(settings).open()
-        quota.cache.mark_heard()
-        gw = GatewayThread(settings, quota).start()
-        running.append((gw, quota))
-        return gw
-
-    yield make
-    for gw, quota in running:
-        gw.stop()
-        quota.close()
+    yield from gateway_factory(base_settings, f"http://127.0.0.1:{stub.port}")
 
 
 @pytest.fixture(scope="module")
@@ -120,33 +90,6 @@ def client(gw: GatewayThread, key: str | None = None) -> openai.OpenAI:
     headers = {"x-quotaflow-key": key} if key else None
     return openai.OpenAI(base_url=gw.base_url, api_key=CALLER_SECRET, max_retries=0,
                          default_headers=headers)  # fmt: skip
-
-
-def usage_records(settings: QuotaflowSettings) -> list[tuple[bytes, UsageRecord]]:
-    consumer = Consumer({**settings.kafka.confluent_config(), "group.id": "gw-audit"})
-    topic = settings.topics.usage
-    parts = range(settings.topics.partitions)
-    ends = {
-        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts
-    }
-    consumer.assign([TopicPartition(topic, p, 0) for p in parts])
-    out: list[tuple[bytes, UsageRecord]] = []
-    done = {p for p in parts if ends[p] == 0}
-    while len(done) < len(ends):
-        for msg in consumer.consume(500, timeout=1.0):
-            if msg.error() is None:
-                out.extend((msg.value(), r) for r in parse_usage_value(msg.value())[0])
-                if msg.offset() + 1 >= ends[msg.partition()]:
-                    done.add(msg.partition())
-    consumer.close()
-    return out
-
-
-def flush(gw: GatewayThread) -> None:
-    emitter = gw.gateway.quota.emitter
-    assert emitter is not None
-    emitter._drain()
-    emitter.transport.flush(10)
 
 
 def test_chat_embeddings_and_streams_with_headers_and_exact_usage(

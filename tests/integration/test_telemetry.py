@@ -26,6 +26,7 @@ from quotaflow_producers.gateway.runner import GatewayThread
 from quotaflow_producers.testing import OpenAIStub
 from quotaflow_stream.harness import WorkerProcess, free_port
 from tests.support import wait_for
+from tests.support.gateways import flush
 from tests.support.promql import used_metrics
 
 pytestmark = pytest.mark.integration
@@ -59,10 +60,7 @@ class Telemetry:
                              default_headers={"x-quotaflow-key": key})  # fmt: skip
 
     def flush(self) -> None:
-        emitter = self.gateway.gateway.quota.emitter
-        assert emitter is not None
-        emitter._drain()
-        emitter.transport.flush(10)
+        flush(self.gateway)
 
     def scrape(self) -> dict[str, float]:
         r = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})

@@ -487,11 +487,16 @@ def settle_answer(reservation: Reservation, data: bytes, api: MeteredApi | None)
         answer = None
     if not isinstance(answer, dict):
         return reservation.settle()
-    images = None
+    usage = answer.get("usage")
     if api is not None and api.images:
         generated = answer.get("data")
         images = len(generated) if isinstance(generated, list) else 0
-    return reservation.settle(answer.get("usage"), images=images)
+        if usage is None:
+            # per-image models (dall-e) report no tokens because they bill none
+            return reservation.settle(prompt_tokens=0, completion_tokens=0, images=images,
+                                      estimated=False)  # fmt: skip
+        return reservation.settle(usage, images=images)
+    return reservation.settle(usage)
 
 
 async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:

@@ -339,11 +339,17 @@ class OpenAIStub:
         return resp
 
     async def _count_tokens(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return self._anthropic_error(400, "invalid_request_error", "body: invalid JSON")
         self.received_counts.append(body)
         if not isinstance(body.get("messages"), list):
             return self._anthropic_error(400, "invalid_request_error", "messages: Field required")
-        # Anthropic's own count: what the stub would report as the prompt
-        return web.json_response(
-            {"input_tokens": count_request(body, kind="messages").tokens + self.usage_offset}
-        )
+        try:  # Anthropic's own count: what the stub would report as the prompt
+            counted = count_request(body, kind="messages").tokens + self.usage_offset
+        except ValueError as exc:
+            return self._anthropic_error(400, "invalid_request_error", str(exc))
+        return web.json_response({"input_tokens": counted})
