@@ -27,6 +27,7 @@ from quotaflow_producers.testing import REPLY, OpenAIStub
 from quotaflow_stream.harness import DevStack, free_port
 from quotaflow_stream.topics import ensure_topics
 from tests.support import pipeline_settings, wait_for
+from tests.support.fuzzing import json_junk
 from tests.support.gateways import GatewayFactory, flush, gateway_factory, usage_records
 from tests.support.prices import genai_cost
 
@@ -423,12 +424,7 @@ def test_generated_requests_never_break_the_gateway(
 
     gw = make_gateway(max_body_bytes=4096)
     base = gw.base_url
-    junk = st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner,
-                                                                    max_size=3),
-        max_leaves=10,
-    )  # fmt: skip
+    junk = json_junk()
     bodies = st.one_of(
         st.binary(max_size=300),
         junk.map(lambda v: json.dumps(v).encode()),

@@ -25,6 +25,7 @@ from quotaflow_producers.gateway.runner import GatewayThread
 from quotaflow_producers.testing import REPLY, OpenAIStub
 from quotaflow_stream.topics import ensure_topics
 from tests.support import wait_for
+from tests.support.fuzzing import json_junk
 from tests.support.gateways import GatewayFactory, flush, gateway_factory, usage_records
 
 pytestmark = pytest.mark.integration
@@ -100,6 +101,25 @@ def billed(usage: dict[str, Any], provider: str | None = None) -> tuple[int, ...
     return tuple(b)
 
 
+def cancel_midway(
+    gw: GatewayThread, upstream: OpenAIStub, route: str, body: dict[str, Any], key: str,
+    event: bytes,
+) -> None:  # fmt: skip
+    """Stream ``body`` through the gateway and leave after four ``event`` events; wait until
+    the gateway has settled the call."""
+    upstream.chunk_delay = 0.1
+    try:
+        with httpx.stream("POST", gw.base_url + route, json={**body, "stream": True},
+                          headers={"x-quotaflow-key": key}, timeout=10) as resp:  # fmt: skip
+            chunks = resp.iter_bytes()
+            delivered = next(chunks)
+            while delivered.count(event) < 4:
+                delivered += next(chunks)
+        wait_for(lambda: gw.gateway.quota.open_reservations == 0, what="the cancel settled")
+    finally:
+        upstream.chunk_delay = 0.0
+
+
 # -- OpenAI Responses ------------------------------------------------------------------------
 
 
@@ -145,23 +165,8 @@ def test_the_responses_prompt_estimate_covers_instructions_input_and_tools() -> 
 def test_a_cancelled_responses_stream_settles_what_was_delivered(
     gateway: GatewayThread, stub: OpenAIStub
 ) -> None:
-    body = {"model": "gpt-4o", "input": QUESTION, "stream": True}
-    stub.chunk_delay = 0.1
-    try:
-        with httpx.stream(
-            "POST",
-            gateway.base_url + "/responses",
-            json=body,
-            headers={"x-quotaflow-key": "api-resp-cancel"},
-            timeout=10,
-        ) as resp:
-            chunks = resp.iter_bytes()
-            delivered = next(chunks)
-            while delivered.count(b"response.output_text.delta") < 4:
-                delivered += next(chunks)
-        wait_for(lambda: gateway.gateway.quota.open_reservations == 0, what="the cancel settled")
-    finally:
-        stub.chunk_delay = 0.0
+    body = {"model": "gpt-4o", "input": QUESTION}
+    cancel_midway(gateway, stub, "/responses", body, "api-resp-cancel", b"output_text.delta")
     (record,) = records_of(gateway, "api-resp-cancel")
     assert record.status == "cancelled" and record.estimated
     assert 0 < record.completion_tokens < count_text(REPLY, "gpt-4o")
@@ -293,24 +298,14 @@ def test_over_the_limit_is_an_anthropic_shaped_429_before_the_upstream(
 def test_a_cancelled_messages_stream_settles_the_reported_input_and_delivered_output(
     gateway: GatewayThread, anthropic_stub: OpenAIStub
 ) -> None:
-    body = {"model": "claude-haiku-4-5", "max_tokens": 100, "stream": True,
+    body = {"model": "claude-haiku-4-5", "max_tokens": 100,
             "messages": [{"role": "user", "content": QUESTION}]}  # fmt: skip
-    anthropic_stub.chunk_delay, anthropic_stub.cached_tokens = 0.1, 4
+    anthropic_stub.cached_tokens = 4
     try:
-        with httpx.stream(
-            "POST",
-            gateway.base_url + "/messages",
-            json=body,
-            headers={"x-quotaflow-key": "api-claude-cancel"},
-            timeout=10,
-        ) as resp:
-            chunks = resp.iter_bytes()
-            delivered = next(chunks)
-            while delivered.count(b"content_block_delta") < 4:
-                delivered += next(chunks)
-        wait_for(lambda: gateway.gateway.quota.open_reservations == 0, what="the cancel settled")
+        cancel_midway(gateway, anthropic_stub, "/messages", body, "api-claude-cancel",
+                      b"content_block_delta")  # fmt: skip
     finally:
-        anthropic_stub.chunk_delay, anthropic_stub.cached_tokens = 0.0, 0
+        anthropic_stub.cached_tokens = 0
     start = anthropic_stub.reported[-1]
     (record,) = records_of(gateway, "api-claude-cancel")
     assert record.status == "cancelled" and record.estimated
@@ -390,12 +385,7 @@ def test_generated_requests_to_the_new_routes_never_break_the_gateway(
     from hypothesis import strategies as st
 
     gw = make_gateway(max_body_bytes=4096)
-    junk = st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
-        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner,
-                                                                    max_size=3),
-        max_leaves=10,
-    )  # fmt: skip
+    junk = json_junk()
     bodies = st.one_of(
         st.binary(max_size=200),
         junk.map(lambda v: json.dumps(v).encode()),

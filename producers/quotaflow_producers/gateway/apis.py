@@ -123,20 +123,12 @@ def anthropic_error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def error(
-    dialect: Dialect,
-    status: int,
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    code: str | None = None,
-    param: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> web.Response:
-    """An error in the caller's API's own shape."""
+def error(dialect: Dialect, status: int, message: str, **openai: Any) -> web.Response:
+    """An error in the caller's API's own shape; ``openai`` are :func:`openai_error`'s fields
+    (``type_``, ``code``, ``param``), and ``headers`` go with either."""
     if dialect == "anthropic":
-        return anthropic_error(status, message, headers=headers)
-    return openai_error(status, message, type_=type_, code=code, param=param, headers=headers)
+        return anthropic_error(status, message, headers=openai.get("headers"))
+    return openai_error(status, message, **openai)
 
 
 def _rfc3339(epoch: float) -> str:
