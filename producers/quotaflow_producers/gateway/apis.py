@@ -1,110 +1,18 @@
-"""The APIs the gateway meters, and how each speaks: its routes, how its body is read, where its
-usage is, its error shape and its rate-limit headers.
-
-- OpenAI chat, completions, embeddings (``/v1/chat/completions``, ``/v1/completions``,
-  ``/v1/embeddings``): usage from ``usage`` or the stream's last chunk;
-- OpenAI Responses (``/v1/responses``): ``usage``, or the ``response.completed`` event;
-- OpenAI images (``/v1/images/generations``, ``/v1/images/edits``, a multipart upload):
-  images from ``data``, tokens from ``usage`` for token-priced models;
-- Anthropic Messages (``/v1/messages``): ``usage``, or ``message_start`` plus the last
-  ``message_delta``. Its answers are Anthropic's: errors, ``anthropic-ratelimit-*`` headers.
-
-OpenAI routes answer errors in OpenAI's shape and carry ``x-ratelimit-*`` headers.
+"""What each metered API answers from the gateway: errors in its own shape, and its rate-limit
+headers (OpenAI's ``x-ratelimit-*``, Anthropic's ``anthropic-ratelimit-*`` with RFC 3339 resets).
+Which APIs are metered, and how their bodies are read, is :mod:`quotaflow.apis`.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from aiohttp import web
 
+from quotaflow.apis import Dialect
 from quotaflow.cache import LimitUsage
 from quotaflow_producers.gateway.responses import openai_error, pick_limit, ratelimit_headers
-
-Dialect = Literal["openai", "anthropic"]
-
-
-@dataclass(frozen=True, slots=True)
-class MeteredApi:
-    path: str
-    #: The request kind its body is counted as (quotaflow.tokens.count_request).
-    kind: str
-    dialect: Dialect
-    #: ``multipart`` for uploads (image edits): fields are read from the form.
-    body: Literal["json", "multipart"] = "json"
-    #: The provider whose usage shape the answers have (Anthropic's differs from OpenAI's).
-    provider: str | None = None
-
-    @property
-    def images(self) -> bool:
-        return self.kind == "images"
-
-
-APIS = {
-    api.path: api
-    for api in (
-        MeteredApi("/v1/chat/completions", "chat", "openai"),
-        MeteredApi("/v1/completions", "completion", "openai"),
-        MeteredApi("/v1/embeddings", "embedding", "openai"),
-        MeteredApi("/v1/responses", "responses", "openai"),
-        MeteredApi("/v1/images/generations", "images", "openai"),
-        MeteredApi("/v1/images/edits", "images", "openai", body="multipart"),
-        MeteredApi("/v1/messages", "messages", "anthropic", provider="anthropic"),
-    )
-}
-#: OpenAI's default image model, when a request names none.
-DEFAULT_IMAGE_MODEL = "dall-e-2"
-
-
-def dialect_of(path: str) -> Dialect:
-    """Which API's shapes a path's answers take (Anthropic's under /v1/messages)."""
-    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
-
-
-def read_body(api: MeteredApi, raw: bytes, content_type: str) -> dict[str, Any]:
-    """The request's fields; ValueError naming what is wrong."""
-    if api.body == "multipart":
-        return _form_fields(raw, content_type)
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"We could not parse the JSON body of your request: {exc}") from None
-    if not isinstance(body, dict):
-        raise ValueError("The request body must be a JSON object.")
-    return body
-
-
-def _form_fields(raw: bytes, content_type: str) -> dict[str, Any]:
-    """The text fields of a multipart/form-data body (files are counted, not read)."""
-    if (
-        not content_type.lower().startswith("multipart/form-data")
-        or "boundary=" not in content_type
-    ):
-        raise ValueError("The request body must be multipart/form-data with a boundary.")
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + raw
-    )
-    if not message.is_multipart():
-        raise ValueError("The multipart body could not be parsed.")
-    fields: dict[str, Any] = {}
-    files = 0
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not isinstance(name, str):
-            continue
-        if part.get_filename() is not None:
-            files += 1
-            continue
-        payload = part.get_payload(decode=True)
-        fields[name] = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-    fields["_files"] = files
-    return fields
-
 
 # -- answers ------------------------------------------------------------------------------
 

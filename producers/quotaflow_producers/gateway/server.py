@@ -13,7 +13,6 @@ where the key's policy lists them in ``count_routes``.
 from __future__ import annotations
 
 import fnmatch
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,6 +21,14 @@ import aiohttp
 from aiohttp import web
 
 from quotaflow._exceptions import ConfigError, QuotaExceeded, RecordError
+from quotaflow.apis import (
+    APIS,
+    DEFAULT_IMAGE_MODEL,
+    MeteredApi,
+    dialect_of,
+    read_body,
+    settle_answer,
+)
 from quotaflow.client import QuotaClient
 from quotaflow.keys import bearer_token, same_secret
 from quotaflow.prices import dollars
@@ -30,15 +37,7 @@ from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings
 from quotaflow.streaming import StreamUsage
 from quotaflow.tokens import encoding_for_model, image_count
-from quotaflow_producers.gateway.apis import (
-    APIS,
-    DEFAULT_IMAGE_MODEL,
-    MeteredApi,
-    dialect_of,
-    error,
-    limit_headers,
-    read_body,
-)
+from quotaflow_producers.gateway.apis import error, limit_headers
 from quotaflow_producers.gateway.keys import resolve_key
 from quotaflow_producers.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from quotaflow_producers.gateway.responses import RateLimitTemplate, remaining_tokens
@@ -476,27 +475,6 @@ class Gateway:
             if left is not None:
                 headers[self.g.remaining_tokens_header] = str(left)
         return headers
-
-
-def settle_answer(reservation: Reservation, data: bytes, api: MeteredApi | None) -> Any:
-    """Settle a call from its JSON answer: its ``usage`` (every API names it so), and for image
-    calls the images in ``data``; an answer that is not JSON settles on the estimates."""
-    try:
-        answer = json.loads(data)
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict):
-        return reservation.settle()
-    usage = answer.get("usage")
-    if api is not None and api.images:
-        generated = answer.get("data")
-        images = len(generated) if isinstance(generated, list) else 0
-        if usage is None:
-            # per-image models (dall-e) report no tokens because they bill none
-            return reservation.settle(prompt_tokens=0, completion_tokens=0, images=images,
-                                      estimated=False)  # fmt: skip
-        return reservation.settle(usage, images=images)
-    return reservation.settle(usage)
 
 
 async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
