@@ -9,7 +9,12 @@ under the policies in its ``PIPELINE_POLICIES`` (YAML text) if it has them, else
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+
+# LiteLLM fetches its price map from the network when imported unless told not to: tests are
+# offline (and quotaflow prices from its own table)
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import pytest
 

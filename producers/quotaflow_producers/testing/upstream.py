@@ -167,6 +167,10 @@ class OpenAIStub:
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
+        # the last choice chunk says why the reply ended, as the real API's does
+        stop = {"index": 0, "delta": {}, "finish_reason": "stop"}
+        done = {**base, "object": "chat.completion.chunk", "choices": [stop]}
+        await resp.write(b"data: " + json.dumps(done).encode() + b"\n\n")
         if (body.get("stream_options") or {}).get("include_usage"):
             final = {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
             await resp.write(b"data: " + json.dumps(final).encode() + b"\n\n")
