@@ -19,6 +19,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import pytest
 
 from quotaflow.settings import QuotaflowSettings
+from quotaflow_producers.testing import OpenAIStub
 from quotaflow_stream.harness import DevStack, WorkerProcess, start_stack, stop_stack
 from tests.support import pipeline_settings, running_worker
 
@@ -46,3 +47,11 @@ def settings(
 @pytest.fixture(scope="module")
 def worker(settings: QuotaflowSettings) -> Iterator[WorkerProcess]:
     yield from running_worker(settings)
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[OpenAIStub]:
+    """A local provider-like upstream of the module's own (OpenAI's and Anthropic's APIs)."""
+    s = OpenAIStub().start()
+    yield s
+    s.stop()

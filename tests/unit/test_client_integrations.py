@@ -14,7 +14,7 @@ import anthropic
 import openai
 import pytest
 
-from quotaflow import QuotaClient, load_settings
+from quotaflow import QuotaClient
 from quotaflow.billed import billed_usage
 from quotaflow.integrations import anthropic as qf_anthropic
 from quotaflow.integrations import openai as qf_openai
@@ -23,6 +23,7 @@ from quotaflow.record import UsageRecord
 from quotaflow.tokens import count_text
 from quotaflow.transports import MemoryTransport
 from quotaflow_producers.testing import REPLY, OpenAIStub
+from tests.support.memory_client import memory_quota, sent_records
 
 POLICIES = parse_policies({"policies": [
     {"name": "roomy", "keys": ["in-*"], "limits": {"tokens_per_minute": 1_000_000}},
@@ -33,13 +34,6 @@ POLICIES = parse_policies({"policies": [
 MESSAGES: Any = [{"role": "user", "content": "Say something short about quotas."}]
 
 
-@pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    s = OpenAIStub().start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
 def usage() -> MemoryTransport:
     return MemoryTransport(partitions=1)
@@ -47,18 +41,11 @@ def usage() -> MemoryTransport:
 
 @pytest.fixture
 def quota(usage: MemoryTransport) -> Iterator[QuotaClient]:
-    q = QuotaClient(load_settings(client={"source": "int-test"}), policies=POLICIES,
-                    transport=usage, follow=False)  # fmt: skip
-    q.cache.mark_heard()
-    q.open()
-    yield q
-    q.close()
+    yield from memory_quota(POLICIES, usage, "int-test")
 
 
 def records(quota: QuotaClient, usage: MemoryTransport) -> list[UsageRecord]:
-    assert quota.emitter is not None
-    quota.emitter._drain()
-    return usage.records()
+    return sent_records(quota, usage)
 
 
 def counted(record: UsageRecord) -> tuple[int, ...]:

@@ -13,26 +13,19 @@ from typing import Any
 import litellm
 import pytest
 
-from quotaflow import QuotaClient, load_settings
 from quotaflow.integrations.litellm import QuotaflowCallback, default_key
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
 from quotaflow.transports import MemoryTransport
 from quotaflow_producers.testing import OpenAIStub
 from tests.support import wait_for
+from tests.support.memory_client import memory_quota, sent_records
 
 POLICIES = parse_policies({"policies": [
     {"name": "roomy", "keys": ["ll-*"], "limits": {"tokens_per_minute": 1_000_000}},
     {"name": "tight", "keys": ["tight-*"], "limits": {"requests_per_minute": 1}},
 ]})  # fmt: skip
 MESSAGES = [{"role": "user", "content": "Say something short about quotas."}]
-
-
-@pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    s = OpenAIStub().start()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -44,26 +37,19 @@ def usage() -> MemoryTransport:
 def callback(usage: MemoryTransport) -> Iterator[QuotaflowCallback]:
     """One callback for the module: LiteLLM keeps the callbacks it has seen in lists of its
     own, so the callback outlives any one test; each test uses keys of its own."""
-    quota = QuotaClient(load_settings(client={"source": "ll-test"}), policies=POLICIES,
-                        transport=usage, follow=False)  # fmt: skip
-    quota.cache.mark_heard()
-    quota.open()
-    cb = QuotaflowCallback(quota)
-    litellm.callbacks = [cb]
-    yield cb
-    litellm.logging_callback_manager._reset_all_callbacks()
-    quota.close()
+    for quota in memory_quota(POLICIES, usage, "ll-test"):
+        cb = QuotaflowCallback(quota)
+        litellm.callbacks = [cb]
+        yield cb
+        litellm.logging_callback_manager._reset_all_callbacks()
 
 
 def records(cb: QuotaflowCallback, usage: MemoryTransport, key: str, n: int) -> list[UsageRecord]:
     """The key's records once ``n`` are there (LiteLLM runs success callbacks in the
     background), and after a moment no more than ``n``."""
-    emitter = cb.quota.emitter
-    assert emitter is not None
 
     def mine() -> list[UsageRecord]:
-        emitter._drain()
-        return [r for r in usage.records() if r.key == key]
+        return [r for r in sent_records(cb.quota, usage) if r.key == key]
 
     wait_for(lambda: len(mine()) >= n or None, timeout=10, what=f"{n} records of {key}")
     time.sleep(0.3)  # a second report of the same call would come now

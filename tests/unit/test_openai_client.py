@@ -11,13 +11,14 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from quotaflow import QuotaClient, load_settings
+from quotaflow import QuotaClient
 from quotaflow.integrations.openai import instrument, retry_after
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
 from quotaflow.tokens import count_request, count_text
 from quotaflow.transports import MemoryTransport
 from quotaflow_producers.testing import REPLY, OpenAIStub
+from tests.support.memory_client import memory_quota, sent_records
 from tests.support.prices import genai_cost
 
 POLICIES = parse_policies(
@@ -36,13 +37,6 @@ POLICIES = parse_policies(
 MESSAGES = [{"role": "user", "content": "Say something short about quotas."}]
 
 
-@pytest.fixture(scope="module")
-def stub() -> Iterator[OpenAIStub]:
-    s = OpenAIStub().start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
 def usage() -> MemoryTransport:
     return MemoryTransport(partitions=1)
@@ -50,18 +44,11 @@ def usage() -> MemoryTransport:
 
 @pytest.fixture
 def quota(usage: MemoryTransport) -> Iterator[QuotaClient]:
-    settings = load_settings(client={"source": "oa-test"})
-    q = QuotaClient(settings, policies=POLICIES, transport=usage, follow=False)
-    q.cache.mark_heard()
-    q.open()
-    yield q
-    q.close()
+    yield from memory_quota(POLICIES, usage, "oa-test")
 
 
 def records(quota: QuotaClient, usage: MemoryTransport) -> list[UsageRecord]:
-    assert quota.emitter is not None
-    quota.emitter._drain()  # hand buffered records to the transport now
-    return usage.records()
+    return sent_records(quota, usage)
 
 
 def expected_usage(model: str = "gpt-4o") -> tuple[int, int]:
