@@ -14,19 +14,21 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_bench_gateway_prints_latencies_against_direct_calls(tmp_path: Path) -> None:
-    env = {**os.environ, "QUOTAFLOW_DEV_STATE": str(tmp_path / "none.json")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "quotaflow", "bench", "gateway", "--requests", "30", "--json"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["requests_per_path"] == 30
-    # the README: ~1.2 ms added at p50 on this machine; a proxy adds something, and a busy
+@pytest.mark.parametrize(
+    ("route", "stream"), [("chat", False), ("responses", True), ("messages", True)]
+)
+def test_bench_gateway_prints_latencies_against_direct_calls(
+    tmp_path: Path, route: str, stream: bool
+) -> None:
+    args = ["gateway", "--route", route, "--requests", "30", *(["--stream"] if stream else [])]
+    result = run_bench(tmp_path, *args)
+    assert result["requests_per_path"] == 30 and result["route"] == route
+    assert result["stream"] is stream
+    # the README: ~1-1.6 ms added at p50 on this machine; a proxy adds something, and a busy
     # 2-core machine may take several times that
-    assert 0 < result["added_p50_ms"] < 15, result
-    assert result["gateway"]["p99_ms"] < 100, result
+    added, gateway = result["added_p50_ms"], result["gateway"]
+    assert isinstance(added, float) and 0 < added < 15, result
+    assert isinstance(gateway, dict) and gateway["p99_ms"] < 100, result
     assert result["records_emitted"] == 50, "every gateway call (warm-up included) recorded"
 
 

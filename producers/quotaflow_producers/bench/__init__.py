@@ -28,7 +28,11 @@ def register(sub: Any) -> None:
     bench.required = True
     gw = bench.add_parser("gateway", help="latency the gateway adds over direct upstream calls")
     gw.add_argument("--requests", type=int, default=500, help="requests per path (500)")
-    gw.add_argument("--stream", action="store_true", help="streamed chat completions")
+    gw.add_argument(
+        "--route", choices=("chat", "responses", "messages", "images"), default="chat",
+        help="the API measured (chat completions, Responses, Anthropic Messages, images)",
+    )  # fmt: skip
+    gw.add_argument("--stream", action="store_true", help="streamed calls")
     gw.add_argument("--json", action="store_true", help="print JSON only")
     gw.set_defaults(func=run_gateway)
     chk = bench.add_parser("check", help="check()/record() latency vs the limits library")

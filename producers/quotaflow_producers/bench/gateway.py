@@ -13,6 +13,17 @@ from typing import Any
 from quotaflow.stats import percentile
 from quotaflow_producers.bench.common import bench_run
 
+_PROMPT = "Benchmark the gateway, please."
+#: Each route the bench can measure: its path below /v1, and a typical body.
+ROUTES: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/chat/completions",
+             {"model": "gpt-4o", "messages": [{"role": "user", "content": _PROMPT}]}),
+    "responses": ("/responses", {"model": "gpt-4o", "instructions": "Be brief.", "input": _PROMPT}),
+    "messages": ("/messages", {"model": "claude-haiku-4-5", "max_tokens": 64,
+                               "messages": [{"role": "user", "content": _PROMPT}]}),
+    "images": ("/images/generations", {"model": "dall-e-3", "prompt": _PROMPT}),
+}  # fmt: skip
+
 
 def run_gateway(args: argparse.Namespace) -> int:
 
@@ -38,18 +49,21 @@ def _measure(args: argparse.Namespace, settings: Any) -> int:
     gateway: GatewayThread | None = None
     try:
         settings.gateway.upstream = f"http://127.0.0.1:{stub.port}"
+        settings.gateway.upstreams = {}  # the local upstream speaks Anthropic's API too
         settings.gateway.listen_port = free_port()
         # the bench's key by header, as behind an authenticating proxy: one HMAC less per call
         settings.gateway.key_sources = ["header", "api_key"]
         ensure_topics(settings)
         quota = QuotaClient(settings).open()
         gateway = GatewayThread(settings, quota).start()
-        payload: dict[str, Any] = {
-            "model": "gpt-4o",
-            "messages": [{"role": "user", "content": "Benchmark the gateway, please."}],
-        }
+        path, body = ROUTES[args.route]
+        payload = dict(body)
         if args.stream:
-            payload.update(stream=True, stream_options={"include_usage": True})
+            if args.route == "images":
+                raise SystemExit("quotaflow bench gateway: images are not streamed")
+            payload["stream"] = True
+            if args.route == "chat":
+                payload["stream_options"] = {"include_usage": True}
         targets = {"direct": stub.base_url, "gateway": gateway.base_url}
         headers = {"Authorization": "Bearer sk-bench-not-a-secret", "x-quotaflow-key": "bench"}
         samples: dict[str, list[float]] = {name: [] for name in targets}
@@ -57,7 +71,7 @@ def _measure(args: argparse.Namespace, settings: Any) -> int:
             for i in range(args.requests + 20):
                 for name, base in targets.items():
                     start = time.perf_counter()
-                    resp = http.post(f"{base}/chat/completions", json=payload, headers=headers)
+                    resp = http.post(base + path, json=payload, headers=headers)
                     resp.read()
                     elapsed = (time.perf_counter() - start) * 1000
                     if resp.status_code != 200:
@@ -77,6 +91,8 @@ def _measure(args: argparse.Namespace, settings: Any) -> int:
         direct, via = stats["direct"], stats["gateway"]
         result = {
             "benchmark": "gateway",
+            "route": args.route,
+            "path": "/v1" + path,
             "requests_per_path": args.requests,
             "stream": args.stream,
             "direct": direct,
