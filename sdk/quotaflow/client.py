@@ -41,7 +41,7 @@ from quotaflow.policies import Limits, PolicySet, load_policies
 from quotaflow.policy_log import PolicyVersion
 from quotaflow.policy_topic import PolicyFollower
 from quotaflow.prices import PriceTable, check_unpriced_fallbacks, dollars, load_price_table
-from quotaflow.pricing import CallPricer
+from quotaflow.pricing import IMAGE_QUALITY, IMAGE_SIZE, CallPricer
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
 from quotaflow.settings import QuotaflowSettings, load_settings
@@ -322,7 +322,9 @@ class QuotaClient:
             prices = self._resolved_prices.get((model, provider))
             if prices is None or not prices.valid_from <= ts < prices.valid_until:
                 # first call of a model (or of a day), or one the table does not know
-                prices, priced_as = self.pricer.resolve(key, model, provider, ts)
+                prices, priced_as = self.pricer.resolve(
+                    key, model, provider, ts, attrs if images else None
+                )
         # _checked_record and IdMinter inline: two calls were ~0.5 us of record()'s ~10
         try:
             record = make_record(
@@ -393,6 +395,12 @@ class QuotaClient:
         labels = dict(attrs or {})
         if body and "operation" not in labels:
             labels["operation"] = operation_name(body, kind)
+        if images:
+            # what an image's price depends on, kept on the record so the audit can explain it
+            for label, field in ((IMAGE_SIZE, "size"), (IMAGE_QUALITY, "quality")):
+                value = body.get(field)
+                if isinstance(value, str) and 0 < len(value) <= 32 and label not in labels:
+                    labels[label] = value
         reservation_id = uuid.uuid4().hex
         # The record settle() falls back to must be valid now: a call is admitted only if its
         # usage can be recorded (a gateway forwards nothing it could not count).
@@ -404,7 +412,9 @@ class QuotaClient:
         # the worst case: the whole prompt uncached and every output token used (priced only
         # where some policy limits money: nothing else reads it)
         cost = (
-            self.pricer.cost(key, model, now, prompt_tokens, max_output_tokens, images=images)
+            self.pricer.cost(
+                key, model, now, prompt_tokens, max_output_tokens, images=images, attrs=labels
+            )
             if self._money
             else 0
         )

@@ -116,7 +116,8 @@ class UsageRecord(BaseModel):
         min_length=1,
         max_length=128,
         description="Whose prices made cost_micros when not the model's own: the model an "
-        "unpriced call was estimated at, or 'free' (its policy's `unpriced`).",
+        "unpriced call was estimated at, 'free' (its policy's `unpriced`), or an image call's "
+        "price variant (model/quality/size).",
     )
 
     @field_validator("ts")

@@ -180,7 +180,8 @@ def test_image_generations_and_edits_count_images_and_tokens(
 ) -> None:
     c = oai(gateway, "api-images")
     first = len(stub.reported)
-    made = c.images.generate(model="dall-e-3", prompt="a lighthouse at dusk", n=2)
+    made = c.images.generate(model="dall-e-3", prompt="a lighthouse at dusk", n=2,
+                             size="1792x1024", quality="hd")  # fmt: skip
     assert len(made.data or []) == 2
     tokens = c.images.generate(model="gpt-image-1", prompt="a lighthouse at dusk")
     assert tokens.usage is not None
@@ -193,8 +194,9 @@ def test_image_generations_and_edits_count_images_and_tokens(
     by_images = sorted(records, key=lambda r: (r.model, r.images))
     dalle, gpt_one, gpt_edit = by_images[0], by_images[1], by_images[2]
     assert (dalle.model, dalle.images, dalle.prompt_tokens) == ("dall-e-3", 2, 0)
-    # dall-e-3 at config/prices.yaml's per-image price
-    assert dalle.cost_micros == 2 * 40_000
+    # dall-e-3 at config/prices.yaml's per-image price for its quality and size
+    assert dalle.cost_micros == 2 * 120_000 and dalle.priced_as == "dall-e-3/hd/1792x1024"
+    assert dalle.attrs["image_size"] == "1792x1024" and dalle.attrs["image_quality"] == "hd"
     assert gpt_one.images == 1 and gpt_edit.images == 2
     for record, usage in ((gpt_one, reported[1]), (gpt_edit, reported[2])):
         assert record.prompt_tokens == usage["input_tokens"]

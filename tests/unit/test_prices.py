@@ -11,7 +11,14 @@ from genai_prices import Usage, calc_price, data_snapshot
 
 from quotaflow._exceptions import ConfigError
 from quotaflow.price_overrides import parse_overrides
-from quotaflow.prices import ModelPrices, PriceTable, UnpricedModel, _genai_model_prices
+from quotaflow.prices import (
+    ModelPrices,
+    PriceTable,
+    UnpricedModel,
+    _genai_model_prices,
+    load_price_table,
+)
+from tests.support import ROOT
 from tests.support.prices import micros
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -162,3 +169,26 @@ def test_a_model_named_without_a_provider_is_priced_by_the_provider_that_lists_i
                           provider_id="openai", genai_request_timestamp=NOW)  # fmt: skip
     assert prices.cost(1_000_000, 0) == int(expected.total_price * 1_000_000)
     assert table.lookup("no-such-model-anywhere", None, NOW.timestamp()) is None
+
+
+def test_an_image_call_is_priced_by_its_quality_and_size() -> None:
+    from quotaflow.policies import parse_policies
+    from quotaflow.pricing import CallPricer, image_variants
+
+    assert image_variants("dall-e-3", {}) == ()
+    assert image_variants("dall-e-3", {"image_size": "1024x1792"}) == (
+        "dall-e-3/standard/1024x1792", "dall-e-3/standard",
+    )  # fmt: skip
+    assert image_variants("dall-e-3", {"image_quality": "hd"}) == ("dall-e-3/hd",)
+    table = load_price_table(ROOT / "config" / "prices.yaml")
+    pricer = CallPricer(table, parse_policies({"policies": []}))
+    now = 1_800_000_000.0
+
+    def cost(images: int, **attrs: str) -> int:
+        return pricer.cost("k", "dall-e-3", now, 0, 0, images=images, attrs=attrs)
+
+    assert cost(1) == 40_000  # the model's own price
+    assert cost(2, image_size="1024x1024", image_quality="hd") == 160_000
+    assert cost(1, image_size="1792x1024", image_quality="hd") == 120_000
+    assert cost(1, image_size="1792x1024") == 80_000  # standard, wide
+    assert cost(1, image_size="1024x1024", image_quality="weird") == 40_000  # no such variant
