@@ -168,7 +168,7 @@ class StreamWorker:
             key for key, entry in self.store.entries.items()
             if any(_bound(old, key, scope) != _bound(new, key, scope) for scope in entry["s"])
         ]  # fmt: skip
-        self.publisher.dirty.update(dict.fromkeys(changed))
+        self.publisher.due(changed, "policy")
         number = version.version if version is not None else None
         if version is not None and number != self.policy_version:
             self.snapshot.put_policies(version.to_json(signing_key(self.settings)))
@@ -225,6 +225,7 @@ class StreamWorker:
             unacked_messages=self.pipeline.unacked_messages,
             output_failed=self.output.failed,
             policy_version=self.policy_version,
+            state_publications=dict(self.publisher.published_by_reason),
             **self.store.stats(),
         )
         return stats

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 #: busy keys coalesce over longer ticks instead of starving the aggregation.
 PUBLISH_SHARE = 0.2
 
+#: Why a key's state is published: new usage (the decisions SDKs wait for), a refresh of an
+#: active key (windows roll over without usage), recovery (every key of partitions taken over),
+#: a policy change. Only ``usage`` publications are decisions: their latency is measured.
+REASONS = ("usage", "refresh", "recovery", "policy")
+
 #: Longest run of publications in one tick, as a share of the publication interval (Faust
 #: warns of a timer that overruns its interval; the event loop stays responsive).
 PUBLISH_SLICE = 0.8
@@ -109,17 +114,20 @@ class StatePublisher:
         self._ready = ready
         self.clock = clock
         self._monotonic = monotonic
-        #: Keys whose usage changed since their state was last published, insertion-ordered:
-        #: the oldest change goes first.
-        self.dirty: dict[str, None] = {}
+        #: Keys whose state is due, insertion-ordered (the oldest change goes first), with why
+        #: (one of :data:`REASONS`; usage wins over the others).
+        self.dirty: dict[str, str] = {}
         #: Key -> its last usage (worker clock); its last publication is latest[key].published_at.
         self.active: dict[str, float] = {}
         # source -> last usage from it (worker clock): the fleet size heartbeats announce
         self._sources: dict[str, float] = {}
         #: The latest state published per key this worker owns (the API and dashboard read it).
         self.latest: dict[str, QuotaState] = {}
-        #: Newest record's event time to its state's publication, for recent states (ms).
+        #: Decision latency, for recent states published because of new usage: the newest
+        #: record's event time (when its SDK recorded it) to the state's publication (ms).
+        #: States published for other reasons are counted in ``published_by_reason`` only.
         self.latencies_ms: deque[float] = deque(maxlen=2000)
+        self.published_by_reason: dict[str, int] = dict.fromkeys(REASONS, 0)
         #: Times a key went from open to throttled.
         self.throttle_onsets = 0
         #: Times a key reached a limit of a shadow-mode policy (it would have been throttled).
@@ -137,11 +145,17 @@ class StatePublisher:
 
     def changed(self, keys: Collection[str], sources: Iterable[str], now: float) -> None:
         """Usage of ``keys`` from ``sources`` was folded at ``now``: publish them soon."""
-        self.dirty.update(dict.fromkeys(keys))
+        self.dirty.update(dict.fromkeys(keys, "usage"))
         self.active.update(dict.fromkeys(keys, now))
         seen = self._sources
         for source in sources:
             seen[source] = now
+
+    def due(self, keys: Iterable[str], reason: str) -> None:
+        """Publish ``keys`` soon, for ``reason`` (a key already due for usage stays so)."""
+        dirty = self.dirty
+        for key in keys:
+            dirty.setdefault(key, reason)
 
     def assigned(self, partitions: set[int]) -> None:
         """Partitions were assigned: once recovered, publish all their keys."""
@@ -160,7 +174,7 @@ class StatePublisher:
         between saving an entry and publishing it, and no message of theirs may come again."""
         self._announce = False
         keys = self.store.keys_in(self._assigned)
-        self.dirty.update(dict.fromkeys(keys))
+        self.due(keys, "recovery")
         log.info("recovered %d keys; publishing their states", len(keys))
 
     async def publish_dirty(self) -> None:
@@ -177,11 +191,14 @@ class StatePublisher:
         dirty = self.dirty
         stop_at = started + PUBLISH_SLICE * self.settings.publish_interval
         done: list[str] = []
-        for key in dirty:  # nothing folds meanwhile: this loop never awaits
+        by_reason = self.published_by_reason
+        for key, reason in dirty.items():  # nothing folds meanwhile: this loop never awaits
             entry = store.get(key)
             if entry is not None:
                 state = self._publish(key, entry, now)
-                self.latencies_ms.append(max(now - state.watermark, 0.0) * 1000)
+                by_reason[reason] += 1
+                if reason == "usage":
+                    self.latencies_ms.append(max(now - state.watermark, 0.0) * 1000)
             done.append(key)
             if len(done) % 64 == 0 and self._monotonic() >= stop_at:
                 break
@@ -265,7 +282,8 @@ class StatePublisher:
                 continue
             state = latest.get(key)
             if state is None or state.published_at <= due:
-                dirty[key] = None  # published by a coming tick, within its time budget
+                # published by a coming tick, within its time budget
+                dirty.setdefault(key, "refresh")
         if now - self._swept_at >= w.active_horizon / 4:
             # states published without later usage (keys recovered, then quiet) go too
             self._swept_at = now

@@ -299,10 +299,19 @@ class _Metrics:
         for partition, value in sorted(self._lag.items()):
             lag.add_metric([str(partition)], value)
         yield lag
+        reasons = CounterMetricFamily(
+            "quotaflow_state_publications",
+            "States published, by why: usage (decisions), refresh, recovery, policy.",
+            labels=["reason"],
+        )
+        for reason, count in self.worker.publisher.published_by_reason.items():
+            reasons.add_metric([reason], count)
+        yield reasons
         latencies = list(self.worker.publisher.latencies_ms)
         latency = GaugeMetricFamily(
             "quotaflow_decision_latency_ms",
-            "Newest record's event time to its state's publication (recent states).",
+            "Record produced (its event time) to the state counting it published, for recent "
+            "states published because of new usage (refreshes and recoveries excluded).",
             labels=["quantile"],
         )
         for q in (50, 99):

@@ -53,6 +53,12 @@ def test_bench_check_reports_sdk_and_baseline_latencies(tmp_path: Path) -> None:
     assert check["p50_us"] < 30 and check["p99_us"] < 90, check
     assert result["ratio_p99"] >= 5, result
     assert result["record_broker_up"]["p99_us"] < 300, result
+    # the same-run references of issue 19: the fuller path, the in-process limiter, the floor
+    for name in ("check_three_limits_and_budget", "baseline_limits_moving_window_memory",
+                 "floor_bare_produce"):  # fmt: skip
+        figures = result[name]
+        assert isinstance(figures, dict) and 0 < figures["p50_us"] <= figures["p99_us"], name
+    assert isinstance(result["targets"], dict) and "check_full_p99_le_4us" in result["targets"]
     memory = result["memory"]
     assert isinstance(memory, dict)
     assert memory["sdk"]["keys"] == 100_000 and memory["sdk"]["bytes_per_key"] > 0

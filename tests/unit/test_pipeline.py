@@ -322,3 +322,37 @@ def test_a_rebalance_saves_first_and_publishes_recovered_keys_once_ready() -> No
         await task
 
     asyncio.run(run())
+
+
+def test_only_usage_publications_are_decisions_in_the_latency() -> None:
+    """A refresh republishes a key whose newest record is minutes old: that is not a decision
+    taking minutes (the worker's p99 once read 26 s from such states). Each publication is
+    counted by why; the latency is measured for usage-driven ones only."""
+
+    async def run() -> None:
+        parts = Parts()
+        key, other = keys_of(1, 2)
+        old = NOW - 100  # records produced 100 s before the worker folds them: late, but real
+        await parts.pipeline.process_message(
+            FakeMessage(1, 0), encode_records(records([key], ts=NOW - 0.05) + records([other],
+                                                                                     ts=old))
+        )  # fmt: skip
+        await parts.publisher.publish_dirty()
+        assert sorted(round(ms) for ms in parts.publisher.latencies_ms) == [50, 100_000]
+        # later, with no new usage: the refresh republishes both, which is no decision
+        later = NOW + parts.settings.refresh_interval + 1
+        parts.publisher.clock = lambda: later
+        await parts.publisher.refresh()
+        assert parts.publisher.dirty == {key: "refresh", other: "refresh"}
+        # usage arriving for one of them before the tick makes it a decision again
+        parts.publisher.changed([key], ["svc-1"], later)
+        parts.publisher.due([key, other], "policy")  # never downgrades usage
+        assert parts.publisher.dirty == {key: "usage", other: "refresh"}
+        parts.publisher._publish_after = 0.0
+        await parts.publisher.publish_dirty()
+        assert len(parts.publisher.latencies_ms) == 3  # the refresh added none
+        assert parts.publisher.published_by_reason == {
+            "usage": 3, "refresh": 1, "recovery": 0, "policy": 0,
+        }  # fmt: skip
+
+    asyncio.run(run())
