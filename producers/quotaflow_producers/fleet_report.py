@@ -7,7 +7,8 @@ its size). Against it:
   (evaluated at every admission, where the maximum occurs), over the limit;
 - **under-admission**: the limit the fleet left unused although it offered more, averaged over
   the full windows of the run (sliding, sampled each second, ending at least one window length
-  after the start);
+  after the start); and **in the worst window**: the most left unused by any full window past
+  the run's first window (the mean hides it: the first minute's burst and its aftermath);
 - **blocked with budget**: the share of denials issued while more than the call plus 1 % of the
   limit was still free in the true sliding window (the 1 % keeps the rounding of shares out);
 - **propagation**: from a record's production (the state's watermark) to the moment the last
@@ -57,21 +58,39 @@ def overshoot_pct(calls: Calls, limit: int, window: float) -> float:
     return max(peak - limit, 0) / limit * 100
 
 
-def under_admission_pct(
-    calls: Calls, limit: int, window: float, started: float, ended: float
-) -> float | None:
-    """Mean unused share of ``limit`` (%) over full sliding windows, sampled each second; None
-    when the run was shorter than one window."""
+def unused_pcts(
+    calls: Calls, limit: int, window: float, first_end: float, ended: float
+) -> list[float]:
+    """Unused share of ``limit`` (%) of each full sliding window ending between ``first_end``
+    and ``ended``, sampled each second."""
     prefix = [0, *accumulate(calls.admitted_size)]
     samples = []
-    t = started + window
+    t = first_end
     while t <= ended:
         first = bisect_right(calls.admitted_at, t - window)
         last = bisect_right(calls.admitted_at, t)
         used = prefix[last] - prefix[first]
         samples.append(max(limit - used, 0) / limit * 100)
         t += 1.0
+    return samples
+
+
+def under_admission_pct(
+    calls: Calls, limit: int, window: float, started: float, ended: float
+) -> float | None:
+    """Mean unused share of ``limit`` (%) over full sliding windows, sampled each second; None
+    when the run was shorter than one window."""
+    samples = unused_pcts(calls, limit, window, started + window, ended)
     return sum(samples) / len(samples) if samples else None
+
+
+def worst_window_under_admission_pct(
+    calls: Calls, limit: int, window: float, started: float, ended: float
+) -> float | None:
+    """The most a full window left unused, among windows that begin once the run's first
+    window is over (steady state); None when the run was shorter than two windows."""
+    samples = unused_pcts(calls, limit, window, started + 2 * window, ended)
+    return max(samples) if samples else None
 
 
 def blocked_with_budget_pct(calls: Calls, limit: int, window: float) -> float | None:

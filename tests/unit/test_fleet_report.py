@@ -35,6 +35,22 @@ def test_under_admission_averages_unused_budget_over_full_windows() -> None:
     assert report.under_admission_pct(c, 10, 60, 0.0, 30.0) is None
 
 
+def test_the_worst_steady_window_is_what_the_mean_hides() -> None:
+    # 10 a second admitted for 3 minutes (limit 600 a minute: full), but 20 seconds from
+    # t=100 to t=120 admitted nothing: the mean barely moves, the worst window shows a third
+    full = [(t + 0.5, 10) for t in range(180) if not 100 <= t < 120]
+    c = calls(full)
+    mean = report.under_admission_pct(c, 600, 60, 0.0, 180.0)
+    worst = report.worst_window_under_admission_pct(c, 600, 60, 0.0, 180.0)
+    assert mean is not None and worst is not None
+    assert worst == pytest.approx(100 * 200 / 600) and mean < worst / 2
+    # the first window (the start-up burst) is not a steady one: a slow first minute is ignored
+    slow_start = calls([(t + 0.5, 10) for t in range(30, 180)])
+    assert report.worst_window_under_admission_pct(slow_start, 600, 60, 0.0, 180.0) == 0.0
+    assert report.under_admission_pct(slow_start, 600, 60, 0.0, 180.0) > 0
+    assert report.worst_window_under_admission_pct(c, 600, 60, 0.0, 119.0) is None
+
+
 def test_blocked_with_budget_counts_denials_that_had_room() -> None:
     c = calls([(1.0, 5)], denied=[(2.0, 4), (3.0, 6)])
     # at t=2: 5 used + 4 wanted + 1 % slack fits in 10; at t=3: 5 + 6 does not
