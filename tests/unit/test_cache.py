@@ -354,3 +354,24 @@ def test_a_policy_change_mid_window_keeps_counts_and_a_removed_policy_falls_to_t
     assert d.policy_version == 2
     c.adopt(two, None, 3)  # raised again: admits at once
     assert c.check("k1").allowed and c.check("k1").remaining["requests_per_minute"] == 5
+
+
+def test_a_hot_keys_calls_of_one_slot_are_one_pending_entry_counted_in_full(
+    cache: QuotaCache,
+) -> None:
+    """Checks scan pending entries: 1,000 calls in 20 ms are one entry, counted as 1,000
+    calls, and dropped only when the stream has counted the newest of them."""
+    base = T0 - 1.0  # the start of a 20 ms slot
+    for i in range(50):
+        cache.add_usage("k1", (base + i * 0.0003, "small", 1, 10, 0, 0, 0, 0))
+    assert len(cache._pending["k1"]) == 1 and cache.pending_count("k1") == 50
+    cache.add_usage("k1", (base + 0.05, "small", 1, 10, 0, 0, 0, 0))  # the next slot
+    cache.add_usage("k1", (base + 0.051, "large", 1, 10, 0, 0, 0, 0))  # another model
+    assert len(cache._pending["k1"]) == 3 and cache.pending_count("k1") == 52
+    d = cache.check("k1", "small", prompt_tokens=0, requests=0)
+    assert d.remaining["tokens_per_minute"] == 1000 - 520
+    # the stream counted up to the middle of the first slot: none of it may be dropped yet
+    cache.apply_state(state("k1", T0, 25, 250, 0, {"me": base + 24 * 0.0003}))
+    assert cache.pending_count("k1") == 52, "a merged entry goes only when all of it is counted"
+    cache.apply_state(state("k1", T0 + 0.1, 50, 500, 0, {"me": base + 49 * 0.0003}))
+    assert cache.pending_count("k1") == 2

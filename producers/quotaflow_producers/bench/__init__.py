@@ -33,6 +33,12 @@ def register(sub: Any) -> None:
         help="the API measured (chat completions, Responses, Anthropic Messages, images)",
     )  # fmt: skip
     gw.add_argument("--stream", action="store_true", help="streamed calls")
+    gw.add_argument(
+        "--concurrency", type=int, default=1, metavar="C",
+        help="connections at once: >1 measures requests/s and latency under load, the upstream "
+        "and the gateway each in a process of their own (default 1: added latency per call)",
+    )  # fmt: skip
+    gw.add_argument("--rounds", type=int, default=3, help="rounds per path under load (3)")
     gw.add_argument("--json", action="store_true", help="print JSON only")
     gw.set_defaults(func=run_gateway)
     chk = bench.add_parser("check", help="check()/record() latency vs the limits library")

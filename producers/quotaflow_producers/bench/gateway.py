@@ -12,6 +12,7 @@ from typing import Any
 
 from quotaflow.stats import percentile
 from quotaflow_producers.bench.common import bench_run
+from quotaflow_producers.bench.common import progress as progress_printer
 
 _PROMPT = "Benchmark the gateway, please."
 #: Each route the bench can measure: its path below /v1, and a typical body.
@@ -33,6 +34,8 @@ def run_gateway(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "aiohttp.access", "quotaflow_producers.gateway.server"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with bench_run("bench-gateway") as (_, settings, _):
+        if args.concurrency > 1:
+            return _measure_concurrent(args, settings)
         return _measure(args, settings)
 
 
@@ -111,3 +114,129 @@ def _measure(args: argparse.Namespace, settings: Any) -> int:
         if quota is not None:
             quota.close()
         stub.stop()
+
+
+# -- under concurrent load --------------------------------------------------------------------
+
+
+def _measure_concurrent(args: argparse.Namespace, settings: Any) -> int:
+    """Requests/s and latency at ``--concurrency`` connections, straight to the upstream and
+    through the gateway, alternating rounds. The upstream and the gateway each run in a process
+    of their own, as in production, so neither shares the load generator's interpreter."""
+    import os
+    import subprocess
+
+    import httpx
+
+    from quotaflow_stream.harness import ensure_topics, free_port
+
+    say = progress_printer(args.json)
+    path, body = ROUTES[args.route]
+    ensure_topics(settings)
+    env = {
+        **os.environ,
+        **settings.to_env(),
+        "QUOTAFLOW_GATEWAY__KEY_SOURCES": '["header","api_key"]',
+        "QUOTAFLOW_CLIENT__SOURCE": "bench-gateway",
+    }
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        stub = subprocess.Popen([sys.executable, "-m", "quotaflow_producers.testing"],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        processes.append(stub)
+        assert stub.stdout is not None
+        upstream = f"http://127.0.0.1:{int(stub.stdout.readline())}"
+        port = free_port()
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "quotaflow", "gateway", "--upstream", upstream,
+             "--listen", f"127.0.0.1:{port}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        processes.append(gateway)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline or gateway.poll() is not None:
+                raise SystemExit("bench: the gateway did not become ready")
+            time.sleep(0.2)
+        targets = {"direct": upstream + "/v1" + path, "gateway": base + "/v1" + path}
+        headers = {"Authorization": "Bearer sk-bench-not-a-secret", "x-quotaflow-key": "bench"}
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for url in targets.values():  # warm-up: connections, caches, the first records
+            _load(url, body, headers, args.concurrency, max(200, args.requests // 10))
+        for r in range(args.rounds):
+            for name, url in targets.items():
+                say(f"round {r + 1}/{args.rounds}: {name} at {args.concurrency} connections")
+                rounds[name].append(_load(url, body, headers, args.concurrency, args.requests))
+        summary = {
+            name: {
+                metric: round(statistics.median(rd[metric] for rd in runs), 3)
+                for metric in ("requests_per_s", "p50_ms", "p99_ms")
+            }
+            for name, runs in rounds.items()
+        }
+        direct, via = summary["direct"], summary["gateway"]
+        result = {
+            "benchmark": "gateway_concurrency",
+            "route": args.route,
+            "concurrency": args.concurrency,
+            "requests_per_round": args.requests,
+            "rounds": args.rounds,
+            "direct": direct,
+            "gateway": via,
+            "throughput_ratio": round(via["requests_per_s"] / direct["requests_per_s"], 3),
+            "targets": {  # issue 19: per gateway process at 32 connections
+                "gateway_ge_4000_rps": via["requests_per_s"] >= 4000,
+                "gateway_p99_le_25ms": via["p99_ms"] <= 25,
+            },
+        }
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def _load(
+    url: str, body: dict[str, Any], headers: dict[str, str], concurrency: int, total: int
+) -> dict[str, float]:
+    """``total`` requests over ``concurrency`` connections: requests/s and latency (ms)."""
+    import asyncio
+
+    import aiohttp
+
+    async def run() -> dict[str, float]:
+        latencies: list[float] = []
+        todo = iter(range(total))
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(connector=connector) as session:
+
+            async def worker() -> None:
+                for _ in todo:
+                    start = time.perf_counter()
+                    async with session.post(url, json=body, headers=headers) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            raise SystemExit(f"bench: {url} answered {resp.status}")
+                    latencies.append((time.perf_counter() - start) * 1000)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
+        return {
+            "requests_per_s": total / elapsed,
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": percentile(latencies, 99) or 0.0,
+        }
+
+    return asyncio.run(run())

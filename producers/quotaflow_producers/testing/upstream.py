@@ -25,7 +25,7 @@ REPLY = "Sure. Here is a short answer from the stub server, word by word."
 
 
 class OpenAIStub:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         #: The path of every request that reached this server, whatever its route or answer.
         self.received: list[str] = []
@@ -53,7 +53,7 @@ class OpenAIStub:
         self.streams_finished = 0
         #: Seconds to wait before answering at all (to provoke client timeouts).
         self.response_delay = 0.0
-        self.port = 0
+        self.port = port
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -80,7 +80,7 @@ class OpenAIStub:
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
