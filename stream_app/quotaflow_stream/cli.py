@@ -13,15 +13,28 @@ def register_worker(sub: Any) -> None:
     p = sub.add_parser("worker", help="run a stream worker (Faust)")
     p.add_argument("--web-port", type=int, help="web port (default: settings, 6066)")
     p.add_argument("--loglevel", default="info", choices=["crit", "error", "warn", "info", "debug"])
+    p.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="run N workers (one core each) in one consumer group under a supervisor that "
+        "restarts them and stops them cleanly; worker i listens on web port + i",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_worker)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from quotaflow_stream.worker import run_worker
-
     settings = load_settings()
     if args.web_port is not None:
         settings.worker.web_port = args.web_port
+    if args.processes != 1:
+        from quotaflow_stream.supervisor import Supervisor
+
+        try:
+            supervisor = Supervisor(settings, args.processes, loglevel=args.loglevel)
+        except ValueError as exc:
+            raise SystemExit(f"quotaflow worker: {exc}") from None
+        return supervisor.run()
+    from quotaflow_stream.worker import run_worker
+
     run_worker(settings, loglevel=args.loglevel)
     return 0
 
