@@ -82,3 +82,16 @@ def test_bench_stream_verifies_counts_for_both_layouts(tmp_path: Path) -> None:
     assert shares["folding"] > 0 and shares["publishing"] <= 0.3, shares
     assert shares["collecting"] < 0.25, shares
     assert packed["changelog_writes"] > 0, "the bench waits for the worker to save"
+
+
+def test_bench_stream_with_two_workers_shares_the_records_and_counts_them_exactly(
+    tmp_path: Path,
+) -> None:
+    result = run_bench(tmp_path, "stream", "--workers", "2", "--records", "20000", "--keys", "500")
+    group, one = result["group"], result["one_worker"]
+    assert isinstance(group, dict) and isinstance(one, dict)
+    assert result["counts_exact"] is True and result["workers"] == 2
+    shares = group["records_per_worker"]
+    assert sum(shares) == 20000 and all(n > 0 for n in shares), "both workers folded records"
+    efficiency = result["scaling_efficiency"]
+    assert isinstance(efficiency, float) and efficiency > 0

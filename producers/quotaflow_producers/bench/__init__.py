@@ -56,5 +56,10 @@ def register(sub: Any) -> None:
         default=20_000,
         help="records for the naive run (it is slow; the rate is what compares)",
     )
+    st.add_argument(
+        "--workers", type=int, default=1, metavar="N",
+        help="N > 1: the aggregate records/s of N workers in one group, and the scaling "
+        "efficiency against one worker, on the same records (counts verified)",
+    )  # fmt: skip
     st.add_argument("--json", action="store_true", help="print JSON only")
     st.set_defaults(func=run_stream)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from quotaflow_producers.bench.common import bench_run, more_settings, progress
@@ -87,7 +88,7 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
     from quotaflow.messages import encode_records
     from quotaflow.state import QuotaState
     from quotaflow.transports import KafkaTransport
-    from quotaflow_stream.harness import WorkerProcess, ensure_topics
+    from quotaflow_stream.harness import WorkerProcess, ensure_topics, free_port
 
     say = progress(args.json)
 
@@ -202,8 +203,67 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
             except subprocess.TimeoutExpired:
                 proc.kill()
 
+    def run_group(records: list[Any], workers: int) -> dict[str, Any]:
+        """``workers`` workers in one consumer group, ready (partitions shared out) before the
+        records are sent, so no rebalance falls inside the measured span."""
+        settings = fresh_settings(f"group{workers}")
+        ensure_topics(settings)
+        procs = []
+        for i in range(workers):
+            own = settings.model_copy(deep=True)
+            own.worker.web_port = free_port()
+            own.worker.data_dir = Path(settings.worker.data_dir) / f"worker-{i}"
+            procs.append(WorkerProcess(own, run_dir / f"worker-group{workers}-{i}.log",
+                                       loglevel="warn").start())  # fmt: skip
+        try:
+            for proc in procs:
+                proc.wait_ready(120)
+            say(f"{workers} worker(s): sending {len(records)} records through the emitter...")
+            transport = KafkaTransport(settings.kafka.confluent_config())
+            emitter = UsageEmitter(transport, settings.topics.usage)
+            emitter.start()
+            for r in records:
+                emitter.emit(r)
+            if emitter.close(timeout=120):
+                raise SystemExit("bench: records not delivered")
+
+            def combined() -> dict[str, Any] | None:
+                stats = [proc.stats() for proc in procs]
+                if any(st is None for st in stats):
+                    return None
+                return {"records": sum(st["records"] for st in stats if st), "each": stats}
+
+            done = wait_for(f"{workers} worker(s)", len(records), combined)
+            each = [st for st in done["each"] if st and st.get("first_record_at")]
+            first = min(st["first_record_at"] for st in each)
+            last = max(st["last_record_at"] for st in each)
+            exact = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
+            return {
+                **rate(len(records), {"first_record_at": first, "last_record_at": last}),
+                "records_per_worker": [st["records"] for st in done["each"] if st],
+                "counts_exact": exact,
+            }
+        finally:
+            for proc in procs:
+                proc.stop()
+
     say(f"generating {args.records} records over {args.keys} keys...")
     records = stream_records(args.records, args.keys)
+    if args.workers > 1:
+        one = run_group(records, 1)
+        group = run_group(records, args.workers)
+        efficiency = group["records_per_s"] / (args.workers * max(one["records_per_s"], 1))
+        result = {
+            "benchmark": "stream_workers",
+            "keys": args.keys,
+            "workers": args.workers,
+            "one_worker": one,
+            "group": group,
+            "scaling_efficiency": round(efficiency, 3),
+            "counts_exact": one["counts_exact"] and group["counts_exact"],
+        }
+        print(json.dumps(result, indent=None if args.json else 2))
+        return 0
     packed = run_packed(records)
     naive = run_naive(records[: args.baseline_records])
     speedup = packed["records_per_s"] / max(naive["records_per_s"], 1)
