@@ -29,7 +29,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         from quotaflow_stream.supervisor import Supervisor
 
         try:
-            supervisor = Supervisor(settings, args.processes, loglevel=args.loglevel)
+            supervisor = Supervisor.workers(settings, args.processes, loglevel=args.loglevel)
         except ValueError as exc:
             raise SystemExit(f"quotaflow worker: {exc}") from None
         return supervisor.run()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from quotaflow.settings import load_settings
-from quotaflow_stream.supervisor import HEALTHY_AFTER, Supervisor
+from quotaflow_stream.supervisor import HEALTHY_AFTER, Child, Supervisor
 from tests.support import wait_for
 
 #: A child that runs until SIGTERM, then exits 0 (a worker that saved); with IGNORE set in its
@@ -36,15 +36,19 @@ class Clock:
 
 def ready(sup: Supervisor) -> None:
     """Wait until every child has set up its signal handling (it then says so in a file)."""
-    wait_for(lambda: all((c.data_dir / "ready").exists() for c in sup.children), 10,
+    wait_for(lambda: all((data_dir(c) / "ready").exists() for c in sup.children), 10,
              what="the children to start")  # fmt: skip
     for c in sup.children:
-        (c.data_dir / "ready").unlink()
+        (data_dir(c) / "ready").unlink()
+
+
+def data_dir(child: Child) -> Path:
+    return Path(child.env["QUOTAFLOW_WORKER__DATA_DIR"])
 
 
 def supervisor(tmp_path: Path, n: int, clock: Clock, **worker: object) -> Supervisor:
     settings = load_settings(worker={"web_port": 7100, "data_dir": str(tmp_path), **worker})
-    return Supervisor(settings, n, command=CHILD, clock=clock)
+    return Supervisor.workers(settings, n, command=CHILD, clock=clock)
 
 
 def test_children_get_ports_and_dirs_of_their_own_and_a_crashed_one_is_restarted(
@@ -54,7 +58,7 @@ def test_children_get_ports_and_dirs_of_their_own_and_a_crashed_one_is_restarted
     sup = supervisor(tmp_path, 2, clock).start()
     try:
         assert [c.web_port for c in sup.children] == [7100, 7101]
-        assert [c.data_dir.name for c in sup.children] == ["worker-0", "worker-1"]
+        assert [data_dir(c).name for c in sup.children] == ["worker-0", "worker-1"]
         first = sup.children[0]
         assert first.process is not None
         old_pid = first.process.pid

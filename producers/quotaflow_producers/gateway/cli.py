@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from typing import Any
 
 from quotaflow.settings import load_settings
@@ -25,6 +27,11 @@ def register(sub: Any) -> None:
         help="send paths under PREFIX to URL (repeatable; e.g. /v1/messages=https://api.anthropic.com)",
     )  # fmt: skip
     p.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8787)")
+    p.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="N gateway processes (a core each) sharing the port (SO_REUSEPORT) under a "
+        "supervisor that restarts them and stops them cleanly",
+    )  # fmt: skip
     p.set_defaults(func=_cmd_gateway)
 
 
@@ -58,21 +65,57 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     if args.listen:
         settings.gateway.listen_host, settings.gateway.listen_port = _listen(args.listen)
     g = settings.gateway
+    if args.processes != 1:
+        return _supervise(args, settings)
+    shared = os.environ.get(_SHARED_PORT) == "1"  # a child of --processes
 
     async def main() -> None:
         quota = await asyncio.to_thread(QuotaClient(settings).open)
         gateway = Gateway(settings, quota)
-        runner = await serve(gateway, g.listen_host, g.listen_port)
+        runner = await serve(gateway, g.listen_host, g.listen_port, reuse_port=shared)
         log.info(
             "quotaflow gateway on http://%s:%d -> %s (keys from %s)",
             g.listen_host, g.listen_port, g.upstream, ",".join(g.key_sources),
         )  # fmt: skip
+        # SIGTERM (Docker, Kubernetes, the supervisor) stops as SIGINT does: in-flight calls
+        # finish and are settled, and buffered usage is delivered (or journaled), not lost
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
+            log.info("quotaflow gateway: stopping (finishing calls, delivering usage)")
             await runner.cleanup()
-            await quota.aclose()
+            undelivered = await quota.aclose()
+            if undelivered:
+                log.error("quotaflow gateway: %d usage messages undelivered", undelivered)
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
     return 0
+
+
+#: Set in the children of ``--processes``: they listen with SO_REUSEPORT.
+_SHARED_PORT = "QUOTAFLOW_GATEWAY_SHARED_PORT"
+
+
+def _supervise(args: argparse.Namespace, settings: Any) -> int:
+    import sys
+
+    from quotaflow_stream.supervisor import Supervisor
+
+    g = settings.gateway
+    if g.listen_port == 0:
+        raise SystemExit("quotaflow gateway: --processes needs a fixed --listen port")
+    command = [sys.executable, "-m", "quotaflow", "gateway"]
+    try:
+        supervisor = Supervisor.gateways(settings, args.processes, command)
+    except ValueError as exc:
+        raise SystemExit(f"quotaflow gateway: {exc}") from None
+    for child in supervisor.children:
+        child.env[_SHARED_PORT] = "1"
+    log.info("quotaflow gateway: %d processes on http://%s:%d", args.processes, g.listen_host,
+             g.listen_port)  # fmt: skip
+    return supervisor.run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -129,8 +130,9 @@ class Gateway:
             await self._session.close()
 
     async def health(self, request: web.Request) -> web.Response:
-        """Liveness: the event loop answers."""
-        return web.json_response({"ok": True, "forwarded": self.forwarded, "denied": self.denied})
+        """Liveness: the event loop answers (and which process, where several share a port)."""
+        return web.json_response({"ok": True, "pid": os.getpid(), "forwarded": self.forwarded,
+                                  "denied": self.denied})  # fmt: skip
 
     async def readiness(self, request: web.Request) -> web.Response:
         """Readiness: the embedded client is open and its follower has warm-started, so the
@@ -477,10 +479,13 @@ class Gateway:
         return headers
 
 
-async def serve(gateway: Gateway, host: str, port: int) -> web.AppRunner:
-    """Start serving on ``host:port`` (0 picks a free port); returns the runner."""
+async def serve(
+    gateway: Gateway, host: str, port: int, *, reuse_port: bool = False
+) -> web.AppRunner:
+    """Start serving on ``host:port`` (0 picks a free port); returns the runner. With
+    ``reuse_port`` several gateway processes share the port (the kernel spreads connections)."""
     runner = web.AppRunner(gateway.app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()
     return runner
