@@ -39,6 +39,10 @@ def register(sub: Any) -> None:
         "and the gateway each in a process of their own (default 1: added latency per call)",
     )  # fmt: skip
     gw.add_argument("--rounds", type=int, default=3, help="rounds per path under load (3)")
+    gw.add_argument(
+        "--gateway-processes", type=int, default=1, metavar="N",
+        help="under load, the gateway as N processes on one port (gateway --processes N)",
+    )  # fmt: skip
     gw.add_argument("--json", action="store_true", help="print JSON only")
     gw.set_defaults(func=run_gateway)
     chk = bench.add_parser("check", help="check()/record() latency vs the limits library")

@@ -149,15 +149,18 @@ def _measure_concurrent(args: argparse.Namespace, settings: Any) -> int:
         port = free_port()
         gateway = subprocess.Popen(
             [sys.executable, "-m", "quotaflow", "gateway", "--upstream", upstream,
-             "--listen", f"127.0.0.1:{port}"],
+             "--listen", f"127.0.0.1:{port}", "--processes", str(args.gateway_processes)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
         )  # fmt: skip
         processes.append(gateway)
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
+        pids: set[int] = set()
         while True:
-            try:
+            try:  # ready, and every process answering (fresh connections spread over them)
                 if httpx.get(base + "/readyz", timeout=2).status_code == 200:
+                    pids.add(httpx.get(base + "/healthz", timeout=2).json()["pid"])
+                if len(pids) >= args.gateway_processes:
                     break
             except httpx.HTTPError:
                 pass
@@ -185,6 +188,7 @@ def _measure_concurrent(args: argparse.Namespace, settings: Any) -> int:
             "benchmark": "gateway_concurrency",
             "route": args.route,
             "concurrency": args.concurrency,
+            "gateway_processes": args.gateway_processes,
             "requests_per_round": args.requests,
             "rounds": args.rounds,
             "direct": direct,
