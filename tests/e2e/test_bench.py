@@ -14,9 +14,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(
-    ("route", "stream"), [("chat", False), ("responses", True), ("messages", True)]
-)
+@pytest.mark.parametrize(("route", "stream"), [("chat", False), ("messages", True)])
 def test_bench_gateway_prints_latencies_against_direct_calls(
     tmp_path: Path, route: str, stream: bool
 ) -> None:

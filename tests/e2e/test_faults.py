@@ -55,7 +55,8 @@ def worker(settings: QuotaflowSettings, i: int) -> WorkerProcess:
 def reconcile(settings: QuotaflowSettings, base: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **settings.to_env()}
     return subprocess.run(
-        [sys.executable, "-m", "quotaflow", "audit", "reconcile", "--settle", "30",
+        # --settle: the survivor may still be replaying on a busy machine (it ends early)
+        [sys.executable, "-m", "quotaflow", "audit", "reconcile", "--settle", "90",
          "--worker", base, "--json"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
