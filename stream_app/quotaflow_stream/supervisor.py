@@ -137,7 +137,9 @@ class Supervisor:
                    stop_timeout=15.0)  # fmt: skip
 
     def _spawn(self, child: Child) -> None:
-        child.process = subprocess.Popen(self.command, env={**self._env, **child.env})
+        child.process = subprocess.Popen(
+            self.command, env={**self._env, **child.env}, preexec_fn=_die_with_parent
+        )
         child.started_at = self.clock()
         child.restart_at = None
         where = f", web port {child.web_port}" if child.web_port is not None else ""
@@ -212,3 +214,15 @@ def _environment(settings: QuotaflowSettings) -> dict[str, str]:
     """The children's environment: the supervisor's, with its settings spelled out (so a
     setting given on the command line reaches them too)."""
     return {**os.environ, **settings.to_env()}
+
+
+def _die_with_parent() -> None:
+    """In a child, before it runs: on Linux, have the kernel send it SIGTERM if the supervisor
+    dies (even by SIGKILL), so no worker or gateway outlives it unsupervised."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -89,8 +89,10 @@ def test_a_supervised_pair_counts_exactly_through_a_crash_and_stops_cleanly(
         assert sup.wait(90) == 0, "both saved on the way out"
     finally:
         if sup.poll() is None:
-            sup.kill()
+            sup.kill()  # its children get SIGTERM from the kernel (PR_SET_PDEATHSIG)
+            sup.wait()
         log.close()
     text = (tmp_path / "supervisor.log").read_text()
+    assert not children(sup.pid), "no worker outlives its supervisor"
     assert "exited with status -9" in text and "restarting" in text
     assert text.count("stopped: saved") == 2, text[-3000:]

@@ -111,3 +111,44 @@ def test_bad_process_counts_and_ports_are_refused(tmp_path: Path) -> None:
         supervisor(tmp_path, 0, Clock())
     with pytest.raises(ValueError, match="fixed web port"):
         supervisor(tmp_path, 2, Clock(), web_port=0)
+
+
+def test_children_do_not_outlive_a_killed_supervisor(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor (an OOM kill, a crash) must not leave workers running
+    unsupervised: the kernel sends each child SIGTERM."""
+    import subprocess
+
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from quotaflow.settings import load_settings\n"
+        "from quotaflow_stream.supervisor import Supervisor\n"
+        f"settings = load_settings(worker={{'web_port': 7200, 'data_dir': {str(tmp_path)!r}}})\n"
+        f"sup = Supervisor.workers(settings, 2, command={CHILD!r}).start()\n"
+        "print(' '.join(str(c.process.pid) for c in sup.children), flush=True)\n"
+        "import time; time.sleep(120)\n"
+    )
+    sup = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert sup.stdout is not None
+    pids = [int(p) for p in sup.stdout.readline().split()]
+    assert len(pids) == 2
+    sup.kill()
+    sup.wait()
+
+    def gone() -> bool:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        # reaped by init once they exit; a zombie counts as gone
+        return not [
+            p
+            for p in alive
+            if Path(f"/proc/{p}/stat").exists()
+            and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z"
+        ]
+
+    wait_for(gone, 10, what="the children to stop with their supervisor")

@@ -110,17 +110,21 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
         return {"records": records, "seconds": round(seconds, 3),
                 "records_per_s": round(records / seconds)}  # fmt: skip
 
-    def run_packed(records: list[Any]) -> dict[str, Any]:
-        settings = fresh_settings("packed")
-        ensure_topics(settings)
-        say(f"packed: preloading {len(records)} records through the SDK's emitter...")
-        transport = KafkaTransport(settings.kafka.confluent_config())
-        emitter = UsageEmitter(transport, settings.topics.usage)
+    def send(settings: Any, records: list[Any]) -> None:
+        """Send the records as the SDK does: packed per partition by its emitter."""
+        emitter = UsageEmitter(KafkaTransport(settings.kafka.confluent_config()),
+                               settings.topics.usage)  # fmt: skip
         emitter.start()
         for r in records:
             emitter.emit(r)
         if emitter.close(timeout=120):
-            raise SystemExit("bench: preload not delivered")
+            raise SystemExit("bench: records not delivered")
+
+    def run_packed(records: list[Any]) -> dict[str, Any]:
+        settings = fresh_settings("packed")
+        ensure_topics(settings)
+        say(f"packed: preloading {len(records)} records through the SDK's emitter...")
+        send(settings, records)
         worker = WorkerProcess(settings, run_dir / "worker-packed.log", loglevel="warn")
         worker.start()
         try:
@@ -219,13 +223,7 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
             for proc in procs:
                 proc.wait_ready(120)
             say(f"{workers} worker(s): sending {len(records)} records through the emitter...")
-            transport = KafkaTransport(settings.kafka.confluent_config())
-            emitter = UsageEmitter(transport, settings.topics.usage)
-            emitter.start()
-            for r in records:
-                emitter.emit(r)
-            if emitter.close(timeout=120):
-                raise SystemExit("bench: records not delivered")
+            send(settings, records)
 
             def combined() -> dict[str, Any] | None:
                 stats = [proc.stats() for proc in procs]
