@@ -22,7 +22,8 @@ CHILD = [sys.executable, "-c", (
     "if os.environ.get('IGNORE'): signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
     "else: signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
     "os.makedirs(os.environ['QUOTAFLOW_WORKER__DATA_DIR'], exist_ok=True)\n"
-    "open(os.path.join(os.environ['QUOTAFLOW_WORKER__DATA_DIR'], 'ready'), 'w').close()\n"
+    "open(os.path.join(os.environ['QUOTAFLOW_WORKER__DATA_DIR'], 'ready'), 'w')"
+    ".write(str(os.getpid()))\n"
     "time.sleep(120)\n"
 )]  # fmt: skip
 
@@ -36,10 +37,12 @@ class Clock:
 
 def ready(sup: Supervisor) -> None:
     """Wait until every child has set up its signal handling (it then says so in a file)."""
-    wait_for(lambda: all((data_dir(c) / "ready").exists() for c in sup.children), 10,
-             what="the children to start")  # fmt: skip
-    for c in sup.children:
-        (data_dir(c) / "ready").unlink()
+
+    def started(c: Child) -> bool:  # this incarnation, not an earlier one of a restarted child
+        path = data_dir(c) / "ready"
+        return c.process is not None and path.exists() and path.read_text() == str(c.process.pid)
+
+    wait_for(lambda: all(started(c) for c in sup.children), 10, what="the children to start")
 
 
 def data_dir(child: Child) -> Path:
