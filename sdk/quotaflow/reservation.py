@@ -7,7 +7,6 @@ count from the moment it is admitted, and ``settle()`` replaces the hold with th
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Callable, Mapping
 from types import TracebackType
@@ -150,15 +149,6 @@ class Reservation:
                 attrs=self.attrs,
             )
             return self.record
-
-    def settle_body(self, body: bytes) -> RecordedUsage:
-        """Settle from a provider's JSON response body (its ``usage`` field, if any)."""
-        try:
-            usage = json.loads(body).get("usage")
-        except (ValueError, AttributeError):
-            usage = None
-        # embeddings report prompt tokens only: billed_usage reads no completion as 0
-        return self.settle(usage)
 
     def settle_stream(self, stream: StreamUsage, *, cancelled: bool = False) -> RecordedUsage:
         """Settle a streamed call: the usage it reported if it got that far, else what was

@@ -190,13 +190,11 @@ class StreamWorker:
     @property
     def ready(self) -> bool:
         """Partitions assigned and tables recovered: usage sent now is processed promptly."""
-        app = self.app
         try:
-            assigned = bool(app.consumer.assignment())
-            recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined]
+            assigned = bool(self.app.consumer.assignment())
         except Exception:  # not started yet
             return False
-        return assigned and recovered and not app.rebalancing
+        return assigned and self.serving
 
     @property
     def serving(self) -> bool:
