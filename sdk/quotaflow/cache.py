@@ -24,6 +24,7 @@ policy's fail mode decides: ``open`` admits, ``closed`` denies, ``local`` enforc
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -34,7 +35,9 @@ from types import MappingProxyType
 
 from quotaflow.counting import Pending, denied_until, expired, pending_of, pending_used
 from quotaflow.decision import Decision, Reason
-from quotaflow.policies import Binding, LimitSpec, PolicySet
+from quotaflow.headroom import Headroom, charge, gates_of
+from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
+from quotaflow.prices import ModelPrices
 from quotaflow.state import EXPIRIES, QuotaState, WindowCounts
 from quotaflow.units import unit_value
 from quotaflow.windows import (
@@ -61,6 +64,11 @@ SHARE_RETRY_AFTER = 0.05
 #: slot, never lenient.
 COALESCE_PER_SECOND = 50
 
+#: Seconds a headroom holds at most (it is exact until its own end, see quotaflow.headroom:
+#: this only bounds how long a key idle since keeps it), and how many keys keep one.
+HEADROOM_TTL = 60.0
+MAX_HEADROOMS = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class LimitUsage:
@@ -76,9 +84,23 @@ class LimitUsage:
         return max(self.spec.limit - self.used, 0)
 
 
-#: Prices a call: (key, model, now, requests, prompt, completion, cached prompt tokens, images)
-#: to micro-dollars.
-CallPrice = Callable[[str, "str | None", float, int, int, int, int, int], int]
+#: The prices a key's call of a model is charged at, at a time (None: unpriced, free).
+CallPrices = Callable[[str, str, float], "ModelPrices | None"]
+
+_new_decision = tuple.__new__
+
+
+def _next_expiry(expiries: Iterable[tuple[float, ...]], now: float) -> float:
+    """When the first of a state's bucket expiries still to come frees budget."""
+    for x in expiries:
+        if x[0] > now:
+            return x[0]
+    return math.inf
+
+
+def _leaves_window(pending: Iterable[Pending], floor: float, size: int) -> float:
+    """The earliest a pending call counted in a window (since ``floor``) leaves it."""
+    return min((p[0] + size for p in pending if p[0] >= floor), default=math.inf)
 
 
 class QuotaCache:
@@ -93,13 +115,14 @@ class QuotaCache:
         pending_ttl: float = 120,
         rng: random.Random | None = None,
         priced: Callable[[str], bool] | None = None,
-        price: CallPrice | None = None,
+        prices: CallPrices | None = None,
+        headroom: bool = True,
     ) -> None:
         self.policies = policies
         #: Whether a model has a price (policies with ``unpriced: reject`` deny those without).
         self._priced = priced
         #: Prices a call a money limit binds that came without its cost (see :meth:`check`).
-        self._price = price
+        self._prices = prices
         self._random = (rng or random.Random()).random
         self.source = source
         self.clock = clock
@@ -122,6 +145,13 @@ class QuotaCache:
         self.fleet_instances = 0
         self._fleet: dict[str, int] = {}
         self.started_at = clock()
+        # The fast path: per key and model, what may still be spent (quotaflow.headroom). Any
+        # change that can shrink a headroom forgets it (under the lock, and counted in
+        # _changes, so that a full decision racing the change does not leave an older one).
+        self._headroom: dict[str, dict[str | None, Headroom]] = {}
+        self._changes = 0
+        #: False: every check is decided in full (to compare the two, in tests and benches).
+        self.keeps_headroom = headroom
 
     @staticmethod
     def month(zone: str, ts: float) -> tuple[float, float]:
@@ -141,10 +171,11 @@ class QuotaCache:
         current = self._states.get(state.key)
         if current is not None and current.published_at > state.published_at:
             return False
-        self._states[state.key] = state
-        acked = state.sources.get(self.source)
-        if acked is not None:
-            with self._lock:
+        with self._lock:
+            self._states[state.key] = state
+            self._forget(state.key)
+            acked = state.sources.get(self.source)
+            if acked is not None:
                 pending = self._pending.get(state.key)
                 if pending:
                     kept = [p for p in pending if p[0] > acked]
@@ -154,13 +185,23 @@ class QuotaCache:
                         del self._pending[state.key]
         return True
 
+    def _forget(self, key: str) -> None:
+        """Drop a key's headrooms (holding the lock): something may have shrunk them."""
+        self._changes += 1
+        self._headroom.pop(key, None)
+
     def mark_heard(self) -> None:
         self.last_heard = self.clock()
 
     def note_fleet(self, worker: str, instances: int) -> None:
         """Record how many instances a worker heard from lately (from its heartbeat)."""
         self._fleet[worker] = instances
-        self.fleet_instances = max(self._fleet.values())
+        fleet = max(self._fleet.values())
+        if fleet != self.fleet_instances:
+            with self._lock:  # new keys' shares change with it
+                self.fleet_instances = fleet
+                self._changes += 1
+                self._headroom.clear()
 
     def add_usage(self, key: str, call: Pending) -> None:
         """Count this process's own call, ``(ts, model, *measures)``, until the stream
@@ -184,6 +225,7 @@ class QuotaCache:
                     pending[-1] = (ts, call[1], *map(add, last[2:], call[2:]))
                 else:
                     pending.append(call)
+            self._charge(key, call)
             for binding in bindings:
                 # once per window, however many limits share it; only where the local fail
                 # mode will read it
@@ -204,11 +246,21 @@ class QuotaCache:
         elif own[0] == start:
             self._own[slot] = [start, *map(add, own[1:], call[2:])]
 
+    def _charge(self, key: str, call: Pending) -> None:
+        """Take this process's call off the key's headrooms (holding the lock)."""
+        rooms = self._headroom.get(key)
+        if rooms:
+            self._changes += 1
+            model, measures = call[1], call[2:]
+            for room_model, room in rooms.items():
+                charge(room, room_model == model, measures)
+
     def hold(self, key: str, hold_id: str, call: Pending) -> None:
         """Count a reserved call, ``(ts, model, *measures)`` of its worst case, until it is
         settled or released."""
         with self._lock:
             self._held.setdefault(key, {})[hold_id] = call
+            self._charge(key, call)
 
     def release(self, key: str, hold_id: str) -> bool:
         """Stop counting a reservation; False if it was not held."""
@@ -218,6 +270,7 @@ class QuotaCache:
                 return False
             if not held:
                 del self._held[key]
+            self._forget(key)
             return True
 
     def expire(self) -> None:
@@ -226,6 +279,9 @@ class QuotaCache:
         with self._lock:
             for key in list(self._pending):
                 kept = [p for p in self._pending[key] if p[0] > cutoff]
+                if len(kept) == len(self._pending[key]):
+                    continue
+                self._forget(key)  # a month counts pending usage older than the TTL
                 if kept:
                     self._pending[key] = kept
                 else:
@@ -247,11 +303,14 @@ class QuotaCache:
         return len(self._states)
 
     def adopt(
-        self, policies: PolicySet, price: CallPrice | None, version: int | None = None
+        self, policies: PolicySet, prices: CallPrices | None, version: int | None = None
     ) -> None:
         """Decide by ``policies`` from now on (a live policy ``version``); the states, pending
         usage and own usage kept so far stay: limits change, counts do not."""
-        self.policies, self._price, self.policy_version = policies, price, version
+        with self._lock:
+            self.policies, self._prices, self.policy_version = policies, prices, version
+            self._changes += 1
+            self._headroom.clear()
 
     def check(
         self,
@@ -266,30 +325,82 @@ class QuotaCache:
     ) -> Decision:
         """Decide from memory whether a call of this size may proceed now (its measures as
         :data:`quotaflow.units.MEASURES` names them). Without ``cost_micros``, a call a money
-        limit binds is priced with ``price`` (here, where the bindings are resolved anyway).
+        limit binds is priced at the model's prices.
 
-        This is the request path: written for speed (precomputed limit rows, no helper calls
-        in the common case) rather than brevity.
+        The request path: first the key's headroom (:mod:`quotaflow.headroom`), a comparison
+        per unit; the full decision only where it has none or the call does not fit in it.
         """
         now = self.clock()
-        bindings = self.policies.resolve(key, model)
-        if not bindings:
-            return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, None,
-                            None, None, None, None, self.policy_version)  # fmt: skip
-        if cost_micros is None:
-            cost_micros = 0
-            if self._price is not None:
-                for binding in bindings:
-                    if binding.money:
-                        cost_micros = self._price(
-                            key, model, now, requests, prompt_tokens, completion_tokens,
-                            cached_prompt_tokens, images,
-                        )  # fmt: skip
+        rooms = self._headroom.get(key)
+        if rooms is not None:
+            room = rooms.get(model)
+            if room is not None and now < room.until:
+                if cost_micros is None:
+                    prices = room.prices
+                    cost_micros = 0 if prices is None else prices.cost(
+                        prompt_tokens, completion_tokens, cached_prompt_tokens, 0, 0, images,
+                        requests,
+                    )  # fmt: skip
+                call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+                        cost_micros)  # fmt: skip
+                for a, b, sign, bound in room.gates:
+                    if (call[a] + sign * call[b] if sign else call[a]) >= bound:
                         break
-        call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
-                cost_micros)  # fmt: skip
+                else:
+                    last = self.last_heard
+                    return _new_decision(Decision, (
+                        True, key, model, room.reason, None, room.policy,
+                        (room, room.spent, room.spent_elsewhere, call), 0.0, None,
+                        None if last is None else now - last, None, None, None, None,
+                        self.policy_version,
+                    ))  # fmt: skip
+        return self._decide(
+            key, model, now, requests, prompt_tokens, completion_tokens, cached_prompt_tokens,
+            images, cost_micros,
+        )  # fmt: skip
+
+    def _decide(
+        self,
+        key: str,
+        model: str | None,
+        now: float,
+        requests: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached_prompt_tokens: int,
+        images: int,
+        cost_micros: int | None,
+    ) -> Decision:
+        """The full decision: every binding and limit, the fail modes, shadow policies. An
+        admission leaves the key's headroom for the checks that follow.
+
+        Written for speed (precomputed limit rows, no helper calls in the common case) rather
+        than brevity: a key's first check, and every check near a limit, comes here.
+        """
+        changes = self._changes
+        bindings = self.policies.resolve(key, model)
         last = self.last_heard
         age = None if last is None else now - last
+        if not bindings:
+            self._remember(key, model, changes, Headroom(
+                now + HEADROOM_TTL, [], (), (), (), (), "no_policy", None, None,
+            ))  # fmt: skip
+            return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, age,
+                            None, None, None, None, self.policy_version)  # fmt: skip
+        # where a money limit binds, the model's prices (the headroom keeps them for the calls
+        # that come without their cost)
+        prices: ModelPrices | None = None
+        if self._prices is not None and model is not None:
+            for binding in bindings:
+                if binding.money:
+                    prices = self._prices(key, model, now)
+                    break
+        if cost_micros is None:
+            cost_micros = 0 if prices is None else prices.cost(
+                prompt_tokens, completion_tokens, cached_prompt_tokens, 0, 0, images, requests
+            )  # fmt: skip
+        call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+                cost_micros)  # fmt: skip
         silent_for = now - (self.started_at if last is None else last)
         state = self._states.get(key)
         pending: list[Pending] | None = self._pending.get(key)
@@ -302,6 +413,14 @@ class QuotaCache:
         deny: tuple[Reason, str, Binding, float, int, int, int] | None = None
         stale_reason: Reason | None = None
         shadow: str | None = None  # what a shadow-mode policy would have denied by
+        # the headroom an admission leaves: until when it holds, and per limit its form, what
+        # is left before this call and the bound of its gate (share included)
+        until = now + HEADROOM_TTL
+        forms: list[tuple[int, int, int]] = []
+        lefts: list[int] = []
+        bounds: list[int] = []
+        names: list[str] = []
+        keywide: list[bool] = []
         for binding in bindings:
             policy = binding.policy
             # shadow mode (enforce: false): decided like any policy, but what would deny is
@@ -335,6 +454,9 @@ class QuotaCache:
                         self.policy_version,
                     )  # fmt: skip
                 stale_reason = "stale_local"
+            else:
+                # the fail mode takes over once the stream has been silent this long
+                until = min(until, now - silent_for + policy.max_staleness)
             windows = state.scopes.get(binding.scope) if state is not None else None
             scope = binding.scope
             shared = policy.budget_shares and share < 1.0 and not stale
@@ -343,6 +465,7 @@ class QuotaCache:
                 mine = 0
                 if size == MONTH:  # a billing period, not a sliding window
                     period = self.month(policy.timezone, now)
+                    until = min(until, period[1])
                     counted, mine = self._month_used(
                         key, windows, pending, scope, unit, period[0], stale
                     )
@@ -360,15 +483,19 @@ class QuotaCache:
                         if w is not None:
                             counted = w[a + 1] + sign * w[b + 1] if sign else w[a + 1]
                             expiries = w[-1]  # a window ends with its expiries
-                            if expiries and expiries[0][0] <= now:
-                                counted -= expired(expiries, unit, now)
+                            if expiries:
+                                if expiries[0][0] <= now:
+                                    counted -= expired(expiries, unit, now)
+                                until = min(until, _next_expiry(expiries, now))
                     if pending:
                         floor = (now // bucket) * bucket - size
                         mine = pending_used(pending, scope, a, b, sign, floor)
+                        until = min(until, _leaves_window(pending, floor, size))
                 used = counted + mine
                 want = call[a] + sign * call[b] if sign else call[a]
                 left = limit - used - want
                 remaining[name] = left if left > 0 else 0
+                bound = limit - used  # the headroom's gate: a call fits below it
                 if left < 0 or (want == 0 and limit <= used):
                     reset_at = (
                         self.month(policy.timezone, now)[1] if size == MONTH
@@ -381,22 +508,30 @@ class QuotaCache:
                         shadow = shadow or name
                     elif deny is None or deny[0] != "limit" or reset_at > deny[3]:
                         deny = ("limit", name, binding, reset_at, used, limit, want)
-                elif shared and deny is None:
+                elif shared:
                     allowance = share * (limit - counted) - mine
+                    bound = min(bound, int(allowance // 1) + 1)
                     # Within the limit, but past this instance's share of what is left: wait
                     # for the next state rather than race the rest of the fleet for it. With
                     # nothing unacknowledged, a share smaller than the call admits it with
                     # probability share / call, so the fleet still spends its last calls (in
                     # expectation, exactly its shares) instead of leaving ~one call per
                     # instance unused; one chance per instance until the stream catches up.
-                    if want > allowance and (
-                        mine or allowance <= 0 or self._random() * want > allowance
+                    if (
+                        deny is None
+                        and want > allowance
+                        and (mine or allowance <= 0 or self._random() * want > allowance)
                     ):
                         if enforce:
                             deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used,
                                     limit, want)  # fmt: skip
                         else:
                             shadow = shadow or name
+                names.append(name)
+                forms.append((a, b, sign))
+                lefts.append(limit - used)
+                bounds.append(bound)
+                keywide.append(scope == KEY_SCOPE)
         view = MappingProxyType(remaining)
         if deny is not None:
             reason, name, d_binding, reset_at, used, ceiling, want = deny
@@ -410,10 +545,33 @@ class QuotaCache:
                 True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
                 0.0, None, age, None, None, None, shadow, self.policy_version,
             )  # fmt: skip
+        if stale_reason is None:
+            if prices is not None:
+                until = min(until, prices.valid_until)
+            self._remember(key, model, changes, Headroom(
+                until, gates_of(forms, bounds), tuple(names), tuple(forms), tuple(lefts),
+                tuple(keywide), "ok", bindings[0].policy.name, prices,
+            ))  # fmt: skip
         return Decision(
             True, key, model, stale_reason or "ok", None, bindings[0].policy.name, view,
             0.0, None, age, None, None, None, None, self.policy_version,
         )  # fmt: skip
+
+    def _remember(self, key: str, model: str | None, changes: int, room: Headroom) -> None:
+        """Keep a full decision's headroom, unless the key's counts changed while it was made
+        (its headroom would miss that change)."""
+        if not self.keeps_headroom:
+            return
+        with self._lock:
+            if self._changes != changes:
+                return
+            rooms = self._headroom.get(key)
+            if rooms is None:
+                if len(self._headroom) >= MAX_HEADROOMS:
+                    self._headroom.clear()  # bounded memory: a miss costs one full decision
+                self._headroom[key] = {model: room}
+            else:
+                rooms[model] = room
 
     def _month_used(
         self,

@@ -40,7 +40,13 @@ from quotaflow.journal import Journal
 from quotaflow.policies import Limits, PolicySet, load_policies
 from quotaflow.policy_log import PolicyVersion
 from quotaflow.policy_topic import PolicyFollower
-from quotaflow.prices import PriceTable, check_unpriced_fallbacks, dollars, load_price_table
+from quotaflow.prices import (
+    ModelPrices,
+    PriceTable,
+    check_unpriced_fallbacks,
+    dollars,
+    load_price_table,
+)
 from quotaflow.pricing import IMAGE_QUALITY, IMAGE_SIZE, CallPricer
 from quotaflow.record import RecordedUsage, Status, describe_validation_error, make_record
 from quotaflow.reservation import Reservation
@@ -103,7 +109,7 @@ class QuotaClient:
             clock=clock,
             pending_ttl=client.pending_ttl,
             priced=lambda model: self.prices.lookup(model) is not None,
-            price=self._price_call if self.policies.money else None,
+            prices=self._call_prices if self.policies.money else None,
         )
         kafka_conf = self.settings.kafka.confluent_config()
         self._transport = transport
@@ -182,7 +188,7 @@ class QuotaClient:
         self.pricer, self._resolved_prices = pricer, pricer.cache
         self._money = policies.money
         number = version.version if version is not None else None
-        self.cache.adopt(policies, self._price_call if policies.money else None, number)
+        self.cache.adopt(policies, self._call_prices if policies.money else None, number)
         self.policies = policies
         if number != self.policy_version and version is not None:
             #: Seconds from the version's publication to this instance enforcing it.
@@ -273,13 +279,10 @@ class QuotaClient:
             key, model, requests, prompt, completion, cached_prompt_tokens, images, cost_micros
         )
 
-    def _price_call(
-        self, key: str, model: str | None, now: float, requests: int, prompt: int,
-        completion: int, cached: int, images: int,
-    ) -> int:  # fmt: skip
-        return self.pricer.cost(
-            key, model, now, prompt, completion, cached=cached, images=images, requests=requests
-        )
+    def _call_prices(self, key: str, model: str, now: float) -> ModelPrices | None:
+        """The prices ``check()`` charges a key's call of a model at (its policy's fallback
+        for a model the table does not know)."""
+        return self.pricer.resolve(key, model, None, now)[0]
 
     def record(
         self,

@@ -1,0 +1,125 @@
+"""The fast path of ``check()``: what a key and model may still spend, precomputed.
+
+Most checks are of a key far from every limit. The full decision (:meth:`QuotaCache.check`)
+walks every binding and limit, subtracts expired buckets and scans this process's pending
+usage: several microseconds. When it admits a call, it also leaves a :class:`Headroom` for the
+key and model: per limit, what is left (``lefts``), and per unit form the tightest bound of any
+limit counting it, its share of the fleet's budget included (``gates``). The next check of the
+key and model compares the call with the gates, a comparison per unit, and admits if every one
+fits; otherwise (or once the headroom has expired) the full decision runs and answers.
+
+Why this is exact, never lenient: between two full decisions, what is left only grows by
+itself (buckets expire, pending usage leaves its window, a month ends, which each only free
+budget), and what this process spends is charged to the headroom as it records it
+(:func:`charge`). Everything else that changes it forgets it: a new state of the key (the
+fleet's usage), new policies, a changed fleet size, and, to keep its figures exact, a hold
+released or pending usage expired. A headroom expires before
+the stream could be deemed silent (the fail modes are then the full path's to apply) and before
+the first moment the full decision would count differently (an expiry or a pending call
+leaving a window, a month or a price's end), so the lazily built ``remaining`` of a fast
+admission is the full path's figure too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from operator import add
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from quotaflow.prices import ModelPrices
+from quotaflow.units import MEASURES
+
+if TYPE_CHECKING:
+    from quotaflow.decision import Reason
+
+#: A gate: ``[a, b, sign, bound]``: a call fits if measure ``a`` plus ``sign`` x measure ``b``
+#: is below ``bound``. Strictly below: a call of exactly what is left, or asking for nothing
+#: at 0 left, goes to the full path, which knows the rule for those. A list: charged in place.
+Gate = list[int]
+
+#: Nothing spent yet, per measure.
+NOTHING = (0,) * len(MEASURES)
+
+
+class Headroom:
+    """What a key may still spend with one model (see the module's docstring)."""
+
+    __slots__ = (
+        "forms",
+        "gates",
+        "keywide",
+        "lefts",
+        "names",
+        "policy",
+        "prices",
+        "reason",
+        "spent",
+        "spent_elsewhere",
+        "until",
+    )
+
+    def __init__(
+        self,
+        until: float,
+        gates: list[Gate],
+        names: tuple[str, ...],
+        forms: tuple[tuple[int, int, int], ...],
+        lefts: tuple[int, ...],
+        keywide: tuple[bool, ...],
+        reason: Reason,
+        policy: str | None,
+        prices: ModelPrices | None,
+    ) -> None:
+        #: Local clock time it stops holding.
+        self.until = until
+        self.gates = gates
+        #: Per limit: its name, unit form, what was left of it, whether it is key-wide.
+        self.names, self.forms, self.lefts, self.keywide = names, forms, lefts, keywide
+        #: What this process has spent since, per measure: with any model (key-wide limits
+        #: count it), and of that with other models (this model's limits do not). Tuples,
+        #: replaced whole: an admission keeps the pair it saw, for its ``remaining``.
+        self.spent = self.spent_elsewhere = NOTHING
+        #: The decision's reason and policy (``ok`` and the first binding's, or ``no_policy``).
+        self.reason, self.policy = reason, policy
+        #: The model's prices, where a money limit binds: calls are priced here.
+        self.prices = prices
+
+
+def gates_of(forms: Sequence[tuple[int, int, int]], bounds: Sequence[int]) -> list[Gate]:
+    """One gate per unit form, the tightest bound of the limits counting it."""
+    tightest: dict[tuple[int, int, int], int] = {}
+    for form, bound in zip(forms, bounds, strict=True):
+        if form not in tightest or bound < tightest[form]:
+            tightest[form] = bound
+    return [[*form, bound] for form, bound in tightest.items()]
+
+
+def charge(room: Headroom, same_model: bool, measures: Sequence[int]) -> None:
+    """Take a call this process made (its ``measures``) off a headroom. Its model's limits count
+    it only where ``same_model``; a gate may mix key-wide and model limits, so it is charged in
+    any case (conservative: a call of another model can only close it sooner). On record()'s
+    path: flat code."""
+    for gate in room.gates:
+        a, b, sign, _ = gate
+        gate[3] -= measures[a] + sign * measures[b] if sign else measures[a]
+    room.spent = tuple(map(add, room.spent, measures))
+    if not same_model:
+        room.spent_elsewhere = tuple(map(add, room.spent_elsewhere, measures))
+
+
+def remaining_of(
+    room: Headroom, spent: tuple[int, ...], elsewhere: tuple[int, ...], call: tuple[int, ...]
+) -> Mapping[str, int]:
+    """What each limit of a headroom has left after ``call`` (its measures), with ``spent``
+    spent since the headroom was made, ``elsewhere`` of it with other models."""
+    out = {}
+    for name, (a, b, sign), left, keywide in zip(
+        room.names, room.forms, room.lefts, room.keywide, strict=True
+    ):
+        left -= spent[a] + sign * spent[b] if sign else spent[a]
+        if not keywide:
+            left += elsewhere[a] + sign * elsewhere[b] if sign else elsewhere[a]
+        left -= call[a] + sign * call[b] if sign else call[a]
+        out[name] = left if left > 0 else 0
+    return MappingProxyType(out)

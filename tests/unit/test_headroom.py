@@ -1,0 +1,248 @@
+"""The fast path of check() (quotaflow.headroom) answers exactly as the full decision would.
+
+Two caches see the same operations, in any order hypothesis finds: states arriving, this
+process's calls recorded, holds taken and released, the clock moving (buckets expiring, the
+stream going silent, a month ending), the fleet growing, policies changing. One answers with
+headrooms, the other decides every check in full; every answer, every field of it, must match.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from quotaflow.cache import QuotaCache
+from quotaflow.decision import Decision
+from quotaflow.policies import PolicySet, parse_policies
+from quotaflow.prices import RATE_SCALE, ModelPrices
+from quotaflow.state import QuotaState
+from quotaflow.windows import month_period
+
+T0 = 1_700_000_040.0 + 40  # 40 s into a minute
+MONTH_END = month_period(T0)[1]
+KEYS = ("k1", "k2")
+MODELS = (None, "big", "small")
+
+# $2 and $8 per million prompt and completion tokens, cached prompt tokens at a quarter
+PRICES = ModelPrices(
+    "big", None, "test",
+    (2 * RATE_SCALE, 8 * RATE_SCALE, 0, -3 * RATE_SCALE // 2, 0, 0, 0),
+)  # fmt: skip
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FixedRandom(random.Random):
+    """The budget share's chance admissions, the same for both caches however often drawn."""
+
+    def random(self) -> float:
+        return 0.5
+
+
+def make_policies(shares: bool, enforce_model: bool, fail_mode: str) -> PolicySet:
+    return parse_policies({"policies": [
+        {"name": "p", "keys": ["k*"], "fail_mode": fail_mode, "max_staleness": 30,
+         "expected_instances": 2, "budget_shares": shares,
+         "limits": {"requests_per_minute": 12, "tokens_per_minute": 4000,
+                    "cost_per_hour": 0.05, "tokens_per_month": 60_000}},
+        {"name": "m", "keys": ["k*"], "models": ["big"], "enforce": enforce_model,
+         "limits": {"uncached_prompt_tokens_per_minute": 2500, "images_per_minute": 3}},
+    ]})  # fmt: skip
+
+
+def caches(policies: PolicySet) -> tuple[QuotaCache, QuotaCache, Clock]:
+    clock = Clock()
+    made = []
+    for headroom in (True, False):
+        cache = QuotaCache(
+            policies, "me", clock=clock, rng=FixedRandom(), headroom=headroom,
+            prices=lambda key, model, now: PRICES if model == "big" else None,
+        )  # fmt: skip
+        cache.mark_heard()
+        made.append(cache)
+    return made[0], made[1], clock
+
+
+measures = st.tuples(
+    st.integers(0, 2),  # requests
+    st.integers(0, 1500),  # prompt
+    st.integers(0, 800),  # completion
+    st.integers(0, 400),  # cached (of prompt: clipped below)
+    st.integers(0, 2),  # images
+)
+
+
+@st.composite
+def a_state(draw: Any, now: float) -> tuple[str, QuotaState]:
+    key = draw(st.sampled_from(KEYS))
+    published = now - draw(st.floats(0, 5))
+
+    def window(size: int) -> tuple[Any, ...]:
+        req, pt, ct = (
+            draw(st.integers(0, 14)),
+            draw(st.integers(0, 5000)),
+            draw(st.integers(0, 2000)),
+        )
+        cost = draw(st.integers(0, 60_000))
+        expiries = tuple(
+            (published + draw(st.floats(0.1, 70)), 1, pt // 4, ct // 4, 0, 0, cost // 4)
+            for _ in range(draw(st.integers(0, 3)))
+        )
+        return (int(published), req, pt, ct, 0, 0, cost, tuple(sorted(expiries)))
+
+    month = (int(month_period(published)[0]), 0, draw(st.integers(0, 60_000)), 0, 0, 0, 0, ())
+    scopes = {"": {60: window(60), 3600: window(3600), 31 * 86400: month}}
+    if draw(st.booleans()):
+        scopes["big"] = {60: window(60)}
+    shares = draw(st.sampled_from([{}, {"me": 0.5, "other": 0.5}, {"other": 1.0}]))
+    return key, QuotaState(
+        key=key, published_at=published, watermark=published, scopes=scopes,
+        scope_policies={"": "p"}, sources={"me": published - draw(st.floats(0, 2))},
+        shares=shares,
+    )  # fmt: skip
+
+
+def op() -> Any:
+    check = st.tuples(st.just("check"), st.sampled_from(KEYS), st.sampled_from(MODELS),
+                      measures, st.booleans())  # fmt: skip
+    record = st.tuples(st.just("record"), st.sampled_from(KEYS), st.sampled_from(MODELS[1:]),
+                       measures)  # fmt: skip
+    return st.one_of(
+        check, check, check, check, record, record,
+        st.tuples(st.just("hold"), st.sampled_from(KEYS), st.sampled_from(MODELS[1:]), measures),
+        st.tuples(st.just("release"), st.sampled_from(KEYS)),
+        st.tuples(st.just("state"), st.integers(0, 2**32)),
+        st.tuples(st.just("tick"), st.sampled_from([0.01, 0.3, 2.0, 17.0, 45.0])),
+        st.tuples(st.just("heard")),
+        st.tuples(st.just("fleet"), st.integers(1, 4)),
+        st.tuples(st.just("expire")),
+    )  # fmt: skip
+
+
+def fields(d: Decision) -> tuple[Any, ...]:
+    return (*d[:6], dict(d.remaining), *d[7:])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(op(), min_size=20, max_size=80),
+    shares=st.booleans(),
+    enforce_model=st.booleans(),
+    fail_mode=st.sampled_from(["open", "closed", "local"]),
+    month_edge=st.booleans(),
+    data=st.data(),
+)
+def test_fast_and_full_decisions_are_the_same(
+    ops: list[Any], shares: bool, enforce_model: bool, fail_mode: str, month_edge: bool,
+    data: Any,
+) -> None:  # fmt: skip
+    fast, full, clock = caches(make_policies(shares, enforce_model, fail_mode))
+    if month_edge:  # a minute before the month ends: headrooms must end with it
+        clock.now = MONTH_END - 60
+    holds: dict[str, list[str]] = {k: [] for k in KEYS}
+    for n, (kind, *args) in enumerate(ops):
+        if kind == "check":
+            key, model, (req, pt, ct, cached, img), priced = args
+            cost = None if priced else (pt + ct) // 10
+            call = (key, model, req, pt, ct, min(cached, pt), img, cost)
+            got, want = fast.check(*call), full.check(*call)
+            assert fields(got) == fields(want), (n, call)
+        elif kind in ("record", "hold"):
+            key, model, (req, pt, ct, cached, img) = args
+            pending = (clock.now, model, req, pt, ct, min(cached, pt), img, (pt + ct) // 10)
+            for cache in (fast, full):
+                if kind == "record":
+                    cache.add_usage(key, pending)
+                else:
+                    cache.hold(key, f"h{n}", pending)
+            if kind == "hold":
+                holds[key].append(f"h{n}")
+        elif kind == "release" and holds[args[0]]:
+            hold_id = holds[args[0]].pop(0)
+            assert fast.release(args[0], hold_id) and full.release(args[0], hold_id)
+        elif kind == "state":
+            key, state = data.draw(a_state(clock.now))
+            assert fast.apply_state(state) == full.apply_state(state)
+        elif kind == "tick":
+            clock.now += args[0]
+        elif kind == "heard":
+            fast.mark_heard()
+            full.mark_heard()
+        elif kind == "fleet":
+            fast.note_fleet("w", args[0])
+            full.note_fleet("w", args[0])
+        elif kind == "expire":
+            fast.expire()
+            full.expire()
+    assert fast.shadow_denials == full.shadow_denials
+
+
+def test_most_checks_of_a_key_far_from_its_limits_take_the_fast_path() -> None:
+    """The point of it: after a key's first check, checks and records of it stay fast."""
+    fast, _, clock = caches(make_policies(True, True, "open"))
+    decided = []
+    fast._decide = lambda *a: decided.append(a) or QuotaCache._decide(fast, *a)  # type: ignore[method-assign]
+    for _ in range(10):  # of 12 a minute
+        clock.now += 0.01
+        assert fast.check("k1", "big", 1, 20, 10, 0, 0, None).allowed
+        fast.add_usage("k1", (clock.now, "big", 1, 20, 10, 0, 0, 1))
+    assert len(decided) == 1, "only the first check is decided in full"
+
+
+def test_a_call_that_does_not_fit_its_headroom_is_decided_in_full() -> None:
+    fast, full, clock = caches(make_policies(False, True, "open"))
+    assert fast.check("k1", "big", 1, 100, 0, 0, 0, None).allowed
+    for cache in (fast, full):
+        cache.add_usage("k1", (clock.now, "big", 11, 100, 0, 0, 0, 1))
+    # 12 requests a minute: one more fits exactly (the full path's rule), two do not
+    one, two = (
+        fast.check("k1", "big", 1, 0, 0, 0, 0, None),
+        fast.check("k1", "big", 2, 0, 0, 0, 0, None),
+    )
+    assert one.allowed and one.remaining["requests_per_minute"] == 0
+    assert not two.allowed and two.limit == "requests_per_minute"
+    assert fields(two) == fields(full.check("k1", "big", 2, 0, 0, 0, 0, None))
+
+
+def test_a_new_state_of_the_key_replaces_its_headroom() -> None:
+    fast, _, clock = caches(make_policies(False, True, "open"))
+    assert fast.check("k2", None, 1, 100, 0, 0, 0, None).allowed
+    full_minute = QuotaState(
+        key="k2", published_at=clock.now, watermark=clock.now,
+        scopes={"": {60: (int(clock.now), 12, 0, 0, 0, 0, 0, ())}},
+        scope_policies={"": "p"}, sources={},
+    )  # fmt: skip
+    fast.apply_state(full_minute)
+    d = fast.check("k2", None, 1, 100, 0, 0, 0, None)
+    assert not d.allowed and d.limit == "requests_per_minute"
+
+
+def test_a_state_arriving_while_a_check_is_decided_in_full_leaves_no_headroom() -> None:
+    """The follower thread may install a state while a check is being decided from the one
+    before: the headroom that decision would leave misses the new state, so it is not kept."""
+    clock = Clock()
+    cache: QuotaCache
+
+    def prices_racing_a_state(key: str, model: str, now: float) -> ModelPrices:
+        cache.apply_state(QuotaState(
+            key=key, published_at=now, watermark=now,
+            scopes={"": {60: (int(now), 11, 0, 0, 0, 0, 0, ())}},
+            scope_policies={"": "p"}, sources={},
+        ))  # fmt: skip
+        return PRICES
+
+    cache = QuotaCache(make_policies(False, True, "open"), "me", clock=clock,
+                       prices=prices_racing_a_state)  # fmt: skip
+    cache.mark_heard()
+    assert cache.check("k1", "big", 1, 10, 0, 0, 0, None).allowed  # decided from no state
+    assert "k1" not in cache._headroom
+    assert not cache.check("k1", "big", 2, 10, 0, 0, 0, None).allowed, "the state counts"
