@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import add
 from types import MappingProxyType
+from typing import Protocol
 
 from quotaflow.counting import Pending, denied_until, expired, pending_of, pending_used
 from quotaflow.decision import Decision, Reason
@@ -88,6 +89,24 @@ class LimitUsage:
 CallPrices = Callable[[str, str, float], "ModelPrices | None"]
 
 _new_decision = tuple.__new__
+
+
+class CheckCall(Protocol):
+    """The signature of :meth:`QuotaCache.check` (and of ``QuotaClient.check``, which is it)."""
+
+    def __call__(
+        self,
+        key: str,
+        model: str | None = None,
+        *,
+        tokens: int = 0,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
+        requests: int = 1,
+        cached_prompt_tokens: int = 0,
+        images: int = 0,
+        cost_micros: int | None = None,
+    ) -> Decision: ...
 
 
 def _next_expiry(expiries: Iterable[tuple[float, ...]], now: float) -> float:
@@ -316,31 +335,50 @@ class QuotaCache:
         self,
         key: str,
         model: str | None = None,
+        *,
+        tokens: int = 0,
+        prompt_tokens: int | None = None,
+        completion_tokens: int | None = None,
         requests: int = 1,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
         cached_prompt_tokens: int = 0,
         images: int = 0,
         cost_micros: int | None = None,
     ) -> Decision:
-        """Decide from memory whether a call of this size may proceed now (its measures as
-        :data:`quotaflow.units.MEASURES` names them). Without ``cost_micros``, a call a money
-        limit binds is priced at the model's prices.
+        """May a call of this size proceed now? No I/O; about a microsecond.
+
+        ``tokens`` is the call's expected total. Give ``prompt_tokens`` and ``completion_tokens``
+        instead when prompt or completion limits apply; with only ``tokens``, all of it counts as
+        prompt (the conservative reading for prompt limits). Where a money limit binds, the call
+        is priced at the model's prices unless ``cost_micros`` is given.
 
         The request path: first the key's headroom (:mod:`quotaflow.headroom`), a comparison
         per unit; the full decision only where it has none or the call does not fit in it.
         """
+        if prompt_tokens is None:
+            prompt_tokens = tokens if completion_tokens is None else 0
+        if completion_tokens is None:
+            completion_tokens = 0
         now = self.clock()
         rooms = self._headroom.get(key)
         if rooms is not None:
             room = rooms.get(model)
             if room is not None and now < room.until:
                 if cost_micros is None:
-                    prices = room.prices
-                    cost_micros = 0 if prices is None else prices.cost(
-                        prompt_tokens, completion_tokens, cached_prompt_tokens, 0, 0, images,
-                        requests,
-                    )  # fmt: skip
+                    rates = room.rates
+                    if rates is not None:
+                        # ModelPrices.cost inlined, for flat prices (see headroom.check_rates)
+                        r_in, r_out, r_req, d_read, r_img, half, whole = rates
+                        cost_micros = (
+                            prompt_tokens * r_in + completion_tokens * r_out + requests * r_req
+                            + cached_prompt_tokens * d_read + images * r_img + half
+                        ) // whole  # fmt: skip
+                    elif room.prices is None:
+                        cost_micros = 0
+                    else:
+                        cost_micros = room.prices.cost(
+                            prompt_tokens, completion_tokens, cached_prompt_tokens, 0, 0, images,
+                            requests,
+                        )  # fmt: skip
                 call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
                         cost_micros)  # fmt: skip
                 for a, b, sign, bound in room.gates:

@@ -31,8 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from quotaflow._exceptions import ClientStateError, QuotaExceeded, RecordError
-from quotaflow.cache import Clock, QuotaCache
-from quotaflow.decision import Decision
+from quotaflow.cache import CheckCall, Clock, QuotaCache
 from quotaflow.emitter import UsageEmitter
 from quotaflow.follower import DecisionsFollower
 from quotaflow.ids import IdMinter
@@ -111,6 +110,7 @@ class QuotaClient:
             priced=lambda model: self.prices.lookup(model) is not None,
             prices=self._call_prices if self.policies.money else None,
         )
+        self._check = self.cache.check
         kafka_conf = self.settings.kafka.confluent_config()
         self._transport = transport
         self._kafka_conf = kafka_conf
@@ -247,37 +247,18 @@ class QuotaClient:
 
     # -- request path -------------------------------------------------------------------------
 
-    def check(
-        self,
-        key: str,
-        model: str | None = None,
-        *,
-        tokens: int = 0,
-        prompt_tokens: int | None = None,
-        completion_tokens: int | None = None,
-        requests: int = 1,
-        cached_prompt_tokens: int = 0,
-        images: int = 0,
-        cost_micros: int | None = None,
-    ) -> Decision:
-        """May a call of this size proceed now? No I/O; microseconds.
+    @property
+    def check(self) -> CheckCall:
+        """``check(key, model=None, *, tokens=0, prompt_tokens=None, completion_tokens=None,
+        requests=1, cached_prompt_tokens=0, images=0, cost_micros=None) -> Decision``: may a
+        call of this size proceed now? No I/O; about a microsecond (see QuotaCache.check).
 
-        ``tokens`` is the call's expected total. Give ``prompt_tokens`` and ``completion_tokens``
-        instead when prompt or completion limits apply; with only ``tokens``, all of it counts as
-        prompt (the conservative reading for prompt limits). Where a money limit binds, the call
-        is priced from its model and sizes unless ``cost_micros`` is given.
+        A property handing out the cache's own ``check``: the request path pays one call, not
+        two (a Python call with keywords costs about as much as the fast path itself).
         """
         if self.state is not _OPENED:
             self.open()
-        if prompt_tokens is None and completion_tokens is None:
-            prompt, completion = tokens, 0
-        else:
-            prompt, completion = prompt_tokens or 0, completion_tokens or 0
-        # positional: the request path (keywords cost ~20 ns each); the cache prices the call
-        # where a money limit binds and no cost was given
-        return self.cache.check(
-            key, model, requests, prompt, completion, cached_prompt_tokens, images, cost_micros
-        )
+        return self._check
 
     def _call_prices(self, key: str, model: str, now: float) -> ModelPrices | None:
         """The prices ``check()`` charges a key's call of a model at (its policy's fallback

@@ -22,12 +22,13 @@ admission is the full path's figure too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from operator import add
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from quotaflow.prices import ModelPrices
+from quotaflow.prices import RATE_SCALE, ModelPrices, Rates
 from quotaflow.units import MEASURES
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ class Headroom:
         "names",
         "policy",
         "prices",
+        "rates",
         "reason",
         "spent",
         "spent_elsewhere",
@@ -84,6 +86,9 @@ class Headroom:
         self.reason, self.policy = reason, policy
         #: The model's prices, where a money limit binds: calls are priced here.
         self.prices = prices
+        #: Where they are flat (no tiers): the rates a check pays for, reduced (see
+        #: :func:`check_rates`).
+        self.rates = None if prices is None or prices.tiers else check_rates(prices.rates)
 
 
 def gates_of(forms: Sequence[tuple[int, int, int]], bounds: Sequence[int]) -> list[Gate]:
@@ -123,3 +128,17 @@ def remaining_of(
         left -= call[a] + sign * call[b] if sign else call[a]
         out[name] = left if left > 0 else 0
     return MappingProxyType(out)
+
+
+def check_rates(rates: Rates) -> tuple[int, int, int, int, int, int, int]:
+    """The rates a check's call is priced at, ``(prompt, completion, request, cached prompt
+    token, image, half, whole)``, so that its cost is ``(prompt x p + ... + half) // whole``:
+    :meth:`ModelPrices.cost` (which rounds half up at RATE_SCALE) with every figure divided by
+    their common divisor. The same micro-dollars in small integers, which Python multiplies
+    several times faster than the 60-bit and wider products of the full scale."""
+    r_in, r_out, r_req, d_read, _, _, r_img = rates
+    common = math.gcd(r_in, r_out, r_req, d_read, r_img, RATE_SCALE)
+    return (
+        2 * r_in // common, 2 * r_out // common, 2 * r_req // common, 2 * d_read // common,
+        2 * r_img // common, RATE_SCALE // common, 2 * RATE_SCALE // common,
+    )  # fmt: skip

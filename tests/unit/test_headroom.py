@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from quotaflow.cache import QuotaCache
 from quotaflow.decision import Decision
+from quotaflow.headroom import check_rates
 from quotaflow.policies import PolicySet, parse_policies
 from quotaflow.prices import RATE_SCALE, ModelPrices
 from quotaflow.state import QuotaState
@@ -30,6 +31,13 @@ MODELS = (None, "big", "small")
 PRICES = ModelPrices(
     "big", None, "test",
     (2 * RATE_SCALE, 8 * RATE_SCALE, 0, -3 * RATE_SCALE // 2, 0, 0, 0),
+)  # fmt: skip
+
+
+# above 1000 prompt tokens, twice the price (a long-context tier)
+TIERED = ModelPrices(
+    "small", None, "test", (RATE_SCALE // 3, RATE_SCALE, 0, 0, 0, 0, 7 * RATE_SCALE),
+    ((1000, (2 * RATE_SCALE // 3, 2 * RATE_SCALE, 0, 0, 0, 0, 7 * RATE_SCALE)),),
 )  # fmt: skip
 
 
@@ -65,7 +73,7 @@ def caches(policies: PolicySet) -> tuple[QuotaCache, QuotaCache, Clock]:
     for headroom in (True, False):
         cache = QuotaCache(
             policies, "me", clock=clock, rng=FixedRandom(), headroom=headroom,
-            prices=lambda key, model, now: PRICES if model == "big" else None,
+            prices=lambda key, model, now: {"big": PRICES, "small": TIERED}.get(model),
         )  # fmt: skip
         cache.mark_heard()
         made.append(cache)
@@ -153,8 +161,15 @@ def test_fast_and_full_decisions_are_the_same(
         if kind == "check":
             key, model, (req, pt, ct, cached, img), priced = args
             cost = None if priced else (pt + ct) // 10
-            call = (key, model, req, pt, ct, min(cached, pt), img, cost)
-            got, want = fast.check(*call), full.check(*call)
+            call = {
+                "requests": req,
+                "prompt_tokens": pt,
+                "completion_tokens": ct,
+                "cached_prompt_tokens": min(cached, pt),
+                "images": img,
+                "cost_micros": cost,
+            }
+            got, want = fast.check(key, model, **call), full.check(key, model, **call)
             assert fields(got) == fields(want), (n, call)
         elif kind in ("record", "hold"):
             key, model, (req, pt, ct, cached, img) = args
@@ -193,36 +208,38 @@ def test_most_checks_of_a_key_far_from_its_limits_take_the_fast_path() -> None:
     fast._decide = lambda *a: decided.append(a) or QuotaCache._decide(fast, *a)  # type: ignore[method-assign]
     for _ in range(10):  # of 12 a minute
         clock.now += 0.01
-        assert fast.check("k1", "big", 1, 20, 10, 0, 0, None).allowed
+        assert fast.check("k1", "big", requests=1, prompt_tokens=20, completion_tokens=10).allowed
         fast.add_usage("k1", (clock.now, "big", 1, 20, 10, 0, 0, 1))
     assert len(decided) == 1, "only the first check is decided in full"
 
 
 def test_a_call_that_does_not_fit_its_headroom_is_decided_in_full() -> None:
     fast, full, clock = caches(make_policies(False, True, "open"))
-    assert fast.check("k1", "big", 1, 100, 0, 0, 0, None).allowed
+    assert fast.check("k1", "big", requests=1, prompt_tokens=100, completion_tokens=0).allowed
     for cache in (fast, full):
         cache.add_usage("k1", (clock.now, "big", 11, 100, 0, 0, 0, 1))
     # 12 requests a minute: one more fits exactly (the full path's rule), two do not
     one, two = (
-        fast.check("k1", "big", 1, 0, 0, 0, 0, None),
-        fast.check("k1", "big", 2, 0, 0, 0, 0, None),
+        fast.check("k1", "big", requests=1, prompt_tokens=0, completion_tokens=0),
+        fast.check("k1", "big", requests=2, prompt_tokens=0, completion_tokens=0),
     )
     assert one.allowed and one.remaining["requests_per_minute"] == 0
     assert not two.allowed and two.limit == "requests_per_minute"
-    assert fields(two) == fields(full.check("k1", "big", 2, 0, 0, 0, 0, None))
+    assert fields(two) == fields(
+        full.check("k1", "big", requests=2, prompt_tokens=0, completion_tokens=0)
+    )
 
 
 def test_a_new_state_of_the_key_replaces_its_headroom() -> None:
     fast, _, clock = caches(make_policies(False, True, "open"))
-    assert fast.check("k2", None, 1, 100, 0, 0, 0, None).allowed
+    assert fast.check("k2", None, requests=1, prompt_tokens=100, completion_tokens=0).allowed
     full_minute = QuotaState(
         key="k2", published_at=clock.now, watermark=clock.now,
         scopes={"": {60: (int(clock.now), 12, 0, 0, 0, 0, 0, ())}},
         scope_policies={"": "p"}, sources={},
     )  # fmt: skip
     fast.apply_state(full_minute)
-    d = fast.check("k2", None, 1, 100, 0, 0, 0, None)
+    d = fast.check("k2", None, requests=1, prompt_tokens=100, completion_tokens=0)
     assert not d.allowed and d.limit == "requests_per_minute"
 
 
@@ -243,6 +260,28 @@ def test_a_state_arriving_while_a_check_is_decided_in_full_leaves_no_headroom() 
     cache = QuotaCache(make_policies(False, True, "open"), "me", clock=clock,
                        prices=prices_racing_a_state)  # fmt: skip
     cache.mark_heard()
-    assert cache.check("k1", "big", 1, 10, 0, 0, 0, None).allowed  # decided from no state
+    assert cache.check(
+        "k1", "big", requests=1, prompt_tokens=10, completion_tokens=0
+    ).allowed  # decided from no state
     assert "k1" not in cache._headroom
-    assert not cache.check("k1", "big", 2, 10, 0, 0, 0, None).allowed, "the state counts"
+    assert not cache.check(
+        "k1", "big", requests=2, prompt_tokens=10, completion_tokens=0
+    ).allowed, "the state counts"
+
+
+@given(
+    rates=st.tuples(*[st.integers(-(10**19), 10**20)] * 7).map(
+        lambda r: tuple(abs(x) if i != 3 else x for i, x in enumerate(r))
+    ),
+    call=st.tuples(*[st.integers(0, 10**6)] * 5),
+)
+def test_a_checks_reduced_rates_price_to_the_micro_dollar_as_the_table_does(
+    rates: tuple[int, ...], call: tuple[int, ...]
+) -> None:
+    prompt, completion, requests, cached, images = call
+    cached = min(cached, prompt)
+    r_in, r_out, r_req, d_read, r_img, half, whole = check_rates(rates)  # type: ignore[arg-type]
+    fast = (prompt * r_in + completion * r_out + requests * r_req + cached * d_read
+            + images * r_img + half) // whole  # fmt: skip
+    table = ModelPrices("m", None, "test", rates)  # type: ignore[arg-type]
+    assert fast == table.cost(prompt, completion, cached, 0, 0, images, requests)
