@@ -118,6 +118,12 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
         _latencies(check_full, keys, 20_000)
         full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
 
+        say("measuring the same, every check decided in full (no headroom: the path before)...")
+        full.cache.keeps_headroom = False
+        full.cache._headroom.clear()
+        _latencies(check_full, keys, 20_000)
+        in_full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
+
         say("measuring the limits library (moving window, in memory and on Redis)...")
         item = RateLimitItemPerMinute(10**9)
         in_memory = MovingWindowRateLimiter(storage_from_string("memory://"))
@@ -182,6 +188,7 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
             "keys_cached": len(quota.cache),
             "check": check_s,
             "check_three_limits_and_budget": full_s,
+            "check_three_limits_and_budget_decided_in_full": _summary_us(in_full_rounds),
             "baseline_limits_moving_window_memory": mem_s,
             "baseline_limits_moving_window_redis": base_s,
             "ratio_p50": round(base_s["p50_us"] / check_s["p50_us"], 1),
