@@ -4,6 +4,7 @@ memory per key."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -27,11 +28,65 @@ def _latencies(fn: Any, keys: list[str], samples: int) -> list[int]:
     return out
 
 
+class _CollectorWatch:
+    """Counts the cycle collector's runs (a ``gc.callbacks`` hook), so that each measured call
+    can be told apart by whether a collection ran inside it."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.runs += 1
+
+
+def _tail(fn: Any, keys: list[str], samples: int, watch: _CollectorWatch) -> dict[str, float]:
+    """One round's p50 and p99 (us), the share of calls the cycle collector ran inside, and
+    the share of the calls at or above p99 that it ran inside: where the tail comes from."""
+    times, collected = [], []
+    clock = time.perf_counter_ns
+    n = len(keys)
+    for i in range(samples):
+        key = keys[i % n]
+        runs = watch.runs
+        start = clock()
+        fn(key)
+        times.append(clock() - start)
+        collected.append(watch.runs != runs)
+    p99 = percentile(times, 99) or 0.0
+    slow = [c for t, c in zip(times, collected, strict=True) if t >= p99]
+    return {
+        "p50_us": statistics.median(times) / 1000,
+        "p99_us": p99 / 1000,
+        "calls_with_collection_pct": 100 * sum(collected) / samples,
+        "p99_tail_with_collection_pct": 100 * sum(slow) / max(len(slow), 1),
+    }
+
+
+def _tail_summary(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Median over rounds of each figure of :func:`_tail`."""
+    return {name: round(statistics.median(r[name] for r in rounds), 3) for name in rounds[0]}
+
+
 def _summary_us(rounds: list[list[int]]) -> dict[str, float]:
     """Median over rounds of each round's p50 and p99, in microseconds."""
     p50 = statistics.median(statistics.median(r) for r in rounds) / 1000
     p99 = statistics.median(percentile(r, 99) or 0.0 for r in rounds) / 1000
     return {"p50_us": round(p50, 3), "p99_us": round(p99, 3), "rounds": len(rounds)}
+
+
+def _survivors_per_call(fn: Any, keys: list[str], calls: int = 2000) -> float:
+    """Objects the cycle collector tracks that each call leaves alive (its generation-0 count
+    grows by them; a collection runs each ``gc.get_threshold()[0]``)."""
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        for i in range(calls):
+            fn(keys[i % len(keys)])
+        return round((gc.get_count()[0] - before) / calls, 2)
+    finally:
+        gc.enable()
 
 
 def _memory_probe(what: str, count: int) -> dict[str, Any]:
@@ -154,6 +209,17 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
         _latencies(up, keys, 5_000)
         up_rounds = [_latencies(up, keys, rec_samples) for _ in range(args.rounds)]
 
+        say("measuring where record()'s tail comes from (the cycle collector, the threads)...")
+        watch = _CollectorWatch()
+        gc.callbacks.append(watch)
+        try:
+            tail_rounds = [_tail(up, keys, rec_samples, watch) for _ in range(args.rounds)]
+            gc.disable()  # what is left: the emitter's and follower's turns with the GIL
+            calm_rounds = [_tail(up, keys, rec_samples, watch) for _ in range(args.rounds)]
+        finally:
+            gc.enable()
+            gc.callbacks.remove(watch)
+
         say("measuring a bare confluent-kafka produce() (record()'s floor)...")
         value = b'{"id":"bench","ts":1.0,"key":"k","model":"gpt-4o","prompt_tokens":400}' * 3
 
@@ -195,6 +261,11 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
             "ratio_p99": round(base_s["p99_us"] / check_s["p99_us"], 1),
             "ratio_full_to_memory_p99": round(mem_s["p99_us"] / full_s["p99_us"], 2),
             "record_broker_up": up_s,
+            "record_tail": {
+                "with_collector": _tail_summary(tail_rounds),
+                "collector_disabled": _tail_summary(calm_rounds),
+                "tracked_objects_per_record": _survivors_per_call(up, keys),
+            },
             "record_broker_unreachable": down_s,
             "floor_bare_produce": _summary_us(produce_rounds),
             "memory": {"sdk": sdk_mem, "worker": worker_mem},
