@@ -49,6 +49,9 @@ def register(sub: Any) -> None:
     chk.add_argument("--keys", type=int, default=10_000, help="keys in the cache (10000)")
     chk.add_argument("--samples", type=int, default=100_000, help="checks per round (100000)")
     chk.add_argument("--rounds", type=int, default=5)
+    chk.add_argument("--memory-keys", type=int, default=100_000,
+                     help="keys in the SDK's memory probe, 10x as many key-windows in the "
+                          "worker's (100000)")  # fmt: skip
     chk.add_argument("--json", action="store_true", help="print JSON only")
     chk.set_defaults(func=run_check)
     st = bench.add_parser("stream", help="worker records/s: packed vs one record per message")

@@ -129,28 +129,34 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
     try:
         ensure_topics(settings)
         keys = [f"bench-key-{i:06d}" for i in range(args.keys)]
-        # The client follows first, then the states arrive through the topic (a warm start
-        # would read them from Redis, which only a worker fills).
+        producer = kafka_producer(settings.kafka.confluent_config())
+
+        def follow_states(client: QuotaClient) -> None:
+            """Publish every key's state through the decisions topic once ``client`` follows
+            it (a warm start would read them from Redis, which only a worker fills), and wait
+            until it holds them all."""
+            client.wait_ready(60)
+            now = time.time()
+            for key in keys:
+                state = QuotaState(
+                    key=key, published_at=now, watermark=now,
+                    scopes={"": {60: (int(now // 60) * 60, 5, 500, 100, ())}},
+                    scope_policies={"": "bench"}, sources={"bench": now},
+                )  # fmt: skip
+                value = state.to_json()
+                producer.produce(settings.topics.decisions, key=key.encode(), value=value)
+                producer.poll(0)
+            producer.flush(30)
+            deadline = time.monotonic() + 60
+            while len(client.cache) < len(keys) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if len(client.cache) < len(keys):
+                raise SystemExit(f"bench: follower cached only {len(client.cache)} of {len(keys)}")
+
         quota = QuotaClient(settings).open()
         clients.append(quota)
-        quota.wait_ready(60)
         say(f"publishing {len(keys)} quota states through the decisions topic...")
-        producer = kafka_producer(settings.kafka.confluent_config())
-        now = time.time()
-        for key in keys:
-            state = QuotaState(
-                key=key, published_at=now, watermark=now,
-                scopes={"": {60: (int(now // 60) * 60, 5, 500, 100, ())}},
-                scope_policies={"": "bench"}, sources={"bench": now},
-            )  # fmt: skip
-            producer.produce(settings.topics.decisions, key=key.encode(), value=state.to_json())
-            producer.poll(0)
-        producer.flush(30)
-        deadline = time.monotonic() + 60
-        while len(quota.cache) < len(keys) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if len(quota.cache) < len(keys):
-            raise SystemExit(f"bench: follower cached only {len(quota.cache)} of {len(keys)}")
+        follow_states(quota)
 
         def check(key: str) -> None:
             quota.check(key, "gpt-4o", tokens=500)
@@ -162,10 +168,7 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
         say("measuring check() with three limits and a budget (every call priced)...")
         full = QuotaClient(settings, policies=parse_policies(FULL_POLICY)).open()
         clients.append(full)
-        full.wait_ready(60)
-        deadline = time.monotonic() + 60
-        while len(full.cache) < len(keys) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        follow_states(full)
 
         def check_full(key: str) -> None:
             full.check(key, "gpt-4o", prompt_tokens=400, completion_tokens=100)
@@ -243,8 +246,8 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
         down_rounds = [_latencies(down, keys, rec_samples) for _ in range(args.rounds)]
 
         say("measuring memory (fresh processes)...")
-        sdk_mem = _memory_probe("sdk", 100_000)
-        worker_mem = _memory_probe("worker", 1_000_000)
+        sdk_mem = _memory_probe("sdk", args.memory_keys)
+        worker_mem = _memory_probe("worker", 10 * args.memory_keys)
 
         check_s, base_s = _summary_us(check_rounds), _summary_us(base_rounds)
         full_s, mem_s = _summary_us(full_rounds), _summary_us(mem_rounds)
