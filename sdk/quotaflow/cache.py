@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from operator import add
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 from quotaflow.counting import Pending, denied_until, expired, pending_of, pending_used
 from quotaflow.decision import Decision, Reason
@@ -363,9 +363,13 @@ class QuotaCache:
         if rooms is not None:
             room = rooms.get(model)
             if room is not None and now < room.until:
+                gates = room.gates
                 if cost_micros is None:
                     rates = room.rates
-                    if rates is not None:
+                    if room.gates_unpriced is not None:
+                        # its price is bounded by its tokens: not priced unless read
+                        gates = room.gates_unpriced
+                    elif rates is not None:
                         # ModelPrices.cost inlined, for flat prices (see headroom.check_rates)
                         r_in, r_out, r_req, d_read, r_img, half, whole = rates
                         cost_micros = (
@@ -379,9 +383,10 @@ class QuotaCache:
                             prompt_tokens, completion_tokens, cached_prompt_tokens, 0, 0, images,
                             requests,
                         )  # fmt: skip
-                call = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
-                        cost_micros)  # fmt: skip
-                for a, b, sign, bound in room.gates:
+                # the cost stays None where the gates bound it by tokens (none of them reads it)
+                call: tuple[Any, ...] = (requests, prompt_tokens, completion_tokens,
+                                         cached_prompt_tokens, images, cost_micros)  # fmt: skip
+                for a, b, sign, bound in gates:
                     if (call[a] + sign * call[b] if sign else call[a]) >= bound:
                         break
                 else:

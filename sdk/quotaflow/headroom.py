@@ -27,10 +27,10 @@ import math
 from collections.abc import Mapping, Sequence
 from operator import add
 from types import MappingProxyType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quotaflow.prices import RATE_SCALE, ModelPrices, Rates
-from quotaflow.units import MEASURES
+from quotaflow.units import COST, MEASURES, MONEY, UNITS
 
 if TYPE_CHECKING:
     from quotaflow.decision import Reason
@@ -50,6 +50,7 @@ class Headroom:
     __slots__ = (
         "forms",
         "gates",
+        "gates_unpriced",
         "keywide",
         "lefts",
         "names",
@@ -90,6 +91,18 @@ class Headroom:
         #: Where they are flat (no tiers): the rates a check pays for, reduced (see
         #: :func:`check_rates`).
         self.rates = None if prices is None or prices.tiers else check_rates(prices.rates)
+        #: The gates a call that comes without its cost is held to, where its price can be
+        #: bounded by its tokens (:func:`token_price`): the money gate as a token gate, so
+        #: that such a call is not priced at all (None: it is priced, and held to ``gates``).
+        self.gates_unpriced: list[Gate] | None = None
+        per_token = token_price(self.rates)
+        if per_token is not None:
+            self.gates_unpriced = [
+                [*TOKENS_FORM, tokens_within(gate[3], self.rates, per_token)]  # type: ignore[arg-type]
+                if (gate[0], gate[1], gate[2]) == MONEY_FORM
+                else list(gate)
+                for gate in gates
+            ]
 
 
 def gates_of(forms: Sequence[tuple[int, int, int]], bounds: Sequence[int]) -> list[Gate]:
@@ -109,16 +122,32 @@ def charge(room: Headroom, same_model: bool, measures: Sequence[int]) -> None:
     for gate in room.gates:
         a, b, sign, _ = gate
         gate[3] -= measures[a] + sign * measures[b] if sign else measures[a]
+    unpriced = room.gates_unpriced
+    if unpriced is not None:
+        # the same, the money gate's token bound taken from the money gate just charged
+        for gate, exact in zip(unpriced, room.gates, strict=True):
+            a, b, sign, _ = exact
+            if a == COST:
+                gate[3] = tokens_within(exact[3], room.rates, token_price(room.rates))  # type: ignore[arg-type]
+            else:
+                gate[3] = exact[3]
     room.spent = tuple(map(add, room.spent, measures))
     if not same_model:
         room.spent_elsewhere = tuple(map(add, room.spent_elsewhere, measures))
 
 
 def remaining_of(
-    room: Headroom, spent: tuple[int, ...], elsewhere: tuple[int, ...], call: tuple[int, ...]
+    room: Headroom, spent: tuple[int, ...], elsewhere: tuple[int, ...], call: tuple[Any, ...]
 ) -> Mapping[str, int]:
     """What each limit of a headroom has left after ``call`` (its measures), with ``spent``
     spent since the headroom was made, ``elsewhere`` of it with other models."""
+    if call[COST] is None:  # admitted without pricing it (gates_unpriced): priced now
+        prices = room.prices
+        requests, prompt, completion, cached, images, _ = call
+        cost = 0 if prices is None else prices.cost(
+            prompt, completion, cached, 0, 0, images, requests
+        )  # fmt: skip
+        call = (*call[:COST], cost)
     out = {}
     for name, (a, b, sign), left, keywide in zip(
         room.names, room.forms, room.lefts, room.keywide, strict=True
@@ -145,3 +174,29 @@ def check_rates(rates: Rates) -> tuple[int, int, int, int, int, int, int]:
         2 * r_in // common, 2 * r_out // common, 2 * r_req // common, 2 * d_read // common,
         2 * r_img // common, RATE_SCALE // common, 2 * RATE_SCALE // common,
     )  # fmt: skip
+
+
+#: The unit forms of money and tokens: the money gate is turned into a token gate.
+MONEY_FORM = UNITS[MONEY]
+TOKENS_FORM = UNITS["tokens"]
+
+
+def token_price(rates: tuple[int, ...] | None) -> int | None:
+    """The most one token of a call can cost, in reduced rate units, where a call's price is
+    bounded by its tokens: flat prices with no per-request or per-image part, cached tokens no
+    dearer than others (a check sees neither cache writes nor reasoning); else None."""
+    if rates is None:
+        return None
+    r_in, r_out, r_req, d_read, r_img, _, _ = rates
+    if r_req or r_img or d_read > 0 or r_in < 0 or r_out < 0:
+        return None
+    return max(r_in, r_out, 1)
+
+
+def tokens_within(bound: int, rates: tuple[int, ...], per_token: int) -> int:
+    """A token gate implied by the money gate ``bound``: a call of fewer tokens costs less than
+    ``bound`` micro-dollars. Its price rounds up from ``(scaled + half) // whole`` with
+    ``scaled <= tokens x per_token``, so ``tokens x per_token < bound x whole - half`` is
+    enough."""
+    room_scaled = bound * rates[6] - rates[5]
+    return -(-room_scaled // per_token) if room_scaled > 0 else 0

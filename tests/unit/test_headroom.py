@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from quotaflow.cache import QuotaCache
 from quotaflow.decision import Decision
-from quotaflow.headroom import check_rates
+from quotaflow.headroom import check_rates, token_price, tokens_within
 from quotaflow.policies import PolicySet, parse_policies
 from quotaflow.prices import RATE_SCALE, ModelPrices
 from quotaflow.state import QuotaState
@@ -25,7 +25,7 @@ from quotaflow.windows import month_period
 T0 = 1_700_000_040.0 + 40  # 40 s into a minute
 MONTH_END = month_period(T0)[1]
 KEYS = ("k1", "k2")
-MODELS = (None, "big", "small")
+MODELS = (None, "big", "small", "pics")
 
 # $2 and $8 per million prompt and completion tokens, cached prompt tokens at a quarter
 PRICES = ModelPrices(
@@ -39,6 +39,13 @@ TIERED = ModelPrices(
     "small", None, "test", (RATE_SCALE // 3, RATE_SCALE, 0, 0, 0, 0, 7 * RATE_SCALE),
     ((1000, (2 * RATE_SCALE // 3, 2 * RATE_SCALE, 0, 0, 0, 0, 7 * RATE_SCALE)),),
 )  # fmt: skip
+
+
+# flat, with a price per image: a call without its cost is priced on the fast path
+PICS = ModelPrices("pics", None, "test", (RATE_SCALE, RATE_SCALE, 0, 0, 0, 0, 40 * RATE_SCALE))
+
+
+PRICED = {"big": PRICES, "small": TIERED, "pics": PICS}
 
 
 class Clock:
@@ -73,7 +80,7 @@ def caches(policies: PolicySet) -> tuple[QuotaCache, QuotaCache, Clock]:
     for headroom in (True, False):
         cache = QuotaCache(
             policies, "me", clock=clock, rng=FixedRandom(), headroom=headroom,
-            prices=lambda key, model, now: {"big": PRICES, "small": TIERED}.get(model),
+            prices=lambda key, model, now: PRICED.get(model),
         )  # fmt: skip
         cache.mark_heard()
         made.append(cache)
@@ -285,3 +292,29 @@ def test_a_checks_reduced_rates_price_to_the_micro_dollar_as_the_table_does(
             + images * r_img + half) // whole  # fmt: skip
     table = ModelPrices("m", None, "test", rates)  # type: ignore[arg-type]
     assert fast == table.cost(prompt, completion, cached, 0, 0, images, requests)
+
+
+@given(
+    rates=st.tuples(
+        st.integers(0, 10**19),
+        st.integers(0, 10**19),
+        st.integers(-(10**19), 0),
+    ),
+    bound=st.integers(-5, 10**7),
+    call=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6)),
+)
+def test_a_call_within_the_money_gates_token_bound_costs_less_than_the_bound(
+    rates: tuple[int, int, int], bound: int, call: tuple[int, int, int]
+) -> None:
+    """The token gate a money gate turns into never lets through a call the money gate would
+    stop: the fast path may skip pricing only because of this."""
+    r_in, r_out, d_read = rates
+    full = (r_in, r_out, 0, d_read, 0, 0, 0)
+    reduced = check_rates(full)
+    per_token = token_price(reduced)
+    assert per_token is not None
+    prompt, completion, cached = call
+    cached = min(cached, prompt)
+    if prompt + completion < tokens_within(bound, reduced, per_token):
+        cost = ModelPrices("m", None, "test", full).cost(prompt, completion, cached)
+        assert cost < bound
