@@ -362,7 +362,7 @@ class QuotaCache:
         rooms = self._headroom.get(key)
         if rooms is not None:
             room = rooms.get(model)
-            if room is not None and now < room.until:
+            if room is not None and room.made <= now < room.until:
                 gates = room.gates
                 if cost_micros is None:
                     rates = room.rates
@@ -426,7 +426,7 @@ class QuotaCache:
         age = None if last is None else now - last
         if not bindings:
             self._remember(key, model, changes, Headroom(
-                now + HEADROOM_TTL, [], (), (), (), (), "no_policy", None, None,
+                now, now + HEADROOM_TTL, [], (), (), (), (), "no_policy", None, None,
             ))  # fmt: skip
             return Decision(True, key, model, "no_policy", None, None, _EMPTY, 0.0, None, age,
                             None, None, None, None, self.policy_version)  # fmt: skip
@@ -592,7 +592,7 @@ class QuotaCache:
             if prices is not None:
                 until = min(until, prices.valid_until)
             self._remember(key, model, changes, Headroom(
-                until, gates_of(forms, bounds), tuple(names), tuple(forms), tuple(lefts),
+                now, until, gates_of(forms, bounds), tuple(names), tuple(forms), tuple(lefts),
                 tuple(keywide), "ok", bindings[0].policy.name, prices,
             ))  # fmt: skip
         return Decision(

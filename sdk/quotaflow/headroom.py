@@ -53,6 +53,7 @@ class Headroom:
         "gates_unpriced",
         "keywide",
         "lefts",
+        "made",
         "names",
         "policy",
         "prices",
@@ -65,6 +66,7 @@ class Headroom:
 
     def __init__(
         self,
+        made: float,
         until: float,
         gates: list[Gate],
         names: tuple[str, ...],
@@ -75,8 +77,9 @@ class Headroom:
         policy: str | None,
         prices: ModelPrices | None,
     ) -> None:
-        #: Local clock time it stops holding.
-        self.until = until
+        #: Local clock times it holds from and until (a clock stepped back before ``made``
+        #: would see buckets expired that have not: it does not hold then either).
+        self.made, self.until = made, until
         self.gates = gates
         #: Per limit: its name, unit form, what was left of it, whether it is key-wide.
         self.names, self.forms, self.lefts, self.keywide = names, forms, lefts, keywide

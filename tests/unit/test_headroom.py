@@ -136,7 +136,7 @@ def op() -> Any:
         st.tuples(st.just("hold"), st.sampled_from(KEYS), st.sampled_from(MODELS[1:]), measures),
         st.tuples(st.just("release"), st.sampled_from(KEYS)),
         st.tuples(st.just("state"), st.integers(0, 2**32)),
-        st.tuples(st.just("tick"), st.sampled_from([0.01, 0.3, 2.0, 17.0, 45.0])),
+        st.tuples(st.just("tick"), st.sampled_from([0.01, 0.3, 2.0, 17.0, 45.0, -1.0])),
         st.tuples(st.just("heard")),
         st.tuples(st.just("fleet"), st.integers(1, 4)),
         st.tuples(st.just("expire")),
@@ -318,3 +318,20 @@ def test_a_call_within_the_money_gates_token_bound_costs_less_than_the_bound(
     if prompt + completion < tokens_within(bound, reduced, per_token):
         cost = ModelPrices("m", None, "test", full).cost(prompt, completion, cached)
         assert cost < bound
+
+
+def test_a_clock_stepped_back_does_not_see_buckets_expired_that_have_not() -> None:
+    fast, full, clock = caches(make_policies(False, True, "open"))
+    frees_at = clock.now + 0.2
+    twelve = QuotaState(
+        key="k1", published_at=clock.now, watermark=clock.now,
+        scopes={"": {60: (int(clock.now), 12, 0, 0, 0, 0, 0, ((frees_at, 5, 0, 0, 0, 0, 0),))}},
+        scope_policies={"": "p"}, sources={},
+    )  # fmt: skip
+    for cache in (fast, full):
+        cache.apply_state(twelve)
+    clock.now = frees_at + 0.1  # 5 of the 12 requests have left the window
+    assert fast.check("k1", "small", requests=1).allowed
+    clock.now = frees_at - 0.1  # an NTP step back: they are in it again
+    got, want = fast.check("k1", "small", requests=1), full.check("k1", "small", requests=1)
+    assert not want.allowed and fields(got) == fields(want)
