@@ -16,8 +16,9 @@ fleet's usage), new policies, a changed fleet size, and, to keep its figures exa
 released or pending usage expired. A headroom expires before
 the stream could be deemed silent (the fail modes are then the full path's to apply) and before
 the first moment the full decision would count differently (an expiry or a pending call
-leaving a window, a month or a price's end), so the lazily built ``remaining`` of a fast
-admission is the full path's figure too.
+leaving a window, a month or a price's end), and it holds only from the moment it was made (a
+clock stepped back would see buckets expired that have not), so the lazily built ``remaining``
+of a fast admission is the full path's figure too.
 """
 
 from __future__ import annotations
