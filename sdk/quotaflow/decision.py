@@ -115,6 +115,10 @@ class Decision(tuple[Any, ...]):
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self._fields)
         return f"Decision({fields})"
 
+    def _asdict(self) -> dict[str, Any]:
+        """The fields by name, ``remaining`` built (as a named tuple's ``_asdict``)."""
+        return {name: getattr(self, name) for name in self._fields}
+
     def __getnewargs__(self) -> tuple[object, ...]:
         return (*self[:6], dict(self.remaining), *self[7:])
 

@@ -335,3 +335,16 @@ def test_a_clock_stepped_back_does_not_see_buckets_expired_that_have_not() -> No
     clock.now = frees_at - 0.1  # an NTP step back: they are in it again
     got, want = fast.check("k1", "small", requests=1), full.check("k1", "small", requests=1)
     assert not want.allowed and fields(got) == fields(want)
+
+
+def test_a_fast_admission_reads_copies_and_pickles_like_any_decision() -> None:
+    import pickle
+
+    fast, _, _ = caches(make_policies(False, True, "open"))
+    fast.check("k1", "big", prompt_tokens=10)
+    quick = fast.check("k1", "big", prompt_tokens=10)
+    assert type(quick[6]) is tuple, "answered from the headroom, remaining not yet built"
+    assert quick._asdict()["remaining"] == dict(quick.remaining)
+    again = pickle.loads(pickle.dumps(quick))
+    assert fields(again) == fields(quick) and again.remaining["tokens_per_minute"] == 4000 - 10
+    assert "remaining=mappingproxy({'requests_per_minute': 11" in repr(quick)
