@@ -204,10 +204,21 @@ class QuotaCache:
                         del self._pending[state.key]
         return True
 
-    def _forget(self, key: str) -> None:
-        """Drop a key's headrooms (holding the lock): something may have shrunk them."""
+    def keep_headrooms(self, keep: bool) -> None:
+        """Answer from headrooms (True, the default) or decide every check in full (to
+        compare the two); the headrooms kept so far are dropped either way."""
+        with self._lock:
+            self.keeps_headroom = keep
+            self._forget()
+
+    def _forget(self, key: str | None = None) -> None:
+        """Drop a key's headrooms, or every key's (holding the lock): something may have
+        changed them."""
         self._changes += 1
-        self._headroom.pop(key, None)
+        if key is None:
+            self._headroom.clear()
+        else:
+            self._headroom.pop(key, None)
 
     def mark_heard(self) -> None:
         self.last_heard = self.clock()
@@ -219,8 +230,7 @@ class QuotaCache:
         if fleet != self.fleet_instances:
             with self._lock:  # new keys' shares change with it
                 self.fleet_instances = fleet
-                self._changes += 1
-                self._headroom.clear()
+                self._forget()
 
     def add_usage(self, key: str, call: Pending) -> None:
         """Count this process's own call, ``(ts, model, *measures)``, until the stream
@@ -328,8 +338,7 @@ class QuotaCache:
         usage and own usage kept so far stay: limits change, counts do not."""
         with self._lock:
             self.policies, self._prices, self.policy_version = policies, prices, version
-            self._changes += 1
-            self._headroom.clear()
+            self._forget()
 
     def check(
         self,
@@ -365,11 +374,10 @@ class QuotaCache:
             if room is not None and room.made <= now < room.until:
                 gates = room.gates
                 if cost_micros is None:
-                    rates = room.rates
                     if room.gates_unpriced is not None:
                         # its price is bounded by its tokens: not priced unless read
                         gates = room.gates_unpriced
-                    elif rates is not None:
+                    elif (rates := room.rates) is not None:
                         # ModelPrices.cost inlined, for flat prices (see headroom.check_rates)
                         r_in, r_out, r_req, d_read, r_img, half, whole = rates
                         cost_micros = (

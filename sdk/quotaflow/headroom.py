@@ -56,6 +56,7 @@ class Headroom:
         "lefts",
         "made",
         "names",
+        "per_token",
         "policy",
         "prices",
         "rates",
@@ -99,7 +100,7 @@ class Headroom:
         #: bounded by its tokens (:func:`token_price`): the money gate as a token gate, so
         #: that such a call is not priced at all (None: it is priced, and held to ``gates``).
         self.gates_unpriced: list[Gate] | None = None
-        per_token = token_price(self.rates)
+        self.per_token = per_token = token_price(self.rates)
         if per_token is not None:
             self.gates_unpriced = [
                 [*TOKENS_FORM, tokens_within(gate[3], self.rates, per_token)]  # type: ignore[arg-type]
@@ -132,7 +133,7 @@ def charge(room: Headroom, same_model: bool, measures: Sequence[int]) -> None:
         for gate, exact in zip(unpriced, room.gates, strict=True):
             a, b, sign, _ = exact
             if a == COST:
-                gate[3] = tokens_within(exact[3], room.rates, token_price(room.rates))  # type: ignore[arg-type]
+                gate[3] = tokens_within(exact[3], room.rates, room.per_token)  # type: ignore[arg-type]
             else:
                 gate[3] = exact[3]
     room.spent = tuple(map(add, room.spent, measures))

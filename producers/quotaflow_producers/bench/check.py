@@ -177,8 +177,7 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
         full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
 
         say("measuring the same, every check decided in full (no headroom: the path before)...")
-        full.cache.keeps_headroom = False
-        full.cache._headroom.clear()
+        full.cache.keep_headrooms(False)
         _latencies(check_full, keys, 20_000)
         in_full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
 
