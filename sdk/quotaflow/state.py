@@ -34,20 +34,28 @@ read version 3: upgrade SDKs and gateways before workers.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgspec
 
 from quotaflow.units import WIDTH
+from quotaflow.windows import SLIDE_BUCKETS, bucket_size
 
 STATE_VERSION = 3
 #: Versions this SDK reads (version 2 windows lack the measures after completion tokens).
 READABLE_VERSIONS = (2, 3)
 HEARTBEAT_KEY = "__quotaflow_heartbeat__"
 
-#: Bucket expiries listed per window: enough for the seconds between two states of a busy key.
-STATE_EXPIRIES = 16
+#: Seconds of bucket expiries a state lists: more than the seconds between two states of a busy
+#: key (``refresh_interval``, 5 s), so a key at its limit frees on time between them.
+STATE_EXPIRY_SECONDS = 8.0
+#: Bucket expiries listed per window (its oldest buckets with usage): at least 16, and as many
+#: as cover :data:`STATE_EXPIRY_SECONDS` of buckets.
+STATE_EXPIRIES: dict[int, int] = {
+    size: max(16, math.ceil(STATE_EXPIRY_SECONDS / bucket_size(size))) for size in SLIDE_BUCKETS
+}
 
 #: ``(expires_at, *measures)``: a bucket's measures (:data:`~quotaflow.units.MEASURES`) and
 #: when they stop counting.

@@ -3,7 +3,7 @@
 One entry per counter key (:mod:`quotaflow_stream.entry` draws its shape) holds the
 sliding-window buckets of every scope (key-wide and, where a policy asks, per model), what each
 emitting instance sent lately, lifetime totals, and the ids it has counted
-(:mod:`quotaflow_stream.dedup`). Per record only the minute window's 0.5 s bucket changes; the
+(:mod:`quotaflow_stream.dedup`). Per record only the minute window's 0.125 s bucket changes; the
 hour and day windows are filled from minute buckets as those leave the minute window (see
 :func:`prune`); readers add the minute buckets not rolled up yet.
 
@@ -224,7 +224,7 @@ def fold_records(
             if ts > was[0]
             else (was[0], was[1] + req)
         )
-        # Only the minute window per record: its 0.5 s buckets roll up into the hour and
+        # Only the minute window per record: its 0.125 s buckets roll up into the hour and
         # day windows when they leave it (prune), so a busy key's longer windows cost one
         # update per bucket rather than per record. A record too late for the minute window
         # goes to the longer ones directly.

@@ -120,7 +120,7 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
         pending = minute_sums(entry, scope)
         windows = scopes[scope] = {
             size: sliding_counts(
-                entry, scope, size, now, STATE_EXPIRIES if size in limited else 0, pending
+                entry, scope, size, now, STATE_EXPIRIES[size] if size in limited else 0, pending
             )
             for size in WINDOW_SIZES
         }
@@ -139,13 +139,13 @@ def evaluate(key: str, entry: Entry, policies: PolicySet, now: float) -> QuotaSt
                 reset_at = month_period(now, binding.policy.timezone)[1]
             elif used < spec.limit:  # when all its current usage has freed
                 expiries = w[EXPIRIES]
-                if len(expiries) < STATE_EXPIRIES:  # all of them
+                if len(expiries) < STATE_EXPIRIES[spec.window]:  # all of them
                     reset_at = float(expiries[-1][0]) if expiries else now
                 else:
                     reset_at = max(newest_expiry(entry, scope, spec.window), now)
             else:  # when it next admits a call
                 expiries = w[EXPIRIES]
-                if len(expiries) == STATE_EXPIRIES:  # perhaps not all of them
+                if len(expiries) == STATE_EXPIRIES[spec.window]:  # perhaps not all of them
                     expiries = every_expiry.get(spec.window, ())
                     if not expiries:
                         drawn = sliding_counts(entry, scope, spec.window, now, 1 << 30, pending)

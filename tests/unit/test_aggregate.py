@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from quotaflow.policies import parse_policies
 from quotaflow.record import UsageRecord
-from quotaflow.state import EXPIRIES
+from quotaflow.state import EXPIRIES, STATE_EXPIRIES
 from quotaflow.windows import bucket_size
 from quotaflow_stream.aggregate import add_records
 from quotaflow_stream.entry import STRIDE
@@ -106,21 +106,22 @@ def test_model_scope_is_kept_where_a_model_policy_binds() -> None:
 
 def test_entry_is_folded_in_place_across_messages() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 1)], SCOPES, 10)
-    again, _ = add_records(entry, [rec(2, M0 + 1.2), rec(3, M0 + 2)], SCOPES, 10)
+    again, _ = add_records(entry, [rec(2, M0 + 1.1), rec(3, M0 + 2)], SCOPES, 10)
     assert again is entry
     assert starts_and_requests(entry, "60") == [[M0 + 1, 2], [M0 + 2, 1]]
 
 
 def test_windows_slide_bucket_by_bucket() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 10.7), rec(2, M0 + 40.2)], SCOPES, 10)
-    assert counted(entry, "", 60, M0 + 70.9)[0] == 2, "bucket [10.5, 11) still counts"
-    assert counted(entry, "", 60, M0 + 71.0)[0] == 1, "it expires 60.5 s after it began"
-    assert counted(entry, "", 60, M0 + 100.5)[0] == 0
+    assert counted(entry, "", 60, M0 + 70.7)[0] == 2, "bucket [10.625, 10.75) still counts"
+    assert counted(entry, "", 60, M0 + 70.75)[0] == 1, "it expires 60.125 s after it began"
+    assert counted(entry, "", 60, M0 + 100.25)[0] == 0
     window = sliding_counts(entry, "", 60, M0 + 50, 16)
     req, expiries = window[1], window[EXPIRIES]
     # (expires_at, requests, prompt, completion, cached, images, cost)
-    assert req == 2 and expiries == ((M0 + 71, 1, 10, 5, 0, 0, 0), (M0 + 100.5, 1, 10, 5, 0, 0, 0))
-    assert sliding_counts(entry, "", 60, M0 + 50, 1)[EXPIRIES] == ((M0 + 71, 1, 10, 5, 0, 0, 0),)
+    first, second = (M0 + 70.75, 1, 10, 5, 0, 0, 0), (M0 + 100.25, 1, 10, 5, 0, 0, 0)
+    assert req == 2 and expiries == (first, second)
+    assert sliding_counts(entry, "", 60, M0 + 50, 1)[EXPIRIES] == (first,)
 
 
 def test_late_within_grace_counts_in_its_window_beyond_grace_does_not() -> None:
@@ -137,7 +138,7 @@ def test_late_within_grace_counts_in_its_window_beyond_grace_does_not() -> None:
 
 def test_out_of_order_records_land_in_their_own_buckets() -> None:
     entry, _ = add_records(None, [rec(1, M0 + 30), rec(2, M0 + 10), rec(3, M0 + 20)], SCOPES, 10)
-    entry, _ = add_records(entry, [rec(4, M0 + 10.4)], SCOPES, 10)
+    entry, _ = add_records(entry, [rec(4, M0 + 10.1)], SCOPES, 10)
     assert starts_and_requests(entry, "60") == [[M0 + 10, 2], [M0 + 20, 1], [M0 + 30, 1]]
 
 
@@ -145,11 +146,11 @@ def test_evaluate_throttles_until_enough_usage_frees() -> None:
     entry, _ = add_records(None, [rec(i, M0 + i) for i in range(3)], SCOPES, 10)
     state = evaluate("k1", entry, POLICIES, now=M0 + 20)
     assert state.throttled and state.denied_by == "requests_per_minute"
-    # the first bucket [M0, M0+0.5) frees at M0+60.5: one request below the limit again
-    assert state.retry_after == pytest.approx(40.5)
+    # the first bucket [M0, M0+0.125) frees at M0+60.125: one request below the limit again
+    assert state.retry_after == pytest.approx(40.125)
     assert state.instances == 1 and state.totals.records == 3
     (lim,) = state.limits
-    assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 60.5)
+    assert (lim.used, lim.remaining, lim.reset_at) == (3, 0, M0 + 60.125)
 
 
 TOKENS = parse_policies(
@@ -159,29 +160,31 @@ TOKENS = parse_policies(
 
 
 def test_a_throttled_limit_frees_when_its_usage_does_however_many_buckets_that_takes() -> None:
-    """19 small buckets, then a large one: the limit admits again only when the large one
-    frees, beyond the expiries a state lists (the reset is drawn from every bucket)."""
-    small = [rec(i, M0 + i, pt=1, ct=0) for i in range(19)]
-    entry, _ = add_records(None, [*small, rec(19, M0 + 19, pt=100, ct=0)], SCOPES, 10)
-    state = evaluate("k1", entry, TOKENS, now=M0 + 30)
+    """More small buckets than a state lists, then a large one: the limit admits again only
+    when the large one frees, beyond the listed expiries (the reset is drawn from every
+    bucket)."""
+    n = STATE_EXPIRIES[60] + 6
+    small = [rec(i, M0 + i / 2, pt=1, ct=0) for i in range(n)]
+    entry, _ = add_records(None, [*small, rec(n, M0 + n / 2, pt=100, ct=0)], SCOPES, 10)
+    state = evaluate("k1", entry, TOKENS, now=M0 + n / 2 + 5)
     minute = next(lim for lim in state.limits if lim.name == "tokens_per_minute")
-    assert (minute.used, minute.remaining) == (119, 0) and state.throttled
-    assert minute.reset_at == M0 + 19 + 60.5, "when the 20th bucket frees"
-    assert state.retry_after == pytest.approx(19 + 60.5 - 30)
+    assert (minute.used, minute.remaining) == (n + 100, 0) and state.throttled
+    assert minute.reset_at == M0 + n / 2 + 60.125, "when the last bucket frees"
+    assert state.retry_after == pytest.approx(60.125 - 5)
 
 
-@pytest.mark.parametrize("spread", [4, 40], ids=["few-buckets", "more-than-a-state-lists"])
+@pytest.mark.parametrize("spread", [4, 80], ids=["few-buckets", "more-than-a-state-lists"])
 def test_a_limit_with_room_resets_when_its_newest_usage_frees(spread: int) -> None:
     """Not throttled, a limit's reset is when everything in its window has freed: its newest
     bucket's expiry, the minute buckets not rolled up yet counting in the hour window (also
     past the expiries a state lists)."""
-    times = [i * 600 / spread for i in range(spread)] + [600 + i * 1.5 for i in range(spread)]
+    times = [i * 600 / spread for i in range(spread)] + [600 + i * 0.5 for i in range(spread)]
     entry, _ = add_records(None, [rec(i, M0 + t, pt=1, ct=0) for i, t in enumerate(times)],
                            SCOPES, 10)  # fmt: skip
     newest = M0 + times[-1]
     state = evaluate("k1", entry, TOKENS, now=newest + 1)
     resets = {lim.name: lim.reset_at for lim in state.limits}
-    assert resets["tokens_per_minute"] == (newest // 0.5) * 0.5 + 60.5
+    assert resets["tokens_per_minute"] == (newest // 0.125) * 0.125 + 60.125
     assert resets["tokens_per_hour"] == (newest // 30) * 30 + 3600 + 30
     # once nothing counts, the reset is now
     later = evaluate("k1", entry, TOKENS, now=newest + 3700)

@@ -56,8 +56,8 @@ def state(
     began: float = T0 - 20,
     shares: dict[str, float] | None = None,
 ) -> QuotaState:
-    """A state whose minute window holds all its usage in one 0.5 s bucket begun at ``began``."""
-    expiry = (began + 60.5, req, pt, ct, 0, 0, 0)
+    """A state whose minute window holds all its usage in one bucket begun at ``began``."""
+    expiry = (began + 60.125, req, pt, ct, 0, 0, 0)
     return QuotaState(
         key=key,
         published_at=published_at,
@@ -93,8 +93,8 @@ def test_local_usage_counts_before_any_state(cache: QuotaCache) -> None:
     d = cache.check("k1", "small", prompt_tokens=10)
     assert not d.allowed
     assert d.limit == "requests_per_minute" and d.policy == "p"
-    # the window slides: the first call frees 60.5 s after the 0.5 s bucket it fell in began
-    assert d.retry_after == pytest.approx(60.5) and d.reset_at == T0 + 60.5
+    # the window slides: the first call frees 60.125 s after the 0.125 s bucket it fell in began
+    assert d.retry_after == pytest.approx(60.125) and d.reset_at == T0 + 60.125
     assert d.remaining["requests_per_minute"] == 0
 
 
@@ -126,7 +126,7 @@ def test_window_reset_allows_again_without_a_new_state(cache: QuotaCache, clock:
     cache.apply_state(state("k1", T0, 5, 0, 0, {}))
     d = cache.check("k1", "small")
     assert not d.allowed
-    assert d.reset_at == T0 + 40.5, "the state's bucket began at T0 - 20"
+    assert d.reset_at == T0 + 40.125, "the state's bucket began at T0 - 20"
     clock.now = d.reset_at - 0.001  # type: ignore[operator]
     cache.mark_heard()
     assert not cache.check("k1", "small").allowed
@@ -210,7 +210,7 @@ def test_denial_carries_the_limits_figures_and_usage_lists_every_limit(
     rows = {u.name: u for u in cache.usage("k1", "small")}
     assert rows["tokens_per_minute"].used == 950 and rows["tokens_per_minute"].remaining == 50
     assert rows["requests_per_minute"].used == 2
-    assert rows["requests_per_minute"].reset_at == T0 + 60.5
+    assert rows["requests_per_minute"].reset_at == T0 + 60.125
 
 
 def test_state_usage_frees_as_its_buckets_expire(clock: Clock) -> None:

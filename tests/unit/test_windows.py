@@ -46,19 +46,20 @@ def test_usage_frees_when_enough_of_it_has_expired() -> None:
 
 
 def test_buckets_slide_each_window_in_small_steps() -> None:
-    assert (bucket_size(MINUTE), bucket_size(HOUR), bucket_size(DAY)) == (0.5, 30, 900)
-    assert bucket_start(125.7, MINUTE) == 125.5
-    # at 125.7 the counted buckets start in [65.5, 125.5]: they cover [65.5, 126) ⊇ (65.7, 125.7]
-    assert sliding_floor(125.7, MINUTE) == 65.5
-    assert bucket_expires_at(65.5, MINUTE) == 126
+    assert (bucket_size(MINUTE), bucket_size(HOUR), bucket_size(DAY)) == (0.125, 30, 900)
+    assert bucket_start(125.7, MINUTE) == 125.625
+    # at 125.7 the counted buckets start in [65.625, 125.625]: they cover [65.625, 125.75),
+    # which holds the sliding interval (65.7, 125.7]
+    assert sliding_floor(125.7, MINUTE) == 65.625
+    assert bucket_expires_at(65.625, MINUTE) == 125.75
 
 
 def test_bucket_expires_only_after_grace() -> None:
-    # bucket [60, 60.5) of a minute window counts until 120.5; with 10 s grace it accepts
-    # records until the watermark reaches 130.5
-    assert not is_expired(60, MINUTE, watermark=130.4, grace=10)
-    assert is_expired(60, MINUTE, watermark=130.5, grace=10)
-    assert is_expired(60, MINUTE, watermark=120.5, grace=0)
+    # bucket [60, 60.125) of a minute window counts until 120.125; with 10 s grace it accepts
+    # records until the watermark reaches 130.125
+    assert not is_expired(60, MINUTE, watermark=130.1, grace=10)
+    assert is_expired(60, MINUTE, watermark=130.125, grace=10)
+    assert is_expired(60, MINUTE, watermark=120.125, grace=0)
 
 
 @given(
