@@ -11,6 +11,12 @@ its size). Against it:
   the run's first window (the mean hides it: the first minute's burst and its aftermath);
 - **blocked with budget**: the share of denials issued while more than the call plus 1 % of the
   limit was still free in the true sliding window (the 1 % keeps the rounding of shares out);
+- **the exact limiter's worst window**: the same measure for a reference limiter, central and
+  exact (a sliding log, no lag of any kind), fed the same offered calls in the same order. A
+  fleet that wants several times its limit spends it in a burst early in each window and again
+  as it frees, and a random dip in demand while budget frees leaves some of it unspent: that
+  part belongs to the load, and the reference shows how much. What quotaflow leaves unused
+  beyond it is its own cost.
 - **propagation**: from a record's production (the state's watermark) to the moment the last
   instance applied the state that includes it, for the states that bring a key near its limit.
 """
@@ -18,6 +24,7 @@ its size). Against it:
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import accumulate
@@ -91,6 +98,36 @@ def worst_window_under_admission_pct(
     window is over (steady state); None when the run was shorter than two windows."""
     samples = unused_pcts(calls, limit, window, started + 2 * window, ended)
     return max(samples) if samples else None
+
+
+def exact_limiter(calls: Calls, limit: int, window: float) -> Calls:
+    """What a central limiter counting every call exactly (a sliding log) would have admitted
+    of the same offered calls, admitted and denied alike, taken in time order."""
+    offered = sorted(
+        [
+            *zip(calls.admitted_at, calls.admitted_size, strict=True),
+            *zip(calls.denied_at, calls.denied_size, strict=True),
+        ]
+    )
+    live: deque[tuple[float, int]] = deque()  # admitted calls still in the window
+    used = 0
+    admitted: list[tuple[float, int]] = []
+    denied: list[tuple[float, int]] = []
+    for at, size in offered:
+        while live and live[0][0] <= at - window:
+            used -= live.popleft()[1]
+        if used + size <= limit:
+            live.append((at, size))
+            used += size
+            admitted.append((at, size))
+        else:
+            denied.append((at, size))
+    return Calls(
+        admitted_at=[a[0] for a in admitted],
+        admitted_size=[a[1] for a in admitted],
+        denied_at=[d[0] for d in denied],
+        denied_size=[d[1] for d in denied],
+    )
 
 
 def blocked_with_budget_pct(calls: Calls, limit: int, window: float) -> float | None:

@@ -51,6 +51,34 @@ def test_the_worst_steady_window_is_what_the_mean_hides() -> None:
     assert report.worst_window_under_admission_pct(c, 600, 60, 0.0, 119.0) is None
 
 
+def test_the_exact_limiter_admits_what_fits_in_the_true_sliding_window() -> None:
+    # limit 10 a minute; offered (admitted or denied by quotaflow alike, in time order)
+    c = calls([(0.0, 6), (30.0, 3)], denied=[(10.0, 2), (59.0, 2), (60.0, 5), (61.0, 2)])
+    exact = report.exact_limiter(c, 10, 60)
+    # 6 + 2 + ... at 30 the 3 does not fit (8 + 3); at 59 the 2 fits (10); at 60 the 6 has
+    # left the window (0, 60]: 4 used, the 5 fits; at 61 nothing more has left: 9 + 2
+    assert list(zip(exact.admitted_at, exact.admitted_size, strict=True)) == [
+        (0.0, 6),
+        (10.0, 2),
+        (59.0, 2),
+        (60.0, 5),
+    ]
+    assert list(zip(exact.denied_at, exact.denied_size, strict=True)) == [(30.0, 3), (61.0, 2)]
+    assert report.overshoot_pct(exact, 10, 60) == 0.0
+
+
+def test_a_critically_loaded_burst_leaves_a_worst_window_even_for_an_exact_limiter() -> None:
+    """Offered calls at exactly the rate budget frees, with a gap: the exact limiter cannot
+    spend what freed in the gap later, so its worst window shows what the load leaves."""
+    # 8 a second (limit 480 a minute: the rate it frees at) but none in [130, 131); times are
+    # binary fractions clear of the sampled window edges
+    offered = [(t / 8 + 1 / 16, 1) for t in range(0, 1440) if not 1040 <= t < 1048]
+    exact = report.exact_limiter(calls([], denied=offered), 480, 60)
+    assert len(exact.admitted_at) == len(offered), "nothing offered exceeds the limit"
+    worst = report.worst_window_under_admission_pct(exact, 480, 60, 0.0, 180.0)
+    assert worst == pytest.approx(100 * 8 / 480)
+
+
 def test_blocked_with_budget_counts_denials_that_had_room() -> None:
     c = calls([(1.0, 5)], denied=[(2.0, 4), (3.0, 6)])
     # at t=2: 5 used + 4 wanted + 1 % slack fits in 10; at t=3: 5 + 6 does not
@@ -120,3 +148,5 @@ def test_analyse_merges_instances_per_arm() -> None:
     assert out["baseline_without_shares"]["propagation_ms"]["p50"] == pytest.approx(90.0)
     assert out["check_us"]["p50"] == 3.0
     assert out["decisions_by_reason"] == {"ok": 4, "limit": 1}
+    # the exact limiter on the same offered calls: run shorter than two windows, no figure
+    assert out["with_shares"]["requests"]["exact_limiter_worst_window_pct"] is None
