@@ -8,12 +8,13 @@ pending calls are ``(ts, model, *measures)`` and a state's expiries ``(expires_a
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from heapq import merge
 from typing import Any
 
 from quotaflow.policies import KEY_SCOPE
 from quotaflow.state import EXPIRIES, Expiry, WindowCounts
-from quotaflow.units import UNIT_FORMS, unit_value
-from quotaflow.windows import bucket_expires_at, bucket_start, frees_at, sliding_floor
+from quotaflow.units import UNIT_FORMS
+from quotaflow.windows import bucket_size, frees_at
 
 #: A call counted locally until the stream acknowledges it: ``(event ts, model, *measures)``.
 Pending = tuple[Any, ...]
@@ -61,22 +62,32 @@ def denied_until(
     now: float,
 ) -> float:
     """When a denied call fits: usage of one limit, the stream's and this process's own,
-    drops to ``allowed`` as its buckets expire (:func:`~quotaflow.windows.frees_at`; off
-    the request path, only denials ask)."""
-    frees: list[tuple[float, int]] = []
+    drops to ``allowed`` as its buckets expire (:func:`~quotaflow.windows.frees_at`).
+
+    Every denial asks, so under overload (most calls denied) this is the request path too: the
+    frees are merged lazily from the state's expiries and the pending calls (each in time
+    order) and read only until enough has freed, usually the first bucket or two of dozens."""
+    a, b, sign = UNIT_FORMS[unit]
     w = windows.get(size) if windows is not None else None
     used = 0
+    listed: tuple[Expiry, ...] = ()
     if w is not None:
-        used = unit_value(unit, w, 1)
-        for x in w[EXPIRIES]:
-            frees.append((x[0], unit_value(unit, x, 1)))
-    floor = sliding_floor(now, size)
+        used = w[a + 1] + sign * w[b + 1] if sign else w[a + 1]
+        listed = w[EXPIRIES]
+    # quotaflow.windows' sliding_floor and bucket_expires_at(bucket_start(ts)), inlined
+    bucket = bucket_size(size)
+    floor = (now // bucket) * bucket - size
+    lasting = size + bucket
+    own: list[tuple[float, int]] = []
     for p in pending or ():
         ts = p[0]
         if ts >= floor and (scope == KEY_SCOPE or p[1] == scope):
-            amount = unit_value(unit, p, 2)
+            amount = p[a + 2] + sign * p[b + 2] if sign else p[a + 2]
             used += amount
-            frees.append((bucket_expires_at(bucket_start(ts, size), size), amount))
-    frees.sort()
+            own.append(((ts // bucket) * bucket + lasting, amount))
+    own.sort()  # in time order already, unless the clock stepped back
+    a += 1
+    b += 1
+    stream = ((x[0], x[a] + sign * x[b] if sign else x[a]) for x in listed)
     # nothing frees soon enough: everything counted now has freed a window later
-    return frees_at(used, allowed, frees, now, bucket_expires_at(floor + size, size))
+    return frees_at(int(used), allowed, merge(stream, own), now, floor + size + lasting)

@@ -3,17 +3,23 @@ here to the reference functions, over generated times (hypothesis)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quotaflow.cache import QuotaCache
+from quotaflow.counting import denied_until
 from quotaflow.policies import parse_policies
 from quotaflow.record import WireRecord
+from quotaflow.units import UNIT_NAMES, unit_value
 from quotaflow.windows import (
     DAY,
     HOUR,
     MINUTE,
+    bucket_expires_at,
     bucket_start,
+    frees_at,
     is_expired,
     sliding_floor,
     window_end,
@@ -171,3 +177,49 @@ def test_a_windows_count_starts_floors_and_frees_as_the_windows_module_says(
             if counts
             else ()
         )
+
+
+def _reset_reference(
+    counted: int, listed: tuple[tuple[float, ...], ...], pending: list[tuple[Any, ...]],
+    unit: int, size: int, allowed: int, now: float,
+) -> float:  # fmt: skip
+    """denied_until as first written: every free listed and sorted, the windows' functions."""
+    frees = [(x[0], unit_value(unit, x, 1)) for x in listed]
+    floor = sliding_floor(now, size)
+    used = counted
+    for p in pending:
+        if p[0] >= floor:
+            amount = unit_value(unit, p, 2)
+            used += amount
+            frees.append((bucket_expires_at(bucket_start(p[0], size), size), amount))
+    frees.sort()
+    return frees_at(used, allowed, frees, now, bucket_expires_at(floor + size, size))
+
+
+measures = st.tuples(*(st.integers(min_value=0, max_value=50) for _ in range(6)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    listed=st.lists(st.tuples(st.floats(min_value=-5, max_value=70), measures), max_size=70),
+    pending=st.lists(st.tuples(st.floats(min_value=-70, max_value=0), measures), max_size=20),
+    unit=st.sampled_from(["requests", "tokens", "uncached_prompt_tokens", "cost"]),
+    allowed=st.integers(min_value=-1, max_value=400),
+)
+def test_denied_until_reads_the_frees_lazily_yet_as_the_reference(
+    listed: list[tuple[float, tuple[int, ...]]],
+    pending: list[tuple[float, tuple[int, ...]]],
+    unit: str,
+    allowed: int,
+) -> None:
+    """The reset of a denied call merges the state's expiries and the pending calls lazily (the
+    pending ones in any order: a clock may step back) and stops once enough has freed; the
+    answer is the reference's, which lists and sorts every free."""
+    now = T0 + 30.0
+    index = UNIT_NAMES.index(unit)
+    expiries = tuple(sorted((now + at, *m) for at, m in listed))
+    calls = [(now + at, "m", *m) for at, m in pending]
+    window = (now, *(sum(x[i] for x in expiries) for i in range(1, 7)), expiries)
+    counted = unit_value(index, window, 1)
+    want = _reset_reference(counted, expiries, calls, index, MINUTE, allowed, now)
+    assert denied_until({MINUTE: window}, calls, "", index, MINUTE, allowed, now) == want
