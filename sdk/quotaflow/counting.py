@@ -78,7 +78,7 @@ def denied_until(
     bucket = bucket_size(size)
     floor = (now // bucket) * bucket - size
     lasting = size + bucket
-    own: list[tuple[float, int]] = []
+    own: list[tuple[float, float]] = []
     for p in pending or ():
         ts = p[0]
         if ts >= floor and (scope == KEY_SCOPE or p[1] == scope):

@@ -149,7 +149,7 @@ def is_expired(start: float, size: int, watermark: float, grace: float) -> bool:
 
 
 def frees_at(
-    used: int, allowed: int, frees: Iterable[tuple[float, int]], now: float, fallback: float
+    used: float, allowed: int, frees: Iterable[tuple[float, float]], now: float, fallback: float
 ) -> float:
     """When usage ``used`` drops to ``allowed`` or below, as amounts free at their times
     (``frees``, ascending): the first time after ``now`` it does, else ``fallback``."""
