@@ -159,6 +159,23 @@ def propagation_ms(
     return out
 
 
+def propagation_stages_ms(
+    applied: dict[tuple[str, float], list[float]],
+    watermarks: dict[tuple[str, float], float],
+    instances: int,
+) -> tuple[list[float], list[float]]:
+    """:func:`propagation_ms` in its two stages, per state seen by every instance: the record
+    produced to the worker publishing the state (emitter flush, broker, worker fetch, fold,
+    publication tick) and the state published to the last instance applying it (broker,
+    follower fetch, apply). States are keyed by ``(key, published_at)``."""
+    to_publish, to_apply = [], []
+    for (key, published), times in applied.items():
+        if len(times) == instances:
+            to_publish.append((published - watermarks[(key, published)]) * 1000)
+            to_apply.append((max(times) - published) * 1000)
+    return to_publish, to_apply
+
+
 def summarize(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
     p50, p99 = percentile(values, 50), percentile(values, 99)
     return {

@@ -230,7 +230,15 @@ def analyse(
                 "worst_window_under_admission_pct": max(worst) if worst else None,
                 "exact_limiter_worst_window_pct": max(exact) if exact else None,
             }
-        arms[arm]["propagation_ms"] = report.summarize(_propagation(logs, arm, instances))
+        applied, watermarks = _applied(logs, arm)
+        arms[arm]["propagation_ms"] = report.summarize(
+            report.propagation_ms(applied, watermarks, instances)
+        )
+        to_publish, to_apply = report.propagation_stages_ms(applied, watermarks, instances)
+        arms[arm]["propagation_stages_ms"] = {
+            "produced_to_published": report.summarize(to_publish),
+            "published_to_applied": report.summarize(to_apply),
+        }
     check_us = [ns / 1000 for log in logs for ns in log["check_ns"]]
     reasons: dict[str, int] = defaultdict(int)
     for log in logs:
@@ -256,7 +264,11 @@ def _merged_calls(logs: list[dict[str, Any]], key: str, bound: str) -> report.Ca
     )
 
 
-def _propagation(logs: list[dict[str, Any]], arm: str, instances: int) -> list[float]:
+def _applied(
+    logs: list[dict[str, Any]], arm: str
+) -> tuple[dict[tuple[str, float], list[float]], dict[tuple[str, float], float]]:
+    """Per state of the arm's keys (``(key, published_at)``): when each instance applied it,
+    and the state's watermark."""
     applied: dict[tuple[str, float], list[float]] = defaultdict(list)
     watermarks: dict[tuple[str, float], float] = {}
     for log in logs:
@@ -266,7 +278,7 @@ def _propagation(logs: list[dict[str, Any]], arm: str, instances: int) -> list[f
                 continue
             applied[(key, float(published))].append(at)
             watermarks[(key, float(published))] = watermark
-    return report.propagation_ms(applied, watermarks, instances)
+    return applied, watermarks
 
 
 def _round(value: float | None) -> float | None:
@@ -370,5 +382,16 @@ def _print(result: dict[str, Any]) -> None:
             )
     console = Console()
     console.print(table)
+    for name, arm in (
+        ("shares", result["with_shares"]),
+        ("no shares", result["baseline_without_shares"]),
+    ):
+        stages = arm["propagation_stages_ms"]
+        first, second = stages["produced_to_published"], stages["published_to_applied"]
+        console.print(
+            f"propagation ({name}): record produced -> state published p50/p99 "
+            f"{_cell(first['p50'])} / {_cell(first['p99'])} ms; published -> applied by the "
+            f"last instance {_cell(second['p50'])} / {_cell(second['p99'])} ms"
+        )
     c = result["check_us"]
     console.print(f"check(): p50 {c['p50']} µs, p99 {c['p99']} µs over {c['count']} calls")

@@ -94,6 +94,11 @@ def test_percentiles_and_propagation() -> None:
     watermarks = {("k", 1.0): 10.0, ("k", 2.0): 10.9}
     # the second state reached one of two instances only: it is left out
     assert report.propagation_ms(applied, watermarks, 2) == [pytest.approx(80.0)]
+    # in two stages: produced (watermark 10.0) -> published (10.03) -> last applied (10.08)
+    staged = {("k", 10.03): [10.05, 10.08], ("k", 11.0): [11.0]}
+    marks = {("k", 10.03): 10.0, ("k", 11.0): 10.9}
+    to_publish, to_apply = report.propagation_stages_ms(staged, marks, 2)
+    assert to_publish == [pytest.approx(30.0)] and to_apply == [pytest.approx(50.0)]
 
 
 def test_run_policies_parse_and_cover_both_arms() -> None:
@@ -146,6 +151,8 @@ def test_analyse_merges_instances_per_arm() -> None:
     assert out["with_shares"]["cost"]["overshoot_pct_max"] == pytest.approx(20.0)
     assert out["with_shares"]["keys"]["sim-shares-usd-0"]["limit_per_minute"] == 1000
     assert out["baseline_without_shares"]["propagation_ms"]["p50"] == pytest.approx(90.0)
+    stages = out["baseline_without_shares"]["propagation_stages_ms"]
+    assert stages["produced_to_published"]["p50"] == pytest.approx(100.0), "4.9 -> 5.0"
     assert out["check_us"]["p50"] == 3.0
     assert out["decisions_by_reason"] == {"ok": 4, "limit": 1}
     # the exact limiter on the same offered calls: run shorter than two windows, no figure
