@@ -32,6 +32,10 @@ class BulkProducer:
             settings.kafka.confluent_config(),
             # states are latency-bound: a short linger still batches a busy tick's states
             linger_ms=2,
+            # every follower fetches every state: a busy key's state lists its next 8 s of
+            # bucket expiries (dozens of near-identical rows), which lz4 shrinks several times
+            # over for the broker and each follower (librdkafka decompresses off the GIL)
+            compression_type="lz4",
             queue_buffering_max_messages=500_000,
             message_timeout_ms=int(delivery_timeout * 1000),
         )
