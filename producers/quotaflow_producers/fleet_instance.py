@@ -8,6 +8,7 @@ latency, and when it applied each quota state that brought a key near a limit.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import random
@@ -24,6 +25,10 @@ from quotaflow_producers.traffic import sample_tokens
 #: A state is logged when some limit has less than this fraction left: those are the states
 #: whose arrival turns calls into denials.
 NEAR_LIMIT = 0.05
+
+#: Times a call denied by its budget share is asked again (after the decision's retry_after)
+#: before it counts as denied: a share denial means "wait for the next state", not "over".
+SHARE_RETRIES = 5
 
 #: Seconds to wait for the workers' heartbeats to count the whole fleet before starting.
 FLEET_WAIT = 20.0
@@ -127,6 +132,10 @@ def _near_limit(state: QuotaState) -> bool:
 
 
 def _offer_load(client: QuotaClient, plan: InstancePlan, log: InstanceLog, until: float) -> None:
+    """Offer Poisson calls until ``until``, as callers that honour the SDK's answers: a call
+    denied by its budget share (``share``: wait ``retry_after``, ~50 ms, and ask again) is
+    asked again that much later, up to :data:`SHARE_RETRIES` times; a call denied by a limit
+    is dropped. Each call is logged once, when admitted or finally denied."""
     rng = random.Random(plan.seed)
     keys = plan.keys
     weights = [k.rate for k in keys]
@@ -134,17 +143,22 @@ def _offer_load(client: QuotaClient, plan: InstancePlan, log: InstanceLog, until
     for k in keys:
         log.admitted[k.key] = []
         log.denied[k.key] = []
-    next_at = time.time()
+    retries: list[tuple[float, int, SimKey, int, int, int]] = []  # (due, seq, key, p, c, tries)
+    seq = 0
+    next_at = time.time() + rng.expovariate(total_rate)
     perf = time.perf_counter_ns
     while True:
-        next_at += rng.expovariate(total_rate)
-        if next_at >= until:
+        if retries and retries[0][0] <= next_at:
+            due, _, sim, prompt, completion, tries = heapq.heappop(retries)
+        elif next_at < until:
+            due, sim, tries = next_at, rng.choices(keys, weights)[0], 0
+            prompt, completion = sample_tokens(rng)
+            next_at += rng.expovariate(total_rate)
+        else:
             break
-        delay = next_at - time.time()
+        delay = due - time.time()
         if delay > 0:
             time.sleep(delay)
-        sim = rng.choices(keys, weights)[0]
-        prompt, completion = sample_tokens(rng)
         t0 = perf()
         decision = client.check(
             sim.key, sim.model, prompt_tokens=prompt, completion_tokens=completion
@@ -157,6 +171,10 @@ def _offer_load(client: QuotaClient, plan: InstancePlan, log: InstanceLog, until
                 sim.key, sim.model, prompt_tokens=prompt, completion_tokens=completion
             )
             log.admitted[sim.key].append((now, 1, prompt + completion, r.cost_micros or 0))
+        elif decision.reason == "share" and tries < SHARE_RETRIES and now < until:
+            seq += 1
+            retry = (now + decision.retry_after, seq, sim, prompt, completion, tries + 1)
+            heapq.heappush(retries, retry)
         else:
             cost = client.pricer.cost(sim.key, sim.model, now, prompt, completion)
             log.denied[sim.key].append((now, 1, prompt + completion, cost, decision.reason))
