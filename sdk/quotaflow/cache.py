@@ -59,6 +59,10 @@ _EMPTY: MappingProxyType[str, int] = MappingProxyType({})
 #: Seconds a caller denied by its budget share is told to wait: about one state's propagation.
 SHARE_RETRY_AFTER = 0.05
 
+#: Seconds a lost chance admission (a call larger than what is left of the share) holds when
+#: no new state of the key comes: its state ends it sooner; this bounds a key without states.
+DRAW_HOLD = 1.0
+
 #: This process's calls of a key and model within one slot of 1/COALESCE_PER_SECOND seconds
 #: (20 ms, the emitter's flush interval) are counted as one pending entry. A merged entry counts
 #: within a window and until acknowledged as its newest call does: conservative by at most one
@@ -143,6 +147,8 @@ class QuotaCache:
         #: Prices a call a money limit binds that came without its cost (see :meth:`check`).
         self._prices = prices
         self._random = (rng or random.Random()).random
+        #: key -> when this instance last lost a chance admission on it (see _loses_draw)
+        self._lost_draws: dict[str, float] = {}
         self.source = source
         self.clock = clock
         self.pending_ttl = pending_ttl
@@ -193,6 +199,7 @@ class QuotaCache:
         with self._lock:
             self._states[state.key] = state
             self._forget(state.key)
+            self._lost_draws.pop(state.key, None)  # a new state, a new chance
             acked = state.sources.get(self.source)
             if acked is not None:
                 pending = self._pending.get(state.key)
@@ -318,6 +325,22 @@ class QuotaCache:
             now = self.clock()
             for slot in [s for s, own in self._own.items() if own[0] + s[2] <= now]:
                 del self._own[slot]
+            for key in [k for k, at in self._lost_draws.items() if not 0 <= now - at < DRAW_HOLD]:
+                del self._lost_draws[key]
+
+    def _loses_draw(self, key: str, now: float, want: int, allowance: float) -> bool:
+        """A call larger than what is left of this instance's share, with nothing of its own
+        unacknowledged: admitted with probability allowance / want, one draw per key until the
+        next state of the key (or :data:`DRAW_HOLD` seconds). Callers told to retry in 50 ms
+        would otherwise draw again on every retry, and the instance spend its share several
+        times over in expectation."""
+        lost_at = self._lost_draws.get(key)
+        if lost_at is not None and 0 <= now - lost_at < DRAW_HOLD:
+            return True
+        if self._random() * want > allowance:
+            self._lost_draws[key] = now
+            return True
+        return False
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -571,7 +594,7 @@ class QuotaCache:
                     if (
                         deny is None
                         and want > allowance
-                        and (mine or allowance <= 0 or self._random() * want > allowance)
+                        and (mine or allowance <= 0 or self._loses_draw(key, now, want, allowance))
                     ):
                         if enforce:
                             deny = ("share", name, binding, now + SHARE_RETRY_AFTER, used,

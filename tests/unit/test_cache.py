@@ -6,7 +6,7 @@ from random import Random
 
 import pytest
 
-from quotaflow.cache import QuotaCache
+from quotaflow.cache import DRAW_HOLD, QuotaCache
 from quotaflow.policies import PolicySet, parse_policies
 from quotaflow.state import QuotaState
 
@@ -272,6 +272,47 @@ def test_a_call_larger_than_what_is_left_of_the_share_is_admitted_by_chance(
     c.apply_state(state("k1", T0, 90, 0, 0, {"me": T0}, shares={"me": 0.25, "b": 0.75}))
     c.add_usage("k1", (T0 + 1, "x", 3, 0, 0, 0, 0, 0))  # 3 > its share of 2.5: no more chances
     assert all(c.check("k1").reason == "share" for _ in range(50))
+
+
+class Draws(Random):
+    """Chance admissions from a script of draws (then always lucky); counts the draws."""
+
+    def __init__(self, *draws: float) -> None:
+        super().__init__(0)
+        self.draws = list(draws)
+        self.drawn = 0
+
+    def random(self) -> float:
+        self.drawn += 1
+        return self.draws.pop(0) if self.draws else 0.0
+
+
+def test_a_lost_chance_holds_until_the_next_state_however_often_the_caller_retries(
+    clock: Clock,
+) -> None:
+    """One draw per key and state: a caller retrying every 50 ms (as a share denial tells it)
+    must not draw again and again, or the instance spends its share several times over."""
+    rng = Draws(0.9999)
+    c = QuotaCache(policies(requests_per_minute=100), "me", clock=clock, rng=rng)
+    c.mark_heard()
+    c.apply_state(state("k1", T0, 98, 0, 0, {}, shares={"me": 0.25, "b": 0.75}))
+    assert c.check("k1").reason == "share" and rng.drawn == 1
+    for _ in range(5):
+        clock.now += 0.05
+        assert c.check("k1").reason == "share"
+    assert rng.drawn == 1, "no new chance within the same state"
+    # the next state gives one: lucky this time
+    c.apply_state(state("k1", T0 + 0.3, 98, 0, 0, {}, shares={"me": 0.25, "b": 0.75}))
+    assert c.check("k1").allowed and rng.drawn == 2
+    # a key no state comes for gets its next chance after DRAW_HOLD
+    rng.draws = [0.9999]
+    c.note_fleet("worker-1", 200)  # 1/200 of 100: half a call
+    assert c.check("k9").reason == "share" and rng.drawn == 3
+    clock.now += DRAW_HOLD - 0.01
+    assert c.check("k9").reason == "share" and rng.drawn == 3
+    clock.now += 0.02
+    c.expire()
+    assert c.check("k9").allowed and rng.drawn == 4
 
 
 def test_share_of_a_newcomer_and_of_a_key_without_state(clock: Clock) -> None:
