@@ -176,8 +176,11 @@ class ClientSettings(BaseModel):
     #: Local usage not acknowledged by a state is forgotten after this many seconds.
     pending_ttl: float = Field(default=120.0, gt=0)
     warm_start: bool = True
-    #: Longest a decisions fetch waits at the broker: bounds how late a state arrives when the
-    #: topic is quiet, at the cost of one fetch request per interval per instance.
+    #: Longest a decisions fetch waits at the broker. Tansu (the embedded broker) answers a
+    #: fetch that found nothing only when this wait ends, so it bounds how late a state arrives
+    #: (measured, 4 instances: state published -> applied p50 34-38 ms at 50, 16 ms at 5), at
+    #: one fetch per interval per instance: 20 instances at 5 ms flooded it (p50 87 ms against
+    #: 48). Kafka answers as soon as a state arrives: there, raise it (500) to cut idle fetches.
     fetch_max_wait_ms: int = Field(default=50, ge=1, le=5000)
     #: Records past ``max_buffered`` (a long broker outage) go to an append-only journal in
     #: ``journal_dir/<source>`` and are replayed in order once the broker is back; a stable
