@@ -66,10 +66,17 @@ def test_fleet_converges_on_the_throttle_and_reopens_after_reset(
             what="instance 2 to see the fleet's 950 tokens",
         )
         # Its budget share is a third of the 50 left (a newcomer beside two active instances):
-        # a call of 16 fits; one of 33 is admitted by chance, about half the time.
+        # a call of 16 fits; one of 33 is admitted by chance, about half the time, and a lost
+        # draw holds until the key's next state, however often the call is asked again.
         assert clients[2].check(key, "gpt-4o-mini", tokens=16).allowed
-        reasons = {clients[2].check(key, "gpt-4o-mini", tokens=33).reason for _ in range(100)}
-        assert reasons == {"ok", "share"}
+        before = clients[2].cache.state(key)
+        answers = [clients[2].check(key, "gpt-4o-mini", tokens=33).reason for _ in range(100)]
+        won = answers.count("ok")
+        if clients[2].cache.state(key) is before:  # no new state in between: no new chance
+            assert answers == ["ok"] * won + ["share"] * (100 - won), answers
+            assert won < 100, "a draw is lost about half the time"
+        else:
+            assert set(answers) <= {"ok", "share"}, answers
         assert clients[2].check(key, "gpt-4o-mini", tokens=51).reason == "limit"
         # One more call takes the key to its limit; every instance denies soon after: the README
         # says ~95 ms here including flushes, so 750 ms leaves room for a busy machine.
