@@ -46,6 +46,18 @@ class Calls:
     denied_at: Sequence[float]
     denied_size: Sequence[int]
 
+    @classmethod
+    def of(
+        cls, admitted: Sequence[tuple[float, int]], denied: Sequence[tuple[float, int]]
+    ) -> Calls:
+        """From ``(time, size)`` pairs, each list in time order."""
+        return cls(
+            admitted_at=[a[0] for a in admitted],
+            admitted_size=[a[1] for a in admitted],
+            denied_at=[d[0] for d in denied],
+            denied_size=[d[1] for d in denied],
+        )
+
 
 def sliding_totals(at: Sequence[float], size: Sequence[int], window: float) -> list[int]:
     """For each admission, the total admitted in the window ``(t - window, t]`` ending at it."""
@@ -122,12 +134,7 @@ def exact_limiter(calls: Calls, limit: int, window: float) -> Calls:
             admitted.append((at, size))
         else:
             denied.append((at, size))
-    return Calls(
-        admitted_at=[a[0] for a in admitted],
-        admitted_size=[a[1] for a in admitted],
-        denied_at=[d[0] for d in denied],
-        denied_size=[d[1] for d in denied],
-    )
+    return Calls.of(admitted, denied)
 
 
 def blocked_with_budget_pct(calls: Calls, limit: int, window: float) -> float | None:
@@ -151,12 +158,10 @@ def propagation_ms(
     watermarks: dict[tuple[str, float], float],
     instances: int,
 ) -> list[float]:
-    """Per state seen by every instance: last apply time minus the state's watermark, in ms."""
-    out = []
-    for state_id, times in applied.items():
-        if len(times) == instances:
-            out.append((max(times) - watermarks[state_id]) * 1000)
-    return out
+    """Per state seen by every instance: last apply time minus the state's watermark, in ms
+    (the sum of its two :func:`propagation_stages_ms`)."""
+    to_publish, to_apply = propagation_stages_ms(applied, watermarks, instances)
+    return [sum(stages) for stages in zip(to_publish, to_apply, strict=True)]
 
 
 def propagation_stages_ms(

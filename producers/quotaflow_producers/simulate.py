@@ -213,22 +213,12 @@ def analyse(
         for bound in sorted({k["bound_by"] for k in per_key.values()}, key=list(BOUNDS).index):
             rows = [k for k in per_key.values() if k["bound_by"] == bound]
             under = [k["under_admission_pct"] for k in rows if k["under_admission_pct"] is not None]
-            worst = [
-                k["worst_window_under_admission_pct"]
-                for k in rows
-                if k["worst_window_under_admission_pct"] is not None
-            ]
-            exact = [
-                k["exact_limiter_worst_window_pct"]
-                for k in rows
-                if k["exact_limiter_worst_window_pct"] is not None
-            ]
             arms[arm][bound] = {
                 "overshoot_pct_max": max((k["overshoot_pct"] for k in rows), default=None),
                 "under_admission_pct_mean": _round(sum(under) / len(under)) if under else None,
                 # the least-filled steady window of any key (issue 19: <= 5 %)
-                "worst_window_under_admission_pct": max(worst) if worst else None,
-                "exact_limiter_worst_window_pct": max(exact) if exact else None,
+                "worst_window_under_admission_pct": _most(rows, "worst_window_under_admission_pct"),
+                "exact_limiter_worst_window_pct": _most(rows, "exact_limiter_worst_window_pct"),
             }
         applied, watermarks = _applied(logs, arm)
         arms[arm]["propagation_ms"] = report.summarize(
@@ -252,16 +242,16 @@ def analyse(
     }
 
 
+def _most(rows: list[dict[str, Any]], field: str) -> float | None:
+    """The largest ``field`` among keys that have it (None where the run was too short)."""
+    return max((k[field] for k in rows if k[field] is not None), default=None)
+
+
 def _merged_calls(logs: list[dict[str, Any]], key: str, bound: str) -> report.Calls:
     size = BOUNDS[bound]  # index in (time, requests, tokens, cost, ...)
     admitted = sorted((a[0], a[size]) for log in logs for a in log["admitted"].get(key, ()))
     denied = sorted((d[0], d[size]) for log in logs for d in log["denied"].get(key, ()))
-    return report.Calls(
-        admitted_at=[a[0] for a in admitted],
-        admitted_size=[a[1] for a in admitted],
-        denied_at=[d[0] for d in denied],
-        denied_size=[d[1] for d in denied],
-    )
+    return report.Calls.of(admitted, denied)
 
 
 def _applied(

@@ -10,12 +10,7 @@ from quotaflow_producers.simulate import analyse, policies_yaml, sim_keys
 
 
 def calls(admitted: list[tuple[float, int]], denied: list[tuple[float, int]] = ()) -> report.Calls:
-    return report.Calls(
-        admitted_at=[a[0] for a in admitted],
-        admitted_size=[a[1] for a in admitted],
-        denied_at=[d[0] for d in denied],
-        denied_size=[d[1] for d in denied],
-    )
+    return report.Calls.of(admitted, denied)
 
 
 def test_overshoot_is_the_busiest_sliding_window_over_the_limit() -> None:
