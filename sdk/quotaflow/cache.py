@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from quotaflow.counting import Pending, denied_until, expired, pending_of, pending_used
 from quotaflow.decision import Decision, Reason
-from quotaflow.headroom import Headroom, charge, gates_of
+from quotaflow.headroom import Headroom, charge, gates_of, lefts_after
 from quotaflow.policies import KEY_SCOPE, Binding, LimitSpec, PolicySet
 from quotaflow.prices import ModelPrices
 from quotaflow.state import EXPIRIES, QuotaState, WindowCounts
@@ -302,12 +302,33 @@ class QuotaCache:
         """Stop counting a reservation; False if it was not held."""
         with self._lock:
             held = self._held.get(key)
-            if not held or held.pop(hold_id, None) is None:
+            call = held.pop(hold_id, None) if held else None
+            if call is None:
                 return False
             if not held:
                 del self._held[key]
-            self._forget(key)
+            self._give_back(key, call)
             return True
+
+    def _give_back(self, key: str, call: Pending) -> None:
+        """A released hold's measures back to the key's headrooms of its model (holding the
+        lock): a reserve-then-settle call (the gateway's every call) keeps the fast path.
+
+        Exact for a headroom of the hold's model whether the hold was charged to it or counted
+        in its figures when it was made: each of its limits counts the call. A headroom of
+        another model may have a model limit that never counted the hold, in a gate whose
+        other limit did: giving it back there could open that gate too far, so it is dropped
+        (its next check decides in full)."""
+        rooms = self._headroom.get(key)
+        if not rooms:
+            return
+        self._changes += 1
+        model, back = call[1], tuple(-m for m in call[2:])
+        for room_model in [m for m in rooms if m != model]:
+            del rooms[room_model]
+        room = rooms.get(model)
+        if room is not None:
+            charge(room, True, back)
 
     def expire(self) -> None:
         """Forget local usage older than ``pending_ttl`` that no state ever acknowledged."""
@@ -682,6 +703,12 @@ class QuotaCache:
         stream and this process see it; for headers and dashboards, not the request path.
         ``reset_at`` is when all of it will have freed if no more is used."""
         now = self.clock()
+        rooms = self._headroom.get(key)
+        room = rooms.get(model) if rooms is not None else None
+        if room is not None and room.made <= now < room.until:
+            known = self._usage_from(room, key, model, now)
+            if known is not None:
+                return known
         state = self._states.get(key)
         pending: list[Pending] = [*self._pending.get(key, ()), *self._held.get(key, {}).values()]
         rows = []
@@ -705,6 +732,31 @@ class QuotaCache:
                     used += unit_value(unit, w, 1) - expired(w[EXPIRIES], unit, now)
                 rows.append(LimitUsage(name, spec, used, bucket_expires_at(current, size)))
         return tuple(rows)
+
+    def _usage_from(
+        self, room: Headroom, key: str, model: str | None, now: float
+    ) -> tuple[LimitUsage, ...] | None:
+        """:meth:`usage` read off a live headroom, which holds what each limit had left when it
+        was made and what was spent since, exact until it expires: no scan of the pending
+        usage (a gateway answers every call with these figures). None where its limits are
+        not the bindings' (a shadow policy it skipped): read in full then."""
+        lefts = lefts_after(room, room.spent, room.spent_elsewhere)
+        names = room.names
+        rows = []
+        i = 0
+        for binding in self.policies.resolve(key, model):
+            for spec, (name, _, size, limit, *_) in zip(
+                binding.policy.specs, binding.rows, strict=True
+            ):
+                if i >= len(names) or names[i] != name:
+                    return None
+                reset_at = (
+                    self.month(binding.policy.timezone, now)[1] if size == MONTH
+                    else bucket_expires_at(bucket_start(now, size), size)
+                )  # fmt: skip
+                rows.append(LimitUsage(name, spec, limit - lefts[i], reset_at))
+                i += 1
+        return tuple(rows) if i == len(names) else None
 
     def _own_used(self, key: str, scope: str, unit: int, size: int, start: int) -> int:
         """This instance's own usage of one unit in the window starting at ``start``."""

@@ -11,9 +11,11 @@ fits; otherwise (or once the headroom has expired) the full decision runs and an
 Why this is exact, never lenient: between two full decisions, what is left only grows by
 itself (buckets expire, pending usage leaves its window, a month ends, which each only free
 budget), and what this process spends is charged to the headroom as it records it
-(:func:`charge`). Everything else that changes it forgets it: a new state of the key (the
-fleet's usage), new policies, a changed fleet size, and, to keep its figures exact, a hold
-released or pending usage expired. A headroom expires before
+(:func:`charge`); a released hold is given back to the headroom of its model, whose every
+limit counted it (the gateway reserves and settles every call: this keeps it on the fast path).
+Everything else that changes it forgets it: a new state of the key (the fleet's usage), new
+policies, a changed fleet size, and, to keep its figures exact, a hold released to a headroom
+of another model or pending usage expired. A headroom expires before
 the stream could be deemed silent (the fail modes are then the full path's to apply) and before
 the first moment the full decision would count differently (an expiry or a pending call
 leaving a window, a month or a price's end), and it holds only from the moment it was made (a
@@ -154,15 +156,25 @@ def remaining_of(
         )  # fmt: skip
         call = (*call[:COST], cost)
     out = {}
-    for name, (a, b, sign), left, keywide in zip(
-        room.names, room.forms, room.lefts, room.keywide, strict=True
+    for name, (a, b, sign), left in zip(
+        room.names, room.forms, lefts_after(room, spent, elsewhere), strict=True
     ):
-        left -= spent[a] + sign * spent[b] if sign else spent[a]
-        if not keywide:
-            left += elsewhere[a] + sign * elsewhere[b] if sign else elsewhere[a]
         left -= call[a] + sign * call[b] if sign else call[a]
         out[name] = left if left > 0 else 0
     return MappingProxyType(out)
+
+
+def lefts_after(room: Headroom, spent: tuple[int, ...], elsewhere: tuple[int, ...]) -> list[int]:
+    """What each limit of a headroom has left (below 0 where overspent) with ``spent`` spent
+    since it was made, ``elsewhere`` of it with other models (which model limits do not
+    count)."""
+    out = []
+    for (a, b, sign), left, keywide in zip(room.forms, room.lefts, room.keywide, strict=True):
+        left -= spent[a] + sign * spent[b] if sign else spent[a]
+        if not keywide:
+            left += elsewhere[a] + sign * elsewhere[b] if sign else elsewhere[a]
+        out.append(left)
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

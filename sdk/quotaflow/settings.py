@@ -240,6 +240,10 @@ class GatewaySettings(BaseModel):
     consumed_tokens_header: str | None = None
     #: A Dev Proxy style JSON file replacing the 429 answer (``@dynamic`` = retry-after seconds).
     rate_limit_response_file: Path | None = None
+    #: One log line per forwarded call (method, path, counter key, status, milliseconds). Off
+    #: saves ~6 % of a gateway's CPU at thousands of calls a second (bench gateway); /metrics
+    #: counts the calls either way.
+    access_log: bool = True
     #: When set, ``/metrics`` asks for ``Authorization: Bearer <token>`` (it names no key, but
     #: shows traffic and policies to whoever can reach the gateway's port).
     metrics_token: SecretStr | None = None

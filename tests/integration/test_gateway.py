@@ -276,6 +276,21 @@ def test_a_spent_budget_is_insufficient_quota_in_dollars(
     c.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=100)
 
 
+def test_access_log_line_per_call_unless_turned_off(
+    make_gateway: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="quotaflow_producers.gateway.server")
+    for access_log, lines in ((True, 1), (False, 0)):
+        gw = make_gateway(access_log=access_log)
+        caplog.clear()
+        r = httpx.post(gw.base_url + "/chat/completions", json={"model": "gpt-4o",
+                       "messages": MESSAGES}, headers={"x-quotaflow-key": "gw-logged"},
+                       timeout=10)  # fmt: skip
+        assert r.status_code == 200
+        logged = [m for m in caplog.messages if "/v1/chat/completions key=gw-logged" in m]
+        assert len(logged) == lines, (access_log, caplog.messages)
+
+
 def test_custom_rate_limit_response_file(make_gateway: GatewayFactory, tmp_path: Path) -> None:
     template = tmp_path / "429.json"
     template.write_text(json.dumps({

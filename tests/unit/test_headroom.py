@@ -178,6 +178,8 @@ def test_fast_and_full_decisions_are_the_same(
             }
             got, want = fast.check(key, model, **call), full.check(key, model, **call)
             assert fields(got) == fields(want), (n, call)
+            # what the gateway's headers say: read off the headroom, or in full
+            assert fast.usage(key, model) == full.usage(key, model), (n, call)
         elif kind in ("record", "hold"):
             key, model, (req, pt, ct, cached, img) = args
             pending = (clock.now, model, req, pt, ct, min(cached, pt), img, (pt + ct) // 10)
@@ -218,6 +220,40 @@ def test_most_checks_of_a_key_far_from_its_limits_take_the_fast_path() -> None:
         assert fast.check("k1", "big", requests=1, prompt_tokens=20, completion_tokens=10).allowed
         fast.add_usage("k1", (clock.now, "big", 1, 20, 10, 0, 0, 1))
     assert len(decided) == 1, "only the first check is decided in full"
+
+
+def test_a_reserved_then_settled_call_keeps_the_fast_path() -> None:
+    """The gateway's every call: reserve (check, hold), then settle (release, record). The
+    released hold goes back to the headroom of its model, which stays exact."""
+    fast, full, clock = caches(make_policies(True, True, "open"))
+    decided = []
+    fast._decide = lambda *a: decided.append(a) or QuotaCache._decide(fast, *a)  # type: ignore[method-assign]
+    for n in range(10):
+        clock.now += 0.01
+        call = {"requests": 1, "prompt_tokens": 20, "completion_tokens": 300}
+        assert fields(fast.check("k1", "big", **call)) == fields(full.check("k1", "big", **call))
+        worst = (clock.now, "big", 1, 20, 300, 0, 0, 3)
+        for cache in (fast, full):
+            cache.hold("k1", f"h{n}", worst)
+            assert cache.release("k1", f"h{n}")
+            cache.add_usage("k1", (clock.now, "big", 1, 20, 12, 0, 0, 1))
+    assert len(decided) == 1, "only the first check is decided in full"
+
+
+def test_a_released_hold_of_another_model_does_not_open_a_model_limit() -> None:
+    """A hold of one model, made before a headroom of another: that model's limit never counted
+    it, so giving it back there would admit what the full decision denies."""
+    fast, full, clock = caches(make_policies(False, True, "open"))
+    for cache in (fast, full):  # 1000 tokens of "small": key-wide only
+        cache.hold("k1", "h", (clock.now, "small", 1, 1000, 0, 0, 0, 1))
+    small = {"requests": 1, "prompt_tokens": 100, "completion_tokens": 0, "cost_micros": 1}
+    assert fast.check("k1", "big", **small).allowed  # a headroom of "big": 2500 uncached
+    for cache in (fast, full):
+        assert cache.release("k1", "h")
+    big = {"requests": 1, "prompt_tokens": 3000, "completion_tokens": 0, "cost_micros": 1}
+    got, want = fast.check("k1", "big", **big), full.check("k1", "big", **big)
+    assert not want.allowed and want.limit == "big/uncached_prompt_tokens_per_minute"
+    assert fields(got) == fields(want)
 
 
 def test_a_call_that_does_not_fit_its_headroom_is_decided_in_full() -> None:
