@@ -396,11 +396,12 @@ class Gateway:
             return await self._relay(request, upstream, key, model, reservation, api)
         finally:
             upstream.release()
-            log.info(
-                "%s %s key=%s status=%s %.1fms",
-                request.method, request.path, key, upstream.status,
-                (time.perf_counter() - started) * 1000,
-            )  # fmt: skip
+            if self.g.access_log:
+                log.info(
+                    "%s %s key=%s status=%s %.1fms",
+                    request.method, request.path, key, upstream.status,
+                    (time.perf_counter() - started) * 1000,
+                )  # fmt: skip
 
     async def _relay(
         self,
