@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -13,6 +14,13 @@ from typing import Any
 from quotaflow.settings import load_settings
 
 log = logging.getLogger(__name__)
+
+#: Cycle-collector thresholds of a gateway process. Each call allocates a few hundred objects
+#: that die with it, and Python's default (a young collection every 700 allocations, a full one
+#: every 100 of those) made full collections over the long-lived start-up objects (tokenizers,
+#: prices, policies, aiohttp) the gateway's tail: bench gateway --concurrency 32, p99 66 ms
+#: against 94-102 ms. Those objects are also frozen out of every collection once started.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def register(sub: Any) -> None:
@@ -73,6 +81,9 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         quota = await asyncio.to_thread(QuotaClient(settings).open)
         gateway = Gateway(settings, quota)
         runner = await serve(gateway, g.listen_host, g.listen_port, reuse_port=shared)
+        gc.collect()
+        gc.freeze()  # what start-up built lives as long as the process: never scan it again
+        gc.set_threshold(*GC_THRESHOLDS)
         log.info(
             "quotaflow gateway on http://%s:%d -> %s (keys from %s)",
             g.listen_host, g.listen_port, g.upstream, ",".join(g.key_sources),
