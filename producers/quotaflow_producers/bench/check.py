@@ -176,10 +176,24 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
         _latencies(check_full, keys, 20_000)
         full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
 
+        def reserve_settle(key: str) -> None:
+            """A gateway's call: reserved by its prompt and output ceiling, settled by what the
+            provider reported (the hold given back, the usage recorded)."""
+            full.reserve(key, "gpt-4o", prompt_tokens=400, max_output_tokens=200).settle(
+                {"prompt_tokens": 400, "completion_tokens": 120}
+            )
+
+        say("measuring reserve() then settle() (the gateway's path)...")
+        rs_samples = max(1000, args.samples // 5)
+        _latencies(reserve_settle, keys, 5_000)
+        rs_rounds = [_latencies(reserve_settle, keys, rs_samples) for _ in range(args.rounds)]
+
         say("measuring the same, every check decided in full (no headroom: the path before)...")
         full.cache.keep_headrooms(False)
         _latencies(check_full, keys, 20_000)
         in_full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
+        _latencies(reserve_settle, keys, 5_000)
+        rs_full_rounds = [_latencies(reserve_settle, keys, rs_samples) for _ in range(args.rounds)]
 
         say("measuring the limits library (moving window, in memory and on Redis)...")
         item = RateLimitItemPerMinute(10**9)
@@ -257,6 +271,9 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
             "check": check_s,
             "check_three_limits_and_budget": full_s,
             "check_three_limits_and_budget_decided_in_full": _summary_us(in_full_rounds),
+            # reserve + settle of one call, each a record: the gateway's path through the SDK
+            "reserve_settle": _summary_us(rs_rounds),
+            "reserve_settle_decided_in_full": _summary_us(rs_full_rounds),
             "baseline_limits_moving_window_memory": mem_s,
             "baseline_limits_moving_window_redis": base_s,
             "ratio_p50": round(base_s["p50_us"] / check_s["p50_us"], 1),
