@@ -174,6 +174,9 @@ class QuotaCache:
         # change that can shrink a headroom forgets it (under the lock, and counted in
         # _changes, so that a full decision racing the change does not leave an older one).
         self._headroom: dict[str, dict[str | None, Headroom]] = {}
+        # The last limit denial per key, for a caller asking again with the same call:
+        # (model, call, made, until, decision); forgotten with the headroom (see _decide).
+        self._denied: dict[str, tuple[str | None, tuple[Any, ...], float, float, Decision]] = {}
         self._changes = 0
         #: False: every check is decided in full (to compare the two, in tests and benches).
         self.keeps_headroom = headroom
@@ -224,8 +227,10 @@ class QuotaCache:
         self._changes += 1
         if key is None:
             self._headroom.clear()
+            self._denied.clear()
         else:
             self._headroom.pop(key, None)
+            self._denied.pop(key, None)
 
     def mark_heard(self) -> None:
         self.last_heard = self.clock()
@@ -283,10 +288,15 @@ class QuotaCache:
             self._own[slot] = [start, *map(add, own[1:], call[2:])]
 
     def _charge(self, key: str, call: Pending) -> None:
-        """Take this process's call off the key's headrooms (holding the lock)."""
+        """Take this process's call off the key's headrooms (holding the lock); a remembered
+        denial of the key no longer has its figures. Counted in ``_changes`` even where the key
+        has no headroom yet: a full decision of the key racing this call must not leave one
+        (or a denial) that misses it."""
+        self._changes += 1
+        if self._denied:
+            self._denied.pop(key, None)
         rooms = self._headroom.get(key)
         if rooms:
-            self._changes += 1
             model, measures = call[1], call[2:]
             for room_model, room in rooms.items():
                 charge(room, room_model == model, measures)
@@ -319,10 +329,11 @@ class QuotaCache:
         another model may have a model limit that never counted the hold, in a gate whose
         other limit did: giving it back there could open that gate too far, so it is dropped
         (its next check decides in full)."""
+        self._changes += 1
+        self._denied.pop(key, None)
         rooms = self._headroom.get(key)
         if not rooms:
             return
-        self._changes += 1
         model, back = call[1], tuple(-m for m in call[2:])
         for room_model in [m for m in rooms if m != model]:
             del rooms[room_model]
@@ -449,6 +460,27 @@ class QuotaCache:
                         None if last is None else now - last, None, None, None, None,
                         self.policy_version,
                     ))  # fmt: skip
+        denied = self._denied.get(key)
+        if (
+            denied is not None
+            and denied[0] == model
+            and denied[2] <= now < denied[3]
+            and denied[1]
+            == (
+                requests,
+                prompt_tokens,
+                completion_tokens,
+                cached_prompt_tokens,
+                images,
+                cost_micros,
+            )
+        ):
+            # the same call denied again, nothing changed since: the same answer, timed now
+            d = denied[4]
+            last = self.last_heard
+            return _new_decision(Decision, (
+                *d[:7], d[8] - now, d[8], None if last is None else now - last, *d[10:],
+            ))  # fmt: skip
         return self._decide(
             key, model, now, requests, prompt_tokens, completion_tokens, cached_prompt_tokens,
             images, cost_micros,
@@ -490,6 +522,8 @@ class QuotaCache:
                 if binding.money:
                     prices = self._prices(key, model, now)
                     break
+        asked = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+                 cost_micros)  # fmt: skip
         if cost_micros is None:
             cost_micros = 0 if prices is None else prices.cost(
                 prompt_tokens, completion_tokens, cached_prompt_tokens, 0, 0, images, requests
@@ -511,6 +545,7 @@ class QuotaCache:
         # the headroom an admission leaves: until when it holds, and per limit its form, what
         # is left before this call and the bound of its gate (share included)
         until = now + HEADROOM_TTL
+        next_turn = math.inf  # when the current bucket of the shortest window ends
         forms: list[tuple[int, int, int]] = []
         lefts: list[int] = []
         bounds: list[int] = []
@@ -571,6 +606,10 @@ class QuotaCache:
                     counted = self._own_used(key, scope, unit, size, start)
                     limit = limit // policy.expected_instances
                 else:
+                    # a denial's reset can move with the bucket (see _remember_denial)
+                    turn = (now // bucket) * bucket + bucket
+                    if turn < next_turn:
+                        next_turn = turn
                     # the stream's sliding count, less what expired since it was published
                     counted = 0
                     if windows is not None:
@@ -630,10 +669,16 @@ class QuotaCache:
         view = MappingProxyType(remaining)
         if deny is not None:
             reason, name, d_binding, reset_at, used, ceiling, want = deny
-            return Decision(
+            decision = Decision(
                 False, key, model, reason, name, d_binding.policy.name, view,
                 reset_at - now, reset_at, age, used, ceiling, want, None, self.policy_version,
             )  # fmt: skip
+            if reason == "limit" and stale_reason is None:
+                until = min(until, next_turn)
+                if prices is not None:
+                    until = min(until, prices.valid_until)
+                self._remember_denial(key, model, asked, changes, now, until, decision)
+            return decision
         if shadow is not None:
             self.shadow_denials[shadow] = self.shadow_denials.get(shadow, 0) + 1
             return Decision(
@@ -667,6 +712,32 @@ class QuotaCache:
                 self._headroom[key] = {model: room}
             else:
                 rooms[model] = room
+
+    def _remember_denial(
+        self,
+        key: str,
+        model: str | None,
+        asked: tuple[Any, ...],
+        changes: int,
+        now: float,
+        until: float,
+        decision: Decision,
+    ) -> None:
+        """Keep a limit denial for the same call asked again (a caller retrying, a queue
+        polling): it is the full decision's answer until ``until``, the first moment that
+        decision could differ (a listed bucket expiring, the current one ending: a reset
+        read when nothing frees in time is a window after it, pending usage leaving a window,
+        the stream deemed silent, a month or a price ending), and while nothing that changes the
+        key's counts happens (each forgets it, as it forgets the headroom). Share denials are
+        not kept: they hold for a moment and their chance admissions are drawn afresh."""
+        if not self.keeps_headroom:
+            return
+        with self._lock:
+            if self._changes != changes:
+                return
+            if len(self._denied) >= MAX_HEADROOMS:
+                self._denied.clear()  # bounded memory: a miss costs one full decision
+            self._denied[key] = (model, asked, now, until, decision)
 
     def _month_used(
         self,

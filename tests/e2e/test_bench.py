@@ -30,6 +30,23 @@ def test_bench_gateway_prints_latencies_against_direct_calls(
     assert result["records_emitted"] == 50, "every gateway call (warm-up included) recorded"
 
 
+def test_bench_gateway_under_concurrent_load_reports_rates_and_cpu(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "gateway", "--concurrency", "4", "--requests", "200",
+                       "--rounds", "1")  # fmt: skip
+    assert result["benchmark"] == "gateway_concurrency" and result["concurrency"] == 4
+    for target in ("direct", "gateway"):
+        figures = result[target]
+        assert isinstance(figures, dict)
+        assert figures["requests_per_s"] > 0 and 0 < figures["p50_ms"] <= figures["p99_ms"]
+        # each server's own CPU per request, read from /proc: the gateway does more per call
+        assert figures["cpu_us_per_request"] > 0 and figures["requests_per_cpu_s"] > 0, result
+    assert result["gateway"]["cpu_us_per_request"] > result["direct"]["cpu_us_per_request"]
+    # the worker beside the gateway counted every call (200 warm-up and 200 measured)
+    worker = result["worker"]
+    assert isinstance(worker, dict) and worker["gateway_calls"] == 400, result
+    assert worker["records"] == 400 and worker["dlq"] == 0, result
+
+
 def run_bench(tmp_path: Path, *args: str) -> dict[str, object]:
     env = {**os.environ, "QUOTAFLOW_DEV_STATE": str(tmp_path / "none.json")}
     proc = subprocess.run(
@@ -62,6 +79,13 @@ def test_bench_check_reports_sdk_and_baseline_latencies(tmp_path: Path) -> None:
     # slower (~5x here; 2x leaves room for a busy machine)
     in_full = result["check_three_limits_and_budget_decided_in_full"]
     assert in_full["p50_us"] > 2 * result["check_three_limits_and_budget"]["p50_us"], result
+    # a denied call asked again is answered from the kept denial (most asks, within a bucket)
+    denied, denied_full = result["check_denied_again"], result["check_denied_again_decided_in_full"]
+    assert denied["p50_us"] < denied_full["p50_us"], result
+    # the gateway's path: a reservation settled, with its headroom and decided in full
+    for name in ("reserve_settle", "reserve_settle_decided_in_full"):
+        figures = result[name]
+        assert isinstance(figures, dict) and 0 < figures["p50_us"] <= figures["p99_us"], name
     tail = result["record_tail"]
     for run in ("with_collector", "collector_disabled"):
         assert 0 < tail[run]["p50_us"] <= tail[run]["p99_us"], tail

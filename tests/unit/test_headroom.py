@@ -133,6 +133,8 @@ def op() -> Any:
                        measures)  # fmt: skip
     return st.one_of(
         check, check, check, check, record, record,
+        # the last check asked again, as a caller retrying a denied call does
+        st.tuples(st.just("again")), st.tuples(st.just("again")),
         st.tuples(st.just("hold"), st.sampled_from(KEYS), st.sampled_from(MODELS[1:]), measures),
         st.tuples(st.just("release"), st.sampled_from(KEYS)),
         st.tuples(st.just("state"), st.integers(0, 2**32)),
@@ -164,8 +166,14 @@ def test_fast_and_full_decisions_are_the_same(
     if month_edge:  # a minute before the month ends: headrooms must end with it
         clock.now = MONTH_END - 60
     holds: dict[str, list[str]] = {k: [] for k in KEYS}
+    last_check: list[Any] | None = None
     for n, (kind, *args) in enumerate(ops):
+        if kind == "again":
+            if last_check is None:
+                continue
+            kind, args = "check", last_check
         if kind == "check":
+            last_check = args
             key, model, (req, pt, ct, cached, img), priced = args
             cost = None if priced else (pt + ct) // 10
             call = {
@@ -256,6 +264,51 @@ def test_a_released_hold_of_another_model_does_not_open_a_model_limit() -> None:
     assert fields(got) == fields(want)
 
 
+def full_minute(clock: Clock, key: str = "k1") -> QuotaState:
+    """A state of ``key``: its 12 requests a minute used, nothing listed to expire."""
+    return QuotaState(
+        key=key, published_at=clock.now, watermark=clock.now,
+        scopes={"": {60: (int(clock.now), 12, 0, 0, 0, 0, 0, ())}},
+        scope_policies={"": "p"}, sources={},
+    )  # fmt: skip
+
+
+def test_the_same_call_denied_again_is_answered_without_deciding() -> None:
+    """A caller retrying a denied call: the denial is kept, timed anew, until something that
+    could change it happens (here this process's own usage of the key)."""
+    fast, full, clock = caches(make_policies(False, True, "open"))
+    for cache in (fast, full):
+        cache.apply_state(full_minute(clock))
+    decided = []
+    fast._decide = lambda *a: decided.append(a) or QuotaCache._decide(fast, *a)  # type: ignore[method-assign]
+    call = {"requests": 1, "prompt_tokens": 10, "completion_tokens": 0}
+    for _ in range(5):
+        clock.now += 0.01
+        got, want = fast.check("k1", None, **call), full.check("k1", None, **call)
+        assert not got.allowed and fields(got) == fields(want)
+    assert len(decided) == 1
+    fast.check("k1", None, requests=1, prompt_tokens=11, completion_tokens=0)  # another call
+    for cache in (fast, full):
+        cache.add_usage("k1", (clock.now, "small", 0, 5, 0, 0, 0, 0))
+    assert fields(fast.check("k1", None, **call)) == fields(full.check("k1", None, **call))
+    assert len(decided) == 3
+
+
+def test_a_kept_denial_ends_with_its_bucket() -> None:
+    """Nothing listed frees in time, so the reset is a window after the current bucket: it
+    moves when the bucket ends, and the kept denial must not outlive it."""
+    fast, full, clock = caches(make_policies(False, True, "open"))
+    for cache in (fast, full):
+        cache.apply_state(full_minute(clock))
+    call = {"requests": 1, "prompt_tokens": 10, "completion_tokens": 0}
+    first = fast.check("k1", None, **call)
+    assert fields(first) == fields(full.check("k1", None, **call))
+    clock.now += 0.3  # two buckets of 0.125 s later
+    got, want = fast.check("k1", None, **call), full.check("k1", None, **call)
+    assert want.reset_at > first.reset_at
+    assert fields(got) == fields(want)
+
+
 def test_a_call_that_does_not_fit_its_headroom_is_decided_in_full() -> None:
     fast, full, clock = caches(make_policies(False, True, "open"))
     assert fast.check("k1", "big", requests=1, prompt_tokens=100, completion_tokens=0).allowed
@@ -310,6 +363,34 @@ def test_a_state_arriving_while_a_check_is_decided_in_full_leaves_no_headroom() 
     assert not cache.check(
         "k1", "big", requests=2, prompt_tokens=10, completion_tokens=0
     ).allowed, "the state counts"
+
+
+def test_a_call_recorded_while_a_check_is_decided_in_full_leaves_no_headroom() -> None:
+    """Another thread of this process may record a call of the key while a check is decided
+    without it: neither the headroom nor the denial that decision would leave is kept."""
+    clock = Clock()
+    cache: QuotaCache
+    racing = True
+
+    def prices_racing_a_record(key: str, model: str, now: float) -> ModelPrices:
+        if racing:  # the key's first headroom, made while this call is recorded
+            cache.add_usage(key, (now, "big", 11, 10, 0, 0, 0, 1))
+        return PRICES
+
+    cache = QuotaCache(make_policies(False, True, "open"), "me", clock=clock,
+                       prices=prices_racing_a_record)  # fmt: skip
+    cache.mark_heard()
+    call = {"requests": 1, "prompt_tokens": 10, "completion_tokens": 0}
+    assert cache.check("k1", "big", **call).allowed  # decided before the 11 requests
+    assert "k1" not in cache._headroom
+    racing = False
+    clock.now += 0.01
+    cache.add_usage("k1", (clock.now, "big", 1, 10, 0, 0, 0, 1))  # 12 of 12
+    # a denial decided while another call is recorded is not kept either
+    racing = True
+    clock.now += 0.01
+    assert not cache.check("k1", "big", **call).allowed
+    assert "k1" not in cache._denied
 
 
 @given(

@@ -108,6 +108,13 @@ FULL_POLICY = {"policies": [
 ]}  # fmt: skip
 
 
+#: Every bench key's state says 5 requests this minute: each check is denied by the limit.
+AT_LIMIT_POLICY = {"policies": [
+    {"name": "bench-at-limit", "default": True, "max_staleness": 3600,
+     "limits": {"requests_per_minute": 5}},
+]}  # fmt: skip
+
+
 def run_check(args: argparse.Namespace) -> int:
     with bench_run("bench-check") as (stack, settings, _):
         return _measure(args, stack.redis_url, settings)
@@ -175,6 +182,23 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
 
         _latencies(check_full, keys, 20_000)
         full_rounds = [_latencies(check_full, keys, args.samples) for _ in range(args.rounds)]
+
+        say("measuring check() of calls denied again (every key at its limit)...")
+        denied = QuotaClient(settings, policies=parse_policies(AT_LIMIT_POLICY)).open()
+        clients.append(denied)
+        follow_states(denied)
+
+        def check_denied(key: str) -> None:
+            if denied.check(key, "gpt-4o", tokens=500).allowed:
+                raise SystemExit(f"bench: {key} should be at its limit")
+
+        _latencies(check_denied, keys, 20_000)
+        denied_rounds = [_latencies(check_denied, keys, args.samples) for _ in range(args.rounds)]
+        denied.cache.keep_headrooms(False)
+        _latencies(check_denied, keys, 20_000)
+        denied_full_rounds = [
+            _latencies(check_denied, keys, args.samples) for _ in range(args.rounds)
+        ]
 
         def reserve_settle(key: str) -> None:
             """A gateway's call: reserved by its prompt and output ceiling, settled by what the
@@ -271,6 +295,11 @@ def _measure(args: argparse.Namespace, redis_url: str, settings: Any) -> int:
             "check": check_s,
             "check_three_limits_and_budget": full_s,
             "check_three_limits_and_budget_decided_in_full": _summary_us(in_full_rounds),
+            # the same call asked again of a key at its limit (a retrying caller): the kept
+            # denial, and every ask decided in full; the denial is kept until its bucket ends
+            # (0.125 s), so each round decides each key again every 0.125 s
+            "check_denied_again": _summary_us(denied_rounds),
+            "check_denied_again_decided_in_full": _summary_us(denied_full_rounds),
             # reserve + settle of one call, each a record: the gateway's path through the SDK
             "reserve_settle": _summary_us(rs_rounds),
             "reserve_settle_decided_in_full": _summary_us(rs_full_rounds),

@@ -175,8 +175,9 @@ def _measure_concurrent(args: argparse.Namespace, settings: Any, run_dir: Path) 
         targets = {"direct": upstream + "/v1" + path, "gateway": base + "/v1" + path}
         headers = {"Authorization": "Bearer sk-bench-not-a-secret", "x-quotaflow-key": "bench"}
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        warm_up = max(200, args.requests // 10)
         for url in targets.values():  # warm-up: connections, caches, the first records
-            _load(url, body, headers, args.concurrency, max(200, args.requests // 10))
+            _load(url, body, headers, args.concurrency, warm_up)
         # whose CPU time each target's requests cost: the upstream's alone, or the gateway's
         # (its processes) apart from the upstream it calls
         servers = {"direct": stub.pid, "gateway": gateway.pid}
@@ -198,7 +199,13 @@ def _measure_concurrent(args: argparse.Namespace, settings: Any, run_dir: Path) 
             for name, runs in rounds.items()
         }  # fmt: skip
         direct, via = summary["direct"], summary["gateway"]
+        # every call through the gateway is a record: wait (briefly) until the worker has them
+        calls = warm_up + args.rounds * args.requests
+        deadline = time.monotonic() + 20
         counted = worker.stats() or {}
+        while counted.get("records", 0) < calls and time.monotonic() < deadline:
+            time.sleep(0.2)
+            counted = worker.stats() or counted
         result = {
             "benchmark": "gateway_concurrency",
             "route": args.route,
@@ -210,7 +217,10 @@ def _measure_concurrent(args: argparse.Namespace, settings: Any, run_dir: Path) 
             "gateway": via,
             "throughput_ratio": round(via["requests_per_s"] / direct["requests_per_s"], 3),
             # the worker counted the gateway's usage and published the key's states meanwhile
-            "worker": {k: counted.get(k) for k in ("records", "states_published", "dlq")},
+            "worker": {
+                "gateway_calls": calls,
+                **{k: counted.get(k) for k in ("records", "states_published", "dlq")},
+            },
             "targets": {  # issue 19: per gateway process at 32 connections
                 "gateway_ge_4000_rps": via["requests_per_s"] >= 4000,
                 # what one gateway process would serve with a core of its own
