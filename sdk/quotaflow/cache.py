@@ -545,7 +545,7 @@ class QuotaCache:
         # the headroom an admission leaves: until when it holds, and per limit its form, what
         # is left before this call and the bound of its gate (share included)
         until = now + HEADROOM_TTL
-        next_turn = math.inf  # when the current bucket of the shortest window ends
+        next_turn = math.inf  # when a denial's reset moves (see _remember_denial)
         forms: list[tuple[int, int, int]] = []
         lefts: list[int] = []
         bounds: list[int] = []
@@ -606,10 +606,6 @@ class QuotaCache:
                     counted = self._own_used(key, scope, unit, size, start)
                     limit = limit // policy.expected_instances
                 else:
-                    # a denial's reset can move with the bucket (see _remember_denial)
-                    turn = (now // bucket) * bucket + bucket
-                    if turn < next_turn:
-                        next_turn = turn
                     # the stream's sliding count, less what expired since it was published
                     counted = 0
                     if windows is not None:
@@ -640,8 +636,15 @@ class QuotaCache:
                     )  # fmt: skip
                     if not enforce:
                         shadow = shadow or name
-                    elif deny is None or deny[0] != "limit" or reset_at > deny[3]:
-                        deny = ("limit", name, binding, reset_at, used, limit, want)
+                    else:
+                        if size != MONTH and not stale:
+                            # nothing listed frees in time: the reset is a window after the
+                            # current bucket, so it moves when the bucket ends
+                            turn = (now // bucket) * bucket + bucket
+                            if reset_at >= turn + size and turn < next_turn:
+                                next_turn = turn
+                        if deny is None or deny[0] != "limit" or reset_at > deny[3]:
+                            deny = ("limit", name, binding, reset_at, used, limit, want)
                 elif shared:
                     allowance = share * (limit - counted) - mine
                     bound = min(bound, int(allowance // 1) + 1)
@@ -725,8 +728,8 @@ class QuotaCache:
     ) -> None:
         """Keep a limit denial for the same call asked again (a caller retrying, a queue
         polling): it is the full decision's answer until ``until``, the first moment that
-        decision could differ (a listed bucket expiring, the current one ending: a reset
-        read when nothing frees in time is a window after it, pending usage leaving a window,
+        decision could differ (a listed bucket expiring, the current one ending where a reset
+        is read as a window after it, nothing freeing in time; pending usage leaving a window,
         the stream deemed silent, a month or a price ending), and while nothing that changes the
         key's counts happens (each forgets it, as it forgets the headroom). Share denials are
         not kept: they hold for a moment and their chance admissions are drawn afresh."""

@@ -309,6 +309,31 @@ def test_a_kept_denial_ends_with_its_bucket() -> None:
     assert fields(got) == fields(want)
 
 
+def test_a_kept_denial_whose_reset_is_a_listed_expiry_outlives_its_bucket() -> None:
+    """A listed bucket frees the call in 10 s: the answer stands until then, bucket after
+    bucket (a caller retrying every few hundred milliseconds asks it again)."""
+    fast, full, clock = caches(make_policies(False, True, "open"))
+    frees = (clock.now + 10, 1, 0, 0, 0, 0, 0)
+    state = QuotaState(
+        key="k1", published_at=clock.now, watermark=clock.now,
+        scopes={"": {60: (int(clock.now), 12, 0, 0, 0, 0, 0, (frees,))}},
+        scope_policies={"": "p"}, sources={},
+    )  # fmt: skip
+    for cache in (fast, full):
+        cache.apply_state(state)
+    decided = []
+    fast._decide = lambda *a: decided.append(a) or QuotaCache._decide(fast, *a)  # type: ignore[method-assign]
+    call = {"requests": 1, "prompt_tokens": 10, "completion_tokens": 0}
+    for _ in range(20):
+        got, want = fast.check("k1", None, **call), full.check("k1", None, **call)
+        assert not want.allowed and want.reset_at == frees[0]
+        assert fields(got) == fields(want)
+        clock.now += 0.3
+    assert len(decided) == 1
+    clock.now = frees[0]  # the bucket frees: the call fits
+    assert fast.check("k1", None, **call).allowed and len(decided) == 2
+
+
 def test_a_call_that_does_not_fit_its_headroom_is_decided_in_full() -> None:
     fast, full, clock = caches(make_policies(False, True, "open"))
     assert fast.check("k1", "big", requests=1, prompt_tokens=100, completion_tokens=0).allowed
