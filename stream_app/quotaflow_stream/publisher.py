@@ -4,9 +4,14 @@ Every ``publish_interval`` (:meth:`StatePublisher.publish_dirty`) the states of 
 usage changed go to the decisions topic and the Redis snapshot, once per key however many
 messages touched it, oldest change first. Under a backlog thousands of keys change between
 ticks: a tick stops within :data:`PUBLISH_SLICE` of its interval (the rest stay dirty, oldest
-first next time) and the next one waits so that publication takes at most
-:data:`PUBLISH_SHARE` of the worker's time, so busy keys' states coalesce instead of starving
-the aggregation. Every ``heartbeat_interval`` (:meth:`StatePublisher.refresh`) active keys are
+first next time) and, while records are being folded, the next one waits so that publication
+takes at most :data:`PUBLISH_SHARE` of the worker's time, so busy keys' states coalesce instead
+of starving the aggregation. Once nothing was folded since the last tick (the backlog is
+done) the keys still due go out tick after tick: the fleet gets the final counts as soon as
+the worker is free, not at the backlog's pace (see ``bench stream``'s
+``states_current_after_s``).
+
+Every ``heartbeat_interval`` (:meth:`StatePublisher.refresh`) active keys are
 re-published once ``refresh_interval`` has passed (windows roll over without new usage) and a
 heartbeat goes to every decisions partition, so followers can tell a quiet worker from a dead
 one.
@@ -142,6 +147,8 @@ class StatePublisher:
         self._swept_at = 0.0  # when refresh() last dropped old states from `latest`
         # monotonic time before which the next publication tick is skipped (see PUBLISH_SHARE)
         self._publish_after = 0.0
+        # the fold's time so far at the last tick: unchanged, nothing waits to be folded
+        self._folded = 0.0
 
     def changed(self, keys: Collection[str], sources: Iterable[str], now: float) -> None:
         """Usage of ``keys`` from ``sources`` was folded at ``now``: publish them soon."""
@@ -184,7 +191,9 @@ class StatePublisher:
         if self._announce and self._ready():
             self._announce_recovered()
         started = self._monotonic()
-        if not self.dirty or started < self._publish_after:
+        folded = self.counters.seconds_folding
+        folding, self._folded = folded != self._folded, folded
+        if not self.dirty or (folding and started < self._publish_after):
             return
         now = self.clock()
         store = self.store

@@ -235,47 +235,94 @@ def test_states_go_out_once_per_key_oldest_change_first() -> None:
 README_SHARE = 0.2
 
 
+def costly_states(parts: Parts, ticker: Ticker) -> None:
+    """Each state published costs 1 ms of the ticker's (fake) time."""
+    send = parts.output.send
+
+    def costly_send(*args: Any, **kwargs: Any) -> None:
+        ticker.now += 0.001
+        send(*args, **kwargs)
+
+    parts.output.send = costly_send  # type: ignore[method-assign]
+
+
+async def fold_backlog(parts: Parts, prefix: str = "p") -> list[str]:
+    """150 keys' records folded on each partition: the keys, in the order they are due."""
+    keys = [k for p in range(PARTS) for k in keys_of(p, 150, f"{prefix}{p}")]
+    for p in range(PARTS):
+        mine = [k for k in keys if partition_of(k, PARTS) == p]
+        await parts.pipeline.process_message(FakeMessage(p, 0), encode_records(records(mine)))
+    return list(parts.publisher.dirty)
+
+
 def test_the_publication_slice_holds_under_a_backlog() -> None:
     """Each state costs 1 ms of (fake) time: a tick stops within its slice of the interval,
-    the next tick waits until publication is back to its share of time, and the keys left
-    over go first next time; every key is published once in the end."""
+    the next tick waits until publication is back to its share of time while records are
+    still being folded, and the keys left over go first next time; every key is published
+    once in the end."""
 
     async def run() -> None:
         ticker = Ticker()
         parts = Parts(monotonic=ticker, publish_interval=0.2)
-        send = parts.output.send
+        costly_states(parts, ticker)
+        backlog = await fold_backlog(parts)
+        busy = keys_of(0, 1, "busy")[0]
+        offset = 0
 
-        def costly_send(*args: Any, **kwargs: Any) -> None:
-            ticker.now += 0.001
-            send(*args, **kwargs)
+        async def fold_more() -> None:  # the backlog goes on between ticks
+            nonlocal offset
+            offset += 1
+            more = records([busy], start=10_000 + offset)
+            await parts.pipeline.process_message(FakeMessage(0, offset), encode_records(more))
 
-        parts.output.send = costly_send  # type: ignore[method-assign]
-        keys = [k for p in range(PARTS) for k in keys_of(p, 150, f"p{p}")]
-        for p in range(PARTS):
-            mine = [k for k in keys if partition_of(k, PARTS) == p]
-            await parts.pipeline.process_message(FakeMessage(p, 0), encode_records(records(mine)))
-        backlog = list(parts.publisher.dirty)
         started = ticker.now
         await parts.publisher.publish_dirty()
         spent = ticker.now - started
         first = len(parts.states())
-        assert 0 < first < len(keys)
+        assert 0 < first < len(backlog)
         # the slice is checked every 64 states: at most 64 states past it
         assert spent <= PUBLISH_SLICE * 0.2 + 64 * 0.001 + 0.01
         assert [s.key for s in parts.states()] == backlog[:first]
+        await fold_more()
         await parts.publisher.publish_dirty()  # too soon: publication would exceed its share
         assert len(parts.states()) == first
         # the README's claim: publication takes at most 20 % of the worker's time
         ticker.now = started + spent / README_SHARE * 0.95
+        await fold_more()
         await parts.publisher.publish_dirty()
         assert len(parts.states()) == first, "publication went past 20 % of the time"
         ticker.now = started + spent / README_SHARE  # the share's wait has passed
+        await fold_more()
         await parts.publisher.publish_dirty()
         assert [s.key for s in parts.states()][first:] == backlog[first : len(parts.states())]
         while parts.publisher.dirty:
             ticker.now += 10
             await parts.publisher.publish_dirty()
-        assert sorted(s.key for s in parts.states()) == sorted(keys)
+        assert sorted(s.key for s in parts.states()) == sorted([*backlog, busy])
+
+    asyncio.run(run())
+
+
+def test_once_the_backlog_is_folded_the_states_due_go_out_tick_after_tick() -> None:
+    """Nothing left to fold: no wait for publication's share of time, which would leave the
+    fleet on old counts for minutes after a catch-up of thousands of keys."""
+
+    async def run() -> None:
+        ticker = Ticker()
+        parts = Parts(monotonic=ticker, publish_interval=0.2)
+        costly_states(parts, ticker)
+        backlog = await fold_backlog(parts)
+        await parts.publisher.publish_dirty()
+        first = len(parts.states())
+        assert 0 < first < len(backlog)
+        ticks = 1
+        while parts.publisher.dirty:
+            ticker.now += 0.2  # the next tick, one interval later: never too soon
+            await parts.publisher.publish_dirty()
+            ticks += 1
+            assert len(parts.states()) >= min(first * ticks, len(backlog)) - 64 * ticks
+        assert sorted(s.key for s in parts.states()) == sorted(backlog)
+        assert ticks <= len(backlog) // first + 2, "each tick publishes a full slice"
 
     asyncio.run(run())
 

@@ -137,7 +137,7 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
             ):
                 time.sleep(0.2)
                 stats = worker.stats() or stats
-            exact = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
+            matched = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
             seconds = max(stats["last_record_at"] - stats["first_record_at"], 1e-9)
             return {
                 **rate(len(records), stats),
@@ -156,7 +156,11 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
                 "records_per_message": round(len(records) / max(stats["messages"], 1), 1),
                 "changelog_writes": stats.get("saved_entries"),
                 "states_published": stats["states_published"],
-                "counts_exact": exact,
+                "counts_exact": matched is not None,
+                # the last record folded -> every key's final state in the snapshot
+                "states_current_after_s": (
+                    None if matched is None else round(matched - stats["last_record_at"], 2)
+                ),
             }
         finally:
             worker.stop()
@@ -235,11 +239,11 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
             each = [st for st in done["each"] if st and st.get("first_record_at")]
             first = min(st["first_record_at"] for st in each)
             last = max(st["last_record_at"] for st in each)
-            exact = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
+            matched = _snapshot_matches(settings, _expected_totals(records), redis, QuotaState)
             return {
                 **rate(len(records), {"first_record_at": first, "last_record_at": last}),
                 "records_per_worker": [st["records"] for st in done["each"] if st],
-                "counts_exact": exact,
+                "counts_exact": matched is not None,
             }
         finally:
             for proc in procs:
@@ -283,8 +287,9 @@ def _measure(args: argparse.Namespace, fresh_settings: Any, run_dir: Any) -> int
 
 def _snapshot_matches(
     settings: Any, expected: dict[str, list[int]], redis: Any, state_cls: Any
-) -> bool:
-    """The worker's per-key totals (Redis snapshot) equal a recount of what was sent."""
+) -> float | None:
+    """When (wall clock) the worker's per-key totals in the Redis snapshot equalled a recount
+    of what was sent, waiting up to 30 s; None if they never did."""
     client = redis.Redis.from_url(settings.redis.url)
     try:
         deadline = time.monotonic() + 30
@@ -294,9 +299,9 @@ def _snapshot_matches(
                 t = state_cls.from_json(raw).totals
                 got[key.decode()] = [t.requests, t.prompt_tokens, t.completion_tokens]
             if got == expected:
-                return True
+                return time.time()
             if time.monotonic() > deadline:
-                return False
+                return None
             time.sleep(0.5)
     finally:
         client.close()
