@@ -461,26 +461,16 @@ class QuotaCache:
                         self.policy_version,
                     ))  # fmt: skip
         denied = self._denied.get(key)
-        if (
-            denied is not None
-            and denied[0] == model
-            and denied[2] <= now < denied[3]
-            and denied[1]
-            == (
-                requests,
-                prompt_tokens,
-                completion_tokens,
-                cached_prompt_tokens,
-                images,
-                cost_micros,
-            )
-        ):
-            # the same call denied again, nothing changed since: the same answer, timed now
-            d = denied[4]
-            last = self.last_heard
-            return _new_decision(Decision, (
-                *d[:7], d[8] - now, d[8], None if last is None else now - last, *d[10:],
-            ))  # fmt: skip
+        if denied is not None and denied[0] == model and denied[2] <= now < denied[3]:
+            asked = (requests, prompt_tokens, completion_tokens, cached_prompt_tokens, images,
+                     cost_micros)  # fmt: skip
+            if denied[1] == asked:
+                # the same call denied again, nothing changed since: the same answer, timed now
+                d = denied[4]
+                last = self.last_heard
+                return _new_decision(Decision, (
+                    *d[:7], d[8] - now, d[8], None if last is None else now - last, *d[10:],
+                ))  # fmt: skip
         return self._decide(
             key, model, now, requests, prompt_tokens, completion_tokens, cached_prompt_tokens,
             images, cost_micros,
