@@ -8,12 +8,15 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from quotaflow.stats import percentile
 from quotaflow_producers.bench.common import bench_run, cpu_seconds
 from quotaflow_producers.bench.common import progress as progress_printer
+
+T = TypeVar("T")
 
 _PROMPT = "Benchmark the gateway, please."
 #: Each route the bench can measure: its path below /v1, and a typical body.
@@ -117,17 +120,27 @@ def _measure(args: argparse.Namespace, settings: Any) -> int:
         stub.stop()
 
 
-def _emitted(quota: Any, calls: int, wait: float = 10.0) -> int:
+def _emitted(quota: Any, calls: int) -> int:
     """Records the gateway's client has emitted, once it has the ``calls`` made (or after
-    ``wait`` seconds): a streamed call is settled just after its last bytes reach the caller,
-    so the last call's record may come a moment after the bench has read its answer."""
-    deadline = time.monotonic() + wait
-    while True:
+    10 s): a streamed call is settled just after its last bytes reach the caller, so the last
+    call's record may come a moment after the bench has read its answer."""
+
+    def emitted() -> int:
         stats = quota.stats()
-        emitted = int(stats["records_sent"] + stats["records_buffered"])
-        if emitted >= calls or time.monotonic() > deadline:
-            return emitted
-        time.sleep(0.02)
+        return int(stats["records_sent"] + stats["records_buffered"])
+
+    return _poll(emitted, lambda n: n >= calls, 10.0, 0.02)
+
+
+def _poll(read: Callable[[], T], enough: Callable[[T], bool], seconds: float, every: float) -> T:
+    """``read()`` every ``every`` seconds until ``enough`` of it, or ``seconds`` have passed:
+    the last reading."""
+    deadline = time.monotonic() + seconds
+    value = read()
+    while not enough(value) and time.monotonic() < deadline:
+        time.sleep(every)
+        value = read()
+    return value
 
 
 # -- under concurrent load --------------------------------------------------------------------
@@ -214,11 +227,8 @@ def _measure_concurrent(args: argparse.Namespace, settings: Any, run_dir: Path) 
         direct, via = summary["direct"], summary["gateway"]
         # every call through the gateway is a record: wait (briefly) until the worker has them
         calls = warm_up + args.rounds * args.requests
-        deadline = time.monotonic() + 20
-        counted = worker.stats() or {}
-        while counted.get("records", 0) < calls and time.monotonic() < deadline:
-            time.sleep(0.2)
-            counted = worker.stats() or counted
+        counted = _poll(lambda: worker.stats() or {}, lambda st: st.get("records", 0) >= calls,
+                        20.0, 0.2)  # fmt: skip
         result = {
             "benchmark": "gateway_concurrency",
             "route": args.route,
