@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from quotaflow.emitter import UsageEmitter
 from quotaflow.messages import parse_usage_value
@@ -94,3 +95,45 @@ def test_observers_see_each_record_once_as_it_is_sent_and_cannot_stop_delivery()
     # refused sends went back to the buffer: observed only when they were really handed over
     assert seen == [f"r{i}" for i in range(10)]
     assert [r.id for r in sent_records(t)] == seen
+
+
+def _wait_for_messages(t: MemoryTransport, count: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while len(t.sent) < count and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return len(t.sent) >= count
+
+
+def test_a_record_finding_the_emitter_idle_goes_at_once_and_later_ones_are_batched() -> None:
+    t = MemoryTransport(partitions=1)
+    e = UsageEmitter(t, "usage", flush_interval=30)
+    e.start()
+    try:
+        time.sleep(0.05)  # the emitter waits, idle
+        e.emit(record(0, "k"))
+        # not after the 30 s interval: the first record after a quiet spell is sent at once
+        assert _wait_for_messages(t, 1, within=5)
+        for i in range(1, 11):
+            e.emit(record(i, "k"))
+        time.sleep(0.3)
+        # within the interval after a flush, records wait for the next one, together
+        assert len(t.sent) == 1
+    finally:
+        assert e.close(timeout=5) == 0
+    assert len(t.sent) == 2
+    assert [r.id for r in sent_records(t)] == [f"r{i}" for i in range(11)]
+
+
+def test_a_full_batch_goes_without_waiting_out_the_interval() -> None:
+    t = MemoryTransport(partitions=1)
+    e = UsageEmitter(t, "usage", max_batch=5, flush_interval=30)
+    e.start()
+    try:
+        e.emit(record(0, "k"))
+        assert _wait_for_messages(t, 1, within=5)
+        for i in range(1, 6):
+            e.emit(record(i, "k"))
+        assert _wait_for_messages(t, 2, within=5)
+        assert [r.id for r in sent_records(t)] == [f"r{i}" for i in range(6)]
+    finally:
+        e.close(timeout=5)
