@@ -105,6 +105,7 @@ class UsagePipeline:
                 log.exception("unexpected error on usage message; sent to the DLQ")
                 reason = f"internal error: {type(exc).__name__}: {exc}"
                 await self.dead_letters.send(event.message, Rejected(event.value or b"", reason))
+            await self.publisher.publish_if_idle()
             self._unacked.append(event)
             if self.closing or self._unacked_records >= save_at:
                 await self.save()

@@ -2,14 +2,17 @@
 
 Every ``publish_interval`` (:meth:`StatePublisher.publish_dirty`) the states of the keys whose
 usage changed go to the decisions topic and the Redis snapshot, once per key however many
-messages touched it, oldest change first. Under a backlog thousands of keys change between
-ticks: a tick stops within :data:`PUBLISH_SLICE` of its interval (the rest stay dirty, oldest
-first next time) and, while records are being folded, the next one waits so that publication
-takes at most :data:`PUBLISH_SHARE` of the worker's time, so busy keys' states coalesce instead
-of starving the aggregation. Once nothing was folded since the last tick (the backlog is
-done) the keys still due go out tick after tick: the fleet gets the final counts as soon as
-the worker is free, not at the backlog's pace (see ``bench stream``'s
-``states_current_after_s``).
+messages touched it, oldest change first. Usage that finds publication idle (nothing published
+for an interval) goes out as soon as it is folded (:meth:`StatePublisher.publish_if_idle`),
+without waiting for the next tick: a quiet key's state reaches the fleet up to an interval
+sooner, and a busy worker still publishes at most once per interval and within its share of
+time. Under a backlog thousands of keys change between ticks: a tick stops within
+:data:`PUBLISH_SLICE` of its interval (the rest stay dirty, oldest first next time) and, while
+records are being folded, the next one waits so that publication takes at most
+:data:`PUBLISH_SHARE` of the worker's time, so busy keys' states coalesce instead of starving
+the aggregation. Once nothing was folded since the last tick (the backlog is done) the keys
+still due go out tick after tick: the fleet gets the final counts as soon as the worker is
+free, not at the backlog's pace (see ``bench stream``'s ``states_current_after_s``).
 
 Every ``heartbeat_interval`` (:meth:`StatePublisher.refresh`) active keys are
 re-published once ``refresh_interval`` has passed (windows roll over without new usage) and a
@@ -149,6 +152,8 @@ class StatePublisher:
         self._publish_after = 0.0
         # the fold's time so far at the last tick: unchanged, nothing waits to be folded
         self._folded = 0.0
+        # monotonic time of the last tick that published (ticks that found nothing due leave it)
+        self._published_at = -float("inf")
 
     def changed(self, keys: Collection[str], sources: Iterable[str], now: float) -> None:
         """Usage of ``keys`` from ``sources`` was folded at ``now``: publish them soon."""
@@ -193,8 +198,27 @@ class StatePublisher:
         started = self._monotonic()
         folded = self.counters.seconds_folding
         folding, self._folded = folded != self._folded, folded
-        if not self.dirty or (folding and started < self._publish_after):
+        if self.dirty and not (folding and started < self._publish_after):
+            self._publish_due(started)
+
+    async def publish_if_idle(self) -> None:
+        """Publish now if nothing was published for an interval (called after each folded
+        message): the tick runs on its own clock, so a change that finds the worker idle would
+        otherwise wait for it, half an interval on average. Records were just folded, so
+        publication's share of time holds here as in a tick; the tick's own view of whether
+        folding goes on is left as it was."""
+        if not self.dirty:
             return
+        started = self._monotonic()
+        if (
+            started - self._published_at >= self.settings.publish_interval
+            and started >= self._publish_after
+        ):
+            self._publish_due(started)
+
+    def _publish_due(self, started: float) -> None:
+        """Publish the keys due, oldest change first, until the tick's slice is spent."""
+        self._published_at = started
         now = self.clock()
         store = self.store
         dirty = self.dirty

@@ -327,6 +327,65 @@ def test_once_the_backlog_is_folded_the_states_due_go_out_tick_after_tick() -> N
     asyncio.run(run())
 
 
+def test_usage_finding_publication_idle_goes_out_without_waiting_for_the_tick() -> None:
+    """The tick runs on its own clock: a message folded when nothing was published for an
+    interval is published at once by the agent; one folded within the interval after a
+    publication waits for the next tick, so a busy worker still publishes once per interval."""
+
+    async def run() -> None:
+        ticker = Ticker()
+        parts = Parts(monotonic=ticker, publish_interval=0.2)
+        k1, k2, k3 = keys_of(0, 3)
+        stream = FakeStream([event(0, 0, encode_records(records([k1])))])
+        task = await consuming(parts, stream)
+        assert [s.key for s in parts.states()] == [k1], "published by the agent, no tick ran"
+        ticker.now += 0.05
+        stream.put(event(0, 1, encode_records(records([k2], 1))))
+        await stream.drained()
+        assert len(parts.states()) == 1 and k2 in parts.publisher.dirty, "within the interval"
+        await parts.publisher.publish_dirty()  # the tick
+        ticker.now += 0.1
+        stream.put(event(0, 2, encode_records(records([k3], 2))))
+        await stream.drained()
+        assert [s.key for s in parts.states()] == [k1, k2], "the tick published within 0.2 s"
+        await parts.publisher.publish_dirty()  # the next tick
+        ticker.now += 0.1
+        await parts.publisher.publish_dirty()  # a tick with nothing due is no publication
+        ticker.now += 0.11
+        stream.put(event(0, 3, encode_records(records([k1], 3))))
+        await stream.drained()
+        assert [s.key for s in parts.states()] == [k1, k2, k3, k1]
+        stream.close()
+        await task
+
+    asyncio.run(run())
+
+
+def test_publishing_as_messages_are_folded_keeps_publication_within_its_share() -> None:
+    """A worker folding a message every 2 ms, each touching 20 keys whose states cost 1 ms
+    apiece: publication after each message (and the tick every 10 ms) still takes at most
+    its share of the worker's time, as the tick alone does."""
+
+    async def run() -> None:
+        ticker = Ticker()
+        parts = Parts(monotonic=ticker, publish_interval=0.01)
+        costly_states(parts, ticker)
+        keys = keys_of(0, 20)
+        started = ticker.now
+        for i in range(500):
+            ticker.now += 0.002
+            value = encode_records(records(keys, start=i * 100))
+            await parts.pipeline.process_message(FakeMessage(0, i), value)
+            await parts.publisher.publish_if_idle()
+            if i % 5 == 0:
+                await parts.publisher.publish_dirty()  # the tick
+        elapsed = ticker.now - started
+        assert parts.counters.states_published >= 20, "states went out meanwhile"
+        assert parts.counters.seconds_publishing <= (README_SHARE + 0.05) * elapsed
+
+    asyncio.run(run())
+
+
 def test_refresh_republishes_quiet_active_keys_and_beats_on_every_partition() -> None:
     async def run() -> None:
         parts = Parts()
