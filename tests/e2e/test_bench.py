@@ -47,6 +47,24 @@ def test_bench_gateway_under_concurrent_load_reports_rates_and_cpu(tmp_path: Pat
     assert worker["records"] == 400 and worker["dlq"] == 0, result
 
 
+def test_bench_propagation_times_both_stages_against_the_broker_floor(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "propagation", "--calls", "40", "--followers", "2")
+    assert result["calls"] == 40 and result["followers"] == 2
+    assert result["not_seen_within_5s"] == 0, "every call's state reached both followers"
+    total, stages = result["record_to_every_follower"], result["stages"]
+    assert isinstance(total, dict) and isinstance(stages, dict) and total["count"] == 40
+    published = stages["produced_to_published"]["p50_ms"]
+    applied = stages["published_to_applied_by_last"]["p50_ms"]
+    # per call the whole is the sum of its stages, so its median is above either's
+    assert published > 0 and applied >= 0 and total["p50_ms"] >= max(published, applied)
+    # no fleet beats the broker: a bare message on the usage hop is faster than the whole path
+    floor = result["floor_broker_hops"]
+    assert isinstance(floor, dict)
+    assert floor["usage_hop"]["count"] > 0 and floor["states_hop"]["count"] > 0, floor
+    assert total["p50_ms"] > floor["usage_hop"]["p50_ms"], result
+    assert total["p99_ms"] < 2000, "a quiet fleet converges within a second, even on busy CI"
+
+
 def run_bench(tmp_path: Path, *args: str) -> dict[str, object]:
     env = {**os.environ, "QUOTAFLOW_DEV_STATE": str(tmp_path / "none.json")}
     proc = subprocess.run(

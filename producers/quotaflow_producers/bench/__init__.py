@@ -1,5 +1,5 @@
-"""``quotaflow bench gateway|check|stream``: each figure beside its baseline, measured in the
-same run on the embedded stack, printed as JSON. One module per bench:
+"""``quotaflow bench gateway|check|propagation|stream``: each figure beside its baseline,
+measured in the same run on the embedded stack, printed as JSON. One module per bench:
 
 - :mod:`.gateway`: the latency the gateway adds, against direct calls to the same upstream
   (alternating, so machine noise hits both alike).
@@ -7,6 +7,8 @@ same run on the embedded stack, printed as JSON. One module per bench:
   the ``limits`` library's moving-window limiter on Redis (the same Valkey); ``record()`` with
   the broker up and unreachable; resident memory per cached key and per worker key-window
   (:mod:`.memory`, in fresh processes).
+- :mod:`.propagation`: a call's usage to the state counting it in every follower of a quiet
+  fleet, in its two stages, against the broker's own floor on the same two hops.
 - :mod:`.stream`: records one worker aggregates per second from messages the SDK's emitter
   packed, against a naive Faust worker (one record per message, one table update per record:
   :mod:`.naive_worker`), both counts verified exact.
@@ -21,6 +23,7 @@ from typing import Any
 def register(sub: Any) -> None:
     from quotaflow_producers.bench.check import run_check
     from quotaflow_producers.bench.gateway import run_gateway
+    from quotaflow_producers.bench.propagation import run_propagation
     from quotaflow_producers.bench.stream import run_stream
 
     p = sub.add_parser("bench", help="benchmarks with their baselines, as JSON")
@@ -54,6 +57,12 @@ def register(sub: Any) -> None:
                           "worker's (100000)")  # fmt: skip
     chk.add_argument("--json", action="store_true", help="print JSON only")
     chk.set_defaults(func=run_check)
+    pr = bench.add_parser("propagation", help="a call's usage to every follower's state")
+    pr.add_argument("--calls", type=int, default=300, help="calls recorded (300)")
+    pr.add_argument("--followers", type=int, default=4, help="instances following (4)")
+    pr.add_argument("--seed", type=int, default=1, help="seed of the gaps between calls")
+    pr.add_argument("--json", action="store_true", help="print JSON only")
+    pr.set_defaults(func=run_propagation)
     st = bench.add_parser("stream", help="worker records/s: packed vs one record per message")
     st.add_argument("--records", type=int, default=200_000, help="records to preload (200000)")
     st.add_argument("--keys", type=int, default=10_000)
