@@ -105,7 +105,10 @@ class UsagePipeline:
                 log.exception("unexpected error on usage message; sent to the DLQ")
                 reason = f"internal error: {type(exc).__name__}: {exc}"
                 await self.dead_letters.send(event.message, Rejected(event.value or b"", reason))
-            await self.publisher.publish_if_idle()
+            try:
+                await self.publisher.publish_if_idle()
+            except Exception:  # the keys stay due for the tick: never stop consuming over it
+                log.exception("publishing states after a usage message failed")
             self._unacked.append(event)
             if self.closing or self._unacked_records >= save_at:
                 await self.save()

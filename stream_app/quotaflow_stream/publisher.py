@@ -152,7 +152,8 @@ class StatePublisher:
         self._publish_after = 0.0
         # the fold's time so far at the last tick: unchanged, nothing waits to be folded
         self._folded = 0.0
-        # monotonic time of the last tick that published (ticks that found nothing due leave it)
+        # monotonic time of the last publication, a tick's or publish_if_idle's (a tick that
+        # found nothing due leaves it)
         self._published_at = -float("inf")
 
     def changed(self, keys: Collection[str], sources: Iterable[str], now: float) -> None:

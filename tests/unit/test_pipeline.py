@@ -211,6 +211,28 @@ def test_an_error_inside_the_pipeline_dead_letters_the_message_and_goes_on() -> 
     asyncio.run(run())
 
 
+def test_a_failed_publication_after_a_message_leaves_its_keys_due_and_goes_on() -> None:
+    async def run() -> None:
+        parts = Parts()
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("producer gone")
+
+        parts.output.send = broken  # type: ignore[method-assign]
+        k0, k1 = keys_of(0, 2)
+        stream = FakeStream([event(0, 0, encode_records(records([k0]))),
+                             event(0, 1, encode_records(records([k1], 1)))])  # fmt: skip
+        task = await consuming(parts, stream)
+        # both folded, neither dead-lettered: the fold was fine, only the publication failed
+        assert parts.counters.records == 2 and parts.counters.dlq == 0
+        assert parts.pipeline.unacked_messages == 2
+        assert set(parts.publisher.dirty) == {k0, k1}, "the tick publishes them later"
+        stream.close()
+        await task
+
+    asyncio.run(run())
+
+
 def test_states_go_out_once_per_key_oldest_change_first() -> None:
     async def run() -> None:
         parts = Parts()
