@@ -90,7 +90,7 @@ def test_example_env_file_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "config" / "quotaflow.env.example"
     s = QuotaflowSettings(_env_file=str(example))  # type: ignore[call-arg]
     assert s.topics.partitions == 8 and s.kafka.security_protocol == "PLAINTEXT"
-    assert s.worker.fetch_max_wait_ms == 10
+    assert s.worker.fetch_max_wait_ms == 20
 
 
 def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
